@@ -1,0 +1,32 @@
+"""EcoServe: disaggregated prefill/decode LLM serving with SLO-aware, KV-cache-aware scheduling.
+
+The offline API mirrors vLLM's::
+
+    from ecoserve import LLM, SamplingParams
+    llm = LLM(model="smollm2-135m")
+    outputs = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8))
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "__version__"]
+
+if TYPE_CHECKING:
+    from ecoserve.engine.llm import LLM, RequestOutput
+    from ecoserve.engine.sampling_params import SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import ecoserve` must stay cheap (and torch-free) for the coordinator and simulator.
+    if name in ("LLM", "RequestOutput"):
+        from ecoserve.engine import llm
+
+        return getattr(llm, name)
+    if name == "SamplingParams":
+        from ecoserve.engine.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'ecoserve' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Benchmarks: offline engine throughput, load generation, metrics, DistServe/vLLM comparisons, plots."""

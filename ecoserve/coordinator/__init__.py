@@ -1,0 +1,1 @@
+"""Coordinator: front door, request lifecycle and scheduling policies (pure Python, no torch)."""

@@ -1,0 +1,1 @@
+"""Bundled traces (Azure LLM inference 2023, CC-BY) and workload loaders (ShareGPT, HumanEval, synthetic)."""

@@ -1,0 +1,1 @@
+"""Decode worker: continuous batching over paged KV, streaming token events."""

@@ -1,0 +1,45 @@
+"""Every environment variable EcoServe reads, in one place, all prefixed ``ECOSERVE_``.
+
+Other modules call these functions instead of touching ``os.environ`` directly, so the full
+set of knobs is visible here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def ecoserve_home() -> Path:
+    """Cache folder for prepared models and artifacts (``ECOSERVE_HOME``).
+
+    Defaults to ``$XDG_CACHE_HOME/ecoserve`` or ``~/.cache/ecoserve``.
+    """
+    explicit = os.environ.get("ECOSERVE_HOME")
+    if explicit:
+        return Path(explicit).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "ecoserve"
+
+
+def models_dir() -> Path:
+    """Where prepared models live: ``$ECOSERVE_HOME/models``."""
+    return ecoserve_home() / "models"
+
+
+def num_threads() -> int | None:
+    """Torch intra-op threads for a process (``ECOSERVE_NUM_THREADS``); None keeps torch's default."""
+    value = os.environ.get("ECOSERVE_NUM_THREADS")
+    if not value:
+        return None
+    n = int(value)
+    if n < 1:
+        raise ValueError(f"ECOSERVE_NUM_THREADS must be a positive integer, got {value!r}")
+    return n
+
+
+def set_offline_hub() -> None:
+    """Never let transformers or huggingface_hub reach the network: models are local only."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

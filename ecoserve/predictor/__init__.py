@@ -1,0 +1,1 @@
+"""Response-length predictors used by the EcoServe policy (pure Python, no torch)."""

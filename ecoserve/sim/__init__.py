@@ -1,0 +1,1 @@
+"""Discrete-event simulator that drives the coordinator policies unchanged against latency models."""
