@@ -1,0 +1,124 @@
+"""The `ecoserve` command.
+
+    ecoserve generate --model M --prompt TEXT [--chat] --max-tokens N --temperature T
+    ecoserve model prepare NAME | ecoserve model list
+    ecoserve bench engine --model M --num-requests N --out FILE.json
+    ecoserve demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from ecoserve import LLM, SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
+    out = llm.generate([args.prompt], params, chat=args.chat)[0]
+    print(out.text if args.chat else args.prompt + out.text)
+    return 0
+
+
+def _cmd_model_prepare(args: argparse.Namespace) -> int:
+    from ecoserve.model.registry import prepare_model, resolve_model
+
+    from ecoserve.model.registry import BUILTIN_MODELS
+
+    path = prepare_model(args.name, force=args.force) if args.name in BUILTIN_MODELS else resolve_model(args.name)
+    print(path)
+    return 0
+
+
+def _cmd_model_list(args: argparse.Namespace) -> int:
+    from ecoserve.model.registry import BUILTIN_MODELS
+
+    for name, description in BUILTIN_MODELS.items():
+        print(f"{name:14s} {description}")
+    return 0
+
+
+def _cmd_bench_engine(args: argparse.Namespace) -> int:
+    from ecoserve.bench.engine import run_engine_benchmark
+
+    return run_engine_benchmark(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ecoserve.bench.demo import run_offline_demo
+
+    return run_offline_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ecoserve", description="EcoServe LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion offline and print it")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.set_defaults(func=_cmd_generate)
+
+    model = sub.add_parser("model", help="prepare or list models").add_subparsers(dest="model_command", required=True)
+    prep = model.add_parser("prepare", help="build a built-in model (or check a folder) into the cache")
+    prep.add_argument("name")
+    prep.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+    prep.set_defaults(func=_cmd_model_prepare)
+    model.add_parser("list", help="list built-in models").set_defaults(func=_cmd_model_list)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    eng = bench.add_parser("engine", help="offline throughput: EcoServe's engine against transformers generate")
+    _add_model_args(eng)
+    eng.add_argument("--num-requests", type=int, default=64)
+    eng.add_argument("--max-output-len", type=int, default=256, help="clip each request's output length")
+    eng.add_argument("--max-prompt-len", type=int, default=1024, help="drop longer ShareGPT prompts")
+    eng.add_argument("--seed", type=int, default=0)
+    eng.add_argument("--skip-baseline", action="store_true", help="only run EcoServe's engine")
+    eng.add_argument("--out", default=None, help="write the results as JSON here")
+    eng.set_defaults(func=_cmd_bench_engine)
+
+    demo = sub.add_parser("demo", help="the main job: serve a small real workload with the default model")
+    _add_model_args(demo)
+    demo.add_argument("--num-requests", type=int, default=24)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="built-in name or local Hugging Face folder")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ecoserve.envs import set_offline_hub
+
+    set_offline_hub()
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ecoserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""One frozen root config made of per-concern sub-configs, each validated on construction.
+
+Components take the sub-config they need. Later components (workers, coordinator, transfer)
+add their own sub-configs here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to run and how.
+
+    `dtype="auto"` picks float32 on CPU and bfloat16 on CUDA. On the CPUs we measured
+    (benchmarks/bench_dtype.py) a float32 matmul at decode batch sizes is roughly 10x faster
+    than bfloat16 or float16, since PyTorch's CPU kernels for half types are far less tuned;
+    on GPUs bfloat16 halves the bytes each decode step has to read.
+    """
+
+    model: str = "smollm2-135m"  # a built-in name or a local Hugging Face folder
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must be a built-in model name or a folder path, got an empty string")
+        if self.dtype not in DTYPES + ("auto",):
+            raise ValueError(f"dtype must be one of {DTYPES + ('auto',)}, got {self.dtype!r}")
+        if self.device not in DEVICES + ("auto",):
+            raise ValueError(f"device must be one of {DEVICES + ('auto',)}, got {self.device!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2 or None, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV pool: block size, and either a block count or a memory size."""
+
+    block_size: int = 16
+    num_blocks: int | None = None  # wins over kv_cache_gib when set
+    kv_cache_gib: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1 or None, got {self.num_blocks}")
+        if not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Local batching limits: sequences per step and tokens per step (the chunked-prefill budget)."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Root config of the offline engine."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -1,0 +1,133 @@
+"""The offline engine: add requests, then step (schedule -> execute -> update) until done."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from ecoserve.config import EngineConfig
+from ecoserve.engine.model_runner import ModelRunner, kv_cache_shape
+from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.engine.scheduler import FCFSScheduler
+from ecoserve.engine.sequence import FinishReason, Sequence
+from ecoserve.kv_cache import BlockPool, BlockTable
+from ecoserve.model.loader import load_model
+from ecoserve.model.registry import resolve_model
+from ecoserve.model.sampling import sample
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    request_id: str
+    new_token_id: int
+    finished: bool
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        name = "bfloat16" if device == "cuda" else "float32"
+    return getattr(torch, name)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is available; use 'cpu' or 'auto'")
+    return name
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.folder = resolve_model(config.model.model)
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        torch.manual_seed(config.model.seed)
+        self.spec, model = load_model(self.folder, self.dtype, self.device)
+        self.max_model_len = min(config.model.max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings)
+        block_size = config.cache.block_size
+        num_blocks = config.cache.num_blocks or self._blocks_for_memory(config.cache.kv_cache_gib, block_size)
+        self.pool = BlockPool(num_blocks, block_size)
+        self.runner = ModelRunner(model, self.spec, num_blocks, block_size, self.dtype)
+        sched = config.scheduler
+        self.scheduler = FCFSScheduler(self.pool, sched.max_num_seqs, sched.max_num_batched_tokens)
+        self.sequences: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+
+    def _blocks_for_memory(self, gib: float, block_size: int) -> int:
+        per_block = torch.Size(kv_cache_shape(self.spec, 1, block_size)).numel() * self.dtype.itemsize
+        return max(1, int(gib * 2**30) // per_block)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request after validating it; a rejected request changes nothing."""
+        self._validate(request_id, prompt_token_ids, params)
+        gen = None
+        if not params.greedy and params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(
+            request_id, list(prompt_token_ids), params, next(self._arrivals), BlockTable(self.pool.block_size), generator=gen
+        )
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt:
+            raise ValueError("prompt is empty: give at least one token")
+        vocab = self.spec.vocab_size
+        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
+                f"model's context of {self.max_model_len} tokens; shorten the prompt or lower max_tokens"
+            )
+        if self.pool.blocks_for_tokens(total) > self.pool.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens = {total} tokens needs more KV blocks than the whole pool holds "
+                f"({self.pool.num_blocks} blocks of {self.pool.block_size}); raise the KV cache size"
+            )
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[StepOutput]:
+        out = self.scheduler.schedule()
+        if out.empty:
+            return []
+        logits = self.runner.execute(out.prefills, out.decodes)
+        return self._update(logits)
+
+    def _update(self, logits: torch.Tensor) -> list[StepOutput]:
+        inputs = self.runner.last_inputs
+        for chunk in inputs.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+        seqs = [c.seq for c in inputs.sampled]
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        results = []
+        for seq, token in zip(seqs, tokens):
+            seq.output_token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                seq.finish_reason = reason
+                self.scheduler.finish(seq)
+            results.append(StepOutput(seq.request_id, token, reason is not None))
+        return results
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        # ignore_eos ignores only the model's EOS; explicit stop tokens still stop.
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.spec.eos_token_ids):
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= p.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def pop_finished(self, request_id: str) -> Sequence:
+        return self.sequences.pop(request_id)

@@ -1,0 +1,122 @@
+"""Owns the model and its paged KV tensor; turns a scheduled step into one forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ecoserve.engine.scheduler import ScheduledChunk
+from ecoserve.model.attention import AttentionMetadata, PrefillSegment
+from ecoserve.model.hf_config import ModelSpec
+from ecoserve.model.llama import LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampled] int64
+    chunks: list[ScheduledChunk]  # every chunk of the step, in row order
+    sampled: list[ScheduledChunk]  # chunks that end at the sequence's last token: they sample
+
+
+def kv_cache_shape(spec: ModelSpec, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    return (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+
+
+class ModelRunner:
+    def __init__(
+        self, model: LlamaForCausalLM, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype
+    ) -> None:
+        self.model = model
+        self.spec = spec
+        self.block_size = block_size
+        self.device = next(model.parameters()).device
+        self.kv_cache = torch.zeros(kv_cache_shape(spec, num_blocks, block_size), dtype=dtype, device=self.device)
+        self.use_kernels = self.device.type == "cuda"
+
+    @torch.inference_mode()
+    def execute(self, prefills: list[ScheduledChunk], decodes: list[ScheduledChunk]) -> torch.Tensor:
+        """Run one step; returns float32 logits [num_sampled, vocab] for `prepare(...).sampled`."""
+        inputs = self.prepare(prefills, decodes)
+        self.last_inputs = inputs
+        return self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, inputs.logits_indices)
+
+    def prepare(self, prefills: list[ScheduledChunk], decodes: list[ScheduledChunk]) -> StepInputs:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        sampled: list[ScheduledChunk] = []
+        segments: list[PrefillSegment] = []
+        for chunk in prefills:
+            seq, start, n = chunk.seq, chunk.seq.num_computed_tokens, chunk.num_new_tokens
+            end = start + n
+            q_start = len(ids)
+            ids += seq.token_ids(start, end)
+            positions += range(start, end)
+            slots += seq.block_table.slots(start, end)
+            segments.append(self._segment(chunk, q_start))
+            if end == seq.num_tokens:
+                logits_rows.append(len(ids) - 1)
+                sampled.append(chunk)
+        decode_start = len(ids)
+        for chunk in decodes:
+            seq = chunk.seq
+            pos = seq.num_computed_tokens
+            ids.append(seq.token_ids(pos, pos + 1)[0])
+            positions.append(pos)
+            slots.append(seq.block_table.slot(pos))
+            logits_rows.append(len(ids) - 1)
+            sampled.append(chunk)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            prefills=tuple(segments),
+            decode_start=decode_start,
+            num_decodes=len(decodes),
+            **self._decode_tables(decodes),
+            use_kernels=self.use_kernels,
+        )
+        return StepInputs(
+            self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows), prefills + decodes, sampled
+        )
+
+    def _segment(self, chunk: ScheduledChunk, q_start: int) -> PrefillSegment:
+        seq, n = chunk.seq, chunk.num_new_tokens
+        start = seq.num_computed_tokens
+        context_len = start + n
+        if start == 0:
+            return PrefillSegment(q_start, n, context_len, None, None)
+        # Later chunk: attend to the cached prefix too. Query i sits at position start + i.
+        gather = self._tensor(seq.block_table.slots(0, context_len))
+        q_pos = torch.arange(start, context_len, device=self.device)[:, None]
+        mask = torch.arange(context_len, device=self.device)[None, :] <= q_pos  # [n, context_len]
+        return PrefillSegment(q_start, n, context_len, gather, mask)
+
+    def _decode_tables(self, decodes: list[ScheduledChunk]) -> dict[str, torch.Tensor | None]:
+        if not decodes:
+            return dict(decode_slots=None, decode_mask=None, decode_block_tables=None, decode_context_lens=None)
+        ctx = [c.seq.num_computed_tokens + 1 for c in decodes]
+        width = max(len(c.seq.block_table.blocks) for c in decodes)
+        tables = [c.seq.block_table.blocks + [0] * (width - len(c.seq.block_table.blocks)) for c in decodes]
+        block_tables = torch.tensor(tables, dtype=torch.int32, device=self.device)  # [num_decodes, width]
+        lens = torch.tensor(ctx, dtype=torch.int32, device=self.device)
+        if self.use_kernels:
+            return dict(decode_slots=None, decode_mask=None, decode_block_tables=block_tables, decode_context_lens=lens)
+        # Slots of each sequence's whole context, padded with its block 0 slots (masked out).
+        max_ctx = max(ctx)
+        offsets = torch.arange(self.block_size, device=self.device)
+        slots = (block_tables.long()[:, :, None] * self.block_size + offsets).view(len(decodes), -1)[:, :max_ctx]
+        mask = torch.arange(max_ctx, device=self.device)[None, :] < lens[:, None]
+        return dict(
+            decode_slots=slots.contiguous(),
+            decode_mask=mask[:, None, None, :],
+            decode_block_tables=None,
+            decode_context_lens=None,
+        )
+
+    def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
