@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--num-requests", type=int, default=64)
     eng.add_argument("--max-output-len", type=int, default=256, help="clip each request's output length")
     eng.add_argument("--max-prompt-len", type=int, default=1024, help="drop longer ShareGPT prompts")
+    eng.add_argument("--batch-size", type=int, default=32, help="static batch size of the baseline, max_num_seqs of ours")
     eng.add_argument("--seed", type=int, default=0)
     eng.add_argument("--skip-baseline", action="store_true", help="only run EcoServe's engine")
     eng.add_argument("--out", default=None, help="write the results as JSON here")
