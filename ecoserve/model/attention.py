@@ -55,11 +55,17 @@ def paged_attention(
     q [num_tokens, num_q_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim];
     k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]. Returns q's shape.
     """
-    ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, backend="auto")
-    out = torch.empty_like(q)
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, num_kv_heads, head_dim]
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    if meta.use_kernels:
+        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, backend="triton", check_indices=False)
+    else:
+        # The runner emits no padding slots, so a plain index_copy_ is the whole write (the
+        # reference in kernels/ also handles slot -1, at the cost of a masked copy per layer).
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
     for seg in meta.prefills:
         rows = slice(seg.q_start, seg.q_start + seg.q_len)
         qs = q[rows].transpose(0, 1)  # [num_q_heads, q_len, head_dim]
@@ -89,7 +95,7 @@ def _decode_attention(
     if meta.use_kernels:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         return ops.paged_decode_attention(
-            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, backend="auto"
+            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, backend="triton", check_indices=False
         )
     assert meta.decode_slots is not None and meta.decode_mask is not None
     num_decodes, num_q_heads, head_dim = q.shape
