@@ -16,6 +16,28 @@ from ecoserve.model.hf_config import ModelSpec
 from ecoserve.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
+# Below this many rows a CPU matmul is a matrix-vector product, and PyTorch's CPU GEMV streams
+# the weights from memory on one core at about a third of the machine's copy bandwidth. Cutting
+# the weight's rows into SPLIT slices and running them as one batched matmul spreads the read
+# over all cores (benchmarks/bench_engine numbers: see docs/results in the issue note).
+SMALL_BATCH_ROWS = 16
+SPLIT = 8
+
+
+def linear(x: torch.Tensor, layer: nn.Linear | nn.Embedding) -> torch.Tensor:
+    """x [num_tokens, in_features] times the layer's weight (an embedding acts as a tied head),
+    with the split-row path for small CPU batches."""
+    w = layer.weight  # [out_features, in_features]
+    bias = getattr(layer, "bias", None)
+    rows, out_features = x.shape[0], w.shape[0]
+    if rows > SMALL_BATCH_ROWS or w.device.type != "cpu" or out_features % SPLIT:
+        return F.linear(x, w, bias)
+    slices = w.view(SPLIT, out_features // SPLIT, w.shape[1])  # [SPLIT, out/SPLIT, in]
+    y = torch.bmm(slices, x.t().expand(SPLIT, -1, -1))  # [SPLIT, out/SPLIT, num_tokens]
+    y = y.view(out_features, rows).t()
+    return y + bias if bias is not None else y.contiguous()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -23,6 +45,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            # One fused op instead of six; the same arithmetic as below when nothing is cast.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 and cast back before the weight, exactly as transformers does.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -54,14 +79,15 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(self.input_layernorm(x)).split(self.split, dim=-1)
-        q = apply_rope(q.view(num_tokens, self.num_q_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = linear(self.input_layernorm(x), self.qkv_proj)
+        # Rotate q and k in one pass: [num_tokens, num_q_heads + num_kv_heads, head_dim]
+        qk = apply_rope(qkv[:, : self.split[0] + self.split[1]].view(num_tokens, -1, self.head_dim), cos, sin)
+        q, k = qk.split((self.num_q_heads, self.num_kv_heads), dim=1)
+        v = qkv[:, self.split[0] + self.split[1] :].view(num_tokens, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        x = x + self.o_proj(attn.view(num_tokens, -1))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        x = x + linear(attn.view(num_tokens, -1), self.o_proj)
+        gate, up = linear(self.post_attention_layernorm(x), self.gate_up_proj).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, self.down_proj)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -93,5 +119,5 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_cache[i], meta)
         x = self.norm(x[logits_indices])
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight).float()
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return linear(x, head).float()
