@@ -31,10 +31,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_prepare(args: argparse.Namespace) -> int:
-    from ecoserve.model.registry import prepare_model, resolve_model
+    from ecoserve.model.registry import BUILTIN_MODELS, prepare_model, resolve_model
 
-    from ecoserve.model.registry import BUILTIN_MODELS
-
+    # A built-in is (re)built; anything else must be a usable local folder.
     path = prepare_model(args.name, force=args.force) if args.name in BUILTIN_MODELS else resolve_model(args.name)
     print(path)
     return 0
@@ -43,8 +42,8 @@ def _cmd_model_prepare(args: argparse.Namespace) -> int:
 def _cmd_model_list(args: argparse.Namespace) -> int:
     from ecoserve.model.registry import BUILTIN_MODELS
 
-    for name, description in BUILTIN_MODELS.items():
-        print(f"{name:14s} {description}")
+    for name, model in BUILTIN_MODELS.items():
+        print(f"{name:14s} {model.description}")
     return 0
 
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from ecoserve.bench.memory import copy_bandwidth_gbs, weight_bytes_per_decode_step
 from ecoserve.bench.report import print_table, write_json
@@ -50,7 +51,7 @@ def load_workload(llm: LLM, num_requests: int, max_prompt_len: int, max_output_l
 def run_ecoserve(llm: LLM, work: Workload) -> float:
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in work.output_lens]
     start = time.perf_counter()
-    outs = llm.generate(work.prompts, params)
+    outs = llm.generate(work.prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - start
     got = [len(o.token_ids) for o in outs]
     assert got == work.output_lens, "EcoServe produced a different number of tokens than requested"
@@ -62,7 +63,7 @@ def run_transformers(folder: str, dtype: torch.dtype, work: Workload, batch_size
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     start = time.perf_counter()
-    for i in range(0, len(work.prompts), batch_size):
+    for i in tqdm(range(0, len(work.prompts), batch_size), desc="transformers", unit="batch"):
         prompts = work.prompts[i : i + batch_size]
         new = max(work.output_lens[i : i + batch_size])
         width = max(map(len, prompts))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ecoserve.config import EngineConfig
+from ecoserve.envs import num_threads
 from ecoserve.engine.model_runner import ModelRunner, kv_cache_shape
 from ecoserve.engine.sampling_params import SamplingParams
 from ecoserve.engine.scheduler import FCFSScheduler
@@ -42,12 +43,18 @@ def resolve_device(name: str) -> str:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        threads = num_threads()
+        if threads:
+            torch.set_num_threads(threads)
         self.folder = resolve_model(config.model.model)
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
         self.spec, model = load_model(self.folder, self.dtype, self.device)
-        self.max_model_len = min(config.model.max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings)
+        # Sliding-window attention is not implemented: within the window it equals full attention,
+        # so a Mistral-style model is served up to its window and no further.
+        limits = [self.spec.max_position_embeddings, self.spec.sliding_window or self.spec.max_position_embeddings]
+        self.max_model_len = min(config.model.max_model_len or limits[0], *limits)
         block_size = config.cache.block_size
         num_blocks = config.cache.num_blocks or self._blocks_for_memory(config.cache.kv_cache_gib, block_size)
         self.pool = BlockPool(num_blocks, block_size)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ecoserve.engine.scheduler import ScheduledChunk
+from ecoserve.kernels import triton_available
 from ecoserve.model.attention import AttentionMetadata, PrefillSegment
 from ecoserve.model.hf_config import ModelSpec
 from ecoserve.model.llama import LlamaForCausalLM
@@ -36,7 +37,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = next(model.parameters()).device
         self.kv_cache = torch.zeros(kv_cache_shape(spec, num_blocks, block_size), dtype=dtype, device=self.device)
-        self.use_kernels = self.device.type == "cuda"
+        # Triton kernels on CUDA; the torch path everywhere else (and on CUDA without triton).
+        self.use_kernels = self.device.type == "cuda" and triton_available()
 
     @torch.inference_mode()
     def execute(self, prefills: list[ScheduledChunk], decodes: list[ScheduledChunk]) -> torch.Tensor:
@@ -91,28 +93,24 @@ class ModelRunner:
         if start == 0:
             return PrefillSegment(q_start, n, context_len, None, None)
         # Later chunk: attend to the cached prefix too. Query i sits at position start + i.
-        gather = self._tensor(seq.block_table.slots(0, context_len))
+        gather = self._tensor(seq.block_table.blocks[: -(-context_len // self.block_size)])
         q_pos = torch.arange(start, context_len, device=self.device)[:, None]
         mask = torch.arange(context_len, device=self.device)[None, :] <= q_pos  # [n, context_len]
         return PrefillSegment(q_start, n, context_len, gather, mask)
 
     def _decode_tables(self, decodes: list[ScheduledChunk]) -> dict[str, torch.Tensor | None]:
         if not decodes:
-            return dict(decode_slots=None, decode_mask=None, decode_block_tables=None, decode_context_lens=None)
+            return dict(decode_blocks=None, decode_mask=None, decode_block_tables=None, decode_context_lens=None)
         ctx = [c.seq.num_computed_tokens + 1 for c in decodes]
         width = max(len(c.seq.block_table.blocks) for c in decodes)
         tables = [c.seq.block_table.blocks + [0] * (width - len(c.seq.block_table.blocks)) for c in decodes]
         block_tables = torch.tensor(tables, dtype=torch.int32, device=self.device)  # [num_decodes, width]
         lens = torch.tensor(ctx, dtype=torch.int32, device=self.device)
         if self.use_kernels:
-            return dict(decode_slots=None, decode_mask=None, decode_block_tables=block_tables, decode_context_lens=lens)
-        # Slots of each sequence's whole context, padded with its block 0 slots (masked out).
-        max_ctx = max(ctx)
-        offsets = torch.arange(self.block_size, device=self.device)
-        slots = (block_tables.long()[:, :, None] * self.block_size + offsets).view(len(decodes), -1)[:, :max_ctx]
-        mask = torch.arange(max_ctx, device=self.device)[None, :] < lens[:, None]
+            return dict(decode_blocks=None, decode_mask=None, decode_block_tables=block_tables, decode_context_lens=lens)
+        mask = torch.arange(width * self.block_size, device=self.device)[None, :] < lens[:, None]
         return dict(
-            decode_slots=slots.contiguous(),
+            decode_blocks=block_tables.long().view(-1),
             decode_mask=mask[:, None, None, :],
             decode_block_tables=None,
             decode_context_lens=None,

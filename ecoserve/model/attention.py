@@ -22,7 +22,7 @@ class PrefillSegment:
     q_len: int  # tokens in the chunk
     context_len: int  # tokens cached for the sequence once this chunk is written
     # Set only when earlier tokens are already cached (a later chunk, or a resumed prefix):
-    gather_slots: torch.Tensor | None  # [context_len] int64 slots of the whole context
+    gather_blocks: torch.Tensor | None  # [num_blocks_of_seq] int64 blocks holding the context
     mask: torch.Tensor | None  # [q_len, context_len] bool, bottom-right-aligned causal
 
 
@@ -34,8 +34,9 @@ class AttentionMetadata:
     prefills: tuple[PrefillSegment, ...]
     decode_start: int  # first decode row; rows [decode_start, num_tokens) are decodes
     num_decodes: int
-    decode_slots: torch.Tensor | None  # [num_decodes, max_context] int64 (padding -> slot 0)
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool, True = attend
+    # Torch path: every decode's blocks, padded to the same count with block 0 (masked out).
+    decode_blocks: torch.Tensor | None  # [num_decodes * max_blocks] int64
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool, True = attend
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int32 (kernel path)
     decode_context_lens: torch.Tensor | None  # [num_decodes] int32 (kernel path)
     use_kernels: bool = False  # paged decode attention through ecoserve.kernels (GPU)
@@ -56,29 +57,30 @@ def paged_attention(
     k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]. Returns q's shape.
     """
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, num_kv_heads, head_dim]
-    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     if meta.use_kernels:
         ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, backend="triton", check_indices=False)
     else:
         # The runner emits no padding slots, so a plain index_copy_ is the whole write (the
         # reference in kernels/ also handles slot -1, at the cost of a masked copy per layer).
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
+        # [num_blocks * block_size, num_kv_heads, head_dim]
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     for seg in meta.prefills:
         rows = slice(seg.q_start, seg.q_start + seg.q_len)
         qs = q[rows].transpose(0, 1)  # [num_q_heads, q_len, head_dim]
-        if seg.gather_slots is None:
+        if seg.gather_blocks is None:
             ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            ks = k_flat[seg.gather_slots].transpose(0, 1)  # [num_kv_heads, context_len, head_dim]
-            vs = v_flat[seg.gather_slots].transpose(0, 1)
+            n = seg.context_len
+            # [num_kv_heads, context_len, head_dim]
+            ks = k_cache.index_select(0, seg.gather_blocks).view(-1, num_kv_heads, head_dim)[:n].transpose(0, 1)
+            vs = v_cache.index_select(0, seg.gather_blocks).view(-1, num_kv_heads, head_dim)[:n].transpose(0, 1)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, scale=scale, enable_gqa=True)
         out[rows] = o.transpose(0, 1)
     if meta.num_decodes:
-        out[meta.decode_start :] = _decode_attention(q[meta.decode_start :], k_cache, v_cache, k_flat, v_flat, meta, scale)
+        out[meta.decode_start :] = _decode_attention(q[meta.decode_start :], k_cache, v_cache, meta, scale)
     return out
 
 
@@ -86,8 +88,6 @@ def _decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    k_flat: torch.Tensor,
-    v_flat: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
@@ -97,14 +97,16 @@ def _decode_attention(
         return ops.paged_decode_attention(
             q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, backend="triton", check_indices=False
         )
-    assert meta.decode_slots is not None and meta.decode_mask is not None
+    assert meta.decode_blocks is not None and meta.decode_mask is not None
     num_decodes, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_flat.shape[1]
+    num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     # GQA without copying K/V: the `group` query heads that share a KV head become that head's
     # query rows. q head h reads kv head h // group, so heads are laid out [kv_head, group].
     qg = q.view(num_decodes, num_kv_heads, group, head_dim)
-    ks = k_flat[meta.decode_slots].permute(0, 2, 1, 3)  # [num_decodes, num_kv_heads, max_context, head_dim]
-    vs = v_flat[meta.decode_slots].permute(0, 2, 1, 3)
+    # Whole blocks via index_select: measured ~2x faster on CPU than gathering token slots.
+    shape = (num_decodes, -1, num_kv_heads, head_dim)
+    ks = k_cache.index_select(0, meta.decode_blocks).view(shape).permute(0, 2, 1, 3)  # [num_decodes, num_kv_heads, max_blocks * block_size, head_dim]
+    vs = v_cache.index_select(0, meta.decode_blocks).view(shape).permute(0, 2, 1, 3)
     o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=meta.decode_mask, scale=scale)
     return o.reshape(num_decodes, num_q_heads, head_dim)
