@@ -37,14 +37,18 @@ class Workload:
         return sum(self.output_lens)
 
 
-def load_workload(llm: LLM, num_requests: int, max_prompt_len: int, max_output_len: int, seed: int) -> Workload:
+def load_workload(
+    llm: LLM, num_requests: int, max_prompt_len: int, max_total_len: int, max_output_len: int | None, seed: int
+) -> Workload:
+    """ShareGPT pairs filtered as vLLM's serving benchmark filters them (prompt <= 1024 and
+    prompt + reply <= 2048 tokens by default), each clipped to the model's context."""
     room = llm.engine.max_model_len
     reqs = sharegpt_requests(
-        llm.tokenizer, num_requests, seed=seed, max_prompt_len=min(max_prompt_len, room - 1), max_total_len=None
+        llm.tokenizer, num_requests, seed=seed, max_prompt_len=min(max_prompt_len, room - 1), max_total_len=max_total_len
     )
     prompts = [llm.encode_prompt(r.prompt or "") for r in reqs]
-    # Clip each output so prompt + output fits the model's context and the benchmark's cap.
-    outs = [max(1, min(r.output_len, max_output_len, room - len(p))) for r, p in zip(reqs, prompts)]
+    cap = max_output_len or room
+    outs = [max(1, min(r.output_len, cap, room - len(p))) for r, p in zip(reqs, prompts)]
     return Workload(prompts, outs)
 
 
@@ -92,7 +96,7 @@ def decode_step_ms_batch1(llm: LLM, context: int = 128, steps: int = 64) -> floa
 def run_engine_benchmark(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch_size)
-    work = load_workload(llm, args.num_requests, args.max_prompt_len, args.max_output_len, args.seed)
+    work = load_workload(llm, args.num_requests, args.max_prompt_len, args.max_total_len, args.max_output_len, args.seed)
     # Warm up both code paths (allocator, thread pools) on a short request.
     llm.generate([work.prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     ours_s = run_ecoserve(llm, work)

@@ -108,7 +108,11 @@ class ModelRunner:
         lens = torch.tensor(ctx, dtype=torch.int32, device=self.device)
         if self.use_kernels:
             return dict(decode_blocks=None, decode_mask=None, decode_block_tables=block_tables, decode_context_lens=lens)
-        mask = torch.arange(width * self.block_size, device=self.device)[None, :] < lens[:, None]
+        # Additive float mask, built once per step: SDPA would convert a bool mask in every layer.
+        # Keys past a sequence's context (the tail of its last block, padding blocks) get -inf.
+        dtype = self.kv_cache.dtype
+        keep = torch.arange(width * self.block_size, device=self.device)[None, :] < lens[:, None]
+        mask = torch.zeros(keep.shape, dtype=dtype, device=self.device).masked_fill_(~keep, float("-inf"))
         return dict(
             decode_blocks=block_tables.long().view(-1),
             decode_mask=mask[:, None, None, :],

@@ -36,7 +36,7 @@ class AttentionMetadata:
     num_decodes: int
     # Torch path: every decode's blocks, padded to the same count with block 0 (masked out).
     decode_blocks: torch.Tensor | None  # [num_decodes * max_blocks] int64
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool, True = attend
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] additive: 0 or -inf
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int32 (kernel path)
     decode_context_lens: torch.Tensor | None  # [num_decodes] int32 (kernel path)
     use_kernels: bool = False  # paged decode attention through ecoserve.kernels (GPU)
@@ -65,6 +65,8 @@ def paged_attention(
         # [num_blocks * block_size, num_kv_heads, head_dim]
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    if not meta.prefills:  # decode-only step: no output buffer to assemble
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     for seg in meta.prefills:
         rows = slice(seg.q_start, seg.q_start + seg.q_len)

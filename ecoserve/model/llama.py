@@ -21,7 +21,7 @@ from ecoserve.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
 # the weight's rows into SPLIT slices and running them as one batched matmul spreads the read
 # over all cores (benchmarks/bench_engine numbers: see docs/results in the issue note).
 SMALL_BATCH_ROWS = 16
-SPLIT = 8
+SPLIT = 32
 
 
 def linear(x: torch.Tensor, layer: nn.Linear | nn.Embedding) -> torch.Tensor:
@@ -45,13 +45,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            # One fused op instead of six; the same arithmetic as below when nothing is cast.
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 and cast back before the weight, exactly as transformers does.
+        # (F.rms_norm is no faster on CPU: it decomposes into more ops than these.)
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True).add_(self.eps))
+        return self.weight * (h if h.dtype == x.dtype else h.to(x.dtype))
 
 
 class DecoderLayer(nn.Module):

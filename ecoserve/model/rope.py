@@ -48,15 +48,23 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each [max_positions, head_dim], float32 (halves duplicated as HF does)."""
+    """cos and *signed* sin tables, each [max_positions, head_dim], float32.
+
+    Halves are duplicated as transformers does; the first half of sin is negated so that
+    rotate_half(x) * sin becomes roll(x) * signed_sin — the same products, exactly, in fewer ops.
+    """
     positions = torch.arange(max_positions, dtype=torch.float32)
     freqs = positions[:, None] * inv_freq[None, :]  # [max_positions, head_dim // 2]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    sin[:, : inv_freq.shape[0]] *= -1
+    return emb.cos(), sin
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [num_tokens, num_heads, head_dim] by cos/sin [num_tokens, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [num_tokens, num_heads, head_dim] by cos/signed_sin [num_tokens, head_dim].
+
+    Equals transformers' `x * cos + rotate_half(x) * sin` bit for bit: (-x2) * sin == x2 * (-sin).
+    """
+    rolled = x.roll(x.shape[-1] // 2, dims=-1)  # [x2, x1]
+    return x * cos[:, None, :] + rolled * signed_sin[:, None, :]
