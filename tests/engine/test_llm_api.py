@@ -115,3 +115,9 @@ def test_string_prompt_and_chat_template(llm: LLM) -> None:
     assert len(chat.prompt_token_ids) > len(plain.prompt_token_ids)  # the template wraps it
     assert "im_start" in llm.tokenizer.decode(chat.prompt_token_ids)
     assert isinstance(plain.text, str) and len(plain.token_ids) == 4
+
+
+def test_tiny_top_p_keeps_only_the_most_likely_token(llm: LLM) -> None:
+    greedy = llm.generate([[8, 9, 10]], SamplingParams(max_tokens=10, temperature=0))[0].token_ids
+    nucleus = llm.generate([[8, 9, 10]], SamplingParams(max_tokens=10, temperature=1.0, top_p=1e-6, seed=3))[0].token_ids
+    assert nucleus == greedy
