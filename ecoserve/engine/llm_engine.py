@@ -9,7 +9,7 @@ import torch
 
 from ecoserve.config import EngineConfig
 from ecoserve.envs import num_threads
-from ecoserve.engine.model_runner import ModelRunner, kv_cache_shape
+from ecoserve.engine.model_runner import ModelRunner, StepInputs, kv_cache_shape
 from ecoserve.engine.sampling_params import SamplingParams
 from ecoserve.engine.scheduler import FCFSScheduler
 from ecoserve.engine.sequence import FinishReason, Sequence
@@ -108,11 +108,10 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.empty:
             return []
-        logits = self.runner.execute(out.prefills, out.decodes)
-        return self._update(logits)
+        inputs = self.runner.prepare(out.prefills, out.decodes)
+        return self._update(inputs, self.runner.execute(inputs))
 
-    def _update(self, logits: torch.Tensor) -> list[StepOutput]:
-        inputs = self.runner.last_inputs
+    def _update(self, inputs: StepInputs, logits: torch.Tensor) -> list[StepOutput]:
         for chunk in inputs.chunks:
             chunk.seq.num_computed_tokens += chunk.num_new_tokens
         seqs = [c.seq for c in inputs.sampled]

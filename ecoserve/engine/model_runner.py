@@ -41,10 +41,8 @@ class ModelRunner:
         self.use_kernels = self.device.type == "cuda" and triton_available()
 
     @torch.inference_mode()
-    def execute(self, prefills: list[ScheduledChunk], decodes: list[ScheduledChunk]) -> torch.Tensor:
-        """Run one step; returns float32 logits [num_sampled, vocab] for `prepare(...).sampled`."""
-        inputs = self.prepare(prefills, decodes)
-        self.last_inputs = inputs
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        """Run one step; returns float32 logits [num_sampled, vocab], one row per `inputs.sampled`."""
         return self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, inputs.logits_indices)
 
     def prepare(self, prefills: list[ScheduledChunk], decodes: list[ScheduledChunk]) -> StepInputs:
