@@ -37,13 +37,15 @@ class ModelRunner:
         self.block_size = block_size
         self.device = next(model.parameters()).device
         self.kv_cache = torch.zeros(kv_cache_shape(spec, num_blocks, block_size), dtype=dtype, device=self.device)
+        # Per-layer K and V views, taken once rather than sliced out in every step.
+        self.layer_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         # Triton kernels on CUDA; the torch path everywhere else (and on CUDA without triton).
         self.use_kernels = self.device.type == "cuda" and triton_available()
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampled, vocab], one row per `inputs.sampled`."""
-        return self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, inputs.logits_indices)
+        return self.model(inputs.input_ids, inputs.positions, self.layer_caches, inputs.meta, inputs.logits_indices)
 
     def prepare(self, prefills: list[ScheduledChunk], decodes: list[ScheduledChunk]) -> StepInputs:
         ids: list[int] = []

@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and cast back before the weight, exactly as transformers does.
         # (F.rms_norm is no faster on CPU: it decomposes into more ops than these.)
-        h = x.float()
+        h = x if x.dtype == torch.float32 else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True).add_(self.eps))
         return self.weight * (h if h.dtype == x.dtype else h.to(x.dtype))
 
@@ -73,18 +73,20 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,  # [num_tokens, hidden]
         cos: torch.Tensor,  # [num_tokens, head_dim]
         sin: torch.Tensor,
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # K, V: [num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        # Submodules are called through .forward: nn.Module.__call__'s hook handling costs
+        # microseconds a call, which adds up over ~100 calls per decode step.
         num_tokens = x.shape[0]
-        qkv = linear(self.input_layernorm(x), self.qkv_proj)
+        qkv = linear(self.input_layernorm.forward(x), self.qkv_proj)
         # Rotate q and k in one pass: [num_tokens, num_q_heads + num_kv_heads, head_dim]
         qk = apply_rope(qkv[:, : self.split[0] + self.split[1]].view(num_tokens, -1, self.head_dim), cos, sin)
         q, k = qk.split((self.num_q_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.split[0] + self.split[1] :].view(num_tokens, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         x = x + linear(attn.view(num_tokens, -1), self.o_proj)
-        gate, up = linear(self.post_attention_layernorm(x), self.gate_up_proj).chunk(2, dim=-1)
+        gate, up = linear(self.post_attention_layernorm.forward(x), self.gate_up_proj).chunk(2, dim=-1)
         return x + linear(F.silu(gate) * up, self.down_proj)
 
 
@@ -105,7 +107,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [num_tokens] int64
         positions: torch.Tensor,  # [num_tokens] int64
-        kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: K, V views of the paged tensor
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,  # [num_sampled] rows whose next-token logits are needed
     ) -> torch.Tensor:
@@ -114,8 +116,8 @@ class LlamaForCausalLM(nn.Module):
         # transformers casts the float32 tables to the activation dtype before rotating.
         cos = self.rope_cos[positions].to(x.dtype)
         sin = self.rope_sin[positions].to(x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache[i], meta)
-        x = self.norm(x[logits_indices])
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer.forward(x, cos, sin, cache, meta)
+        x = self.norm.forward(x[logits_indices])
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return linear(x, head).float()
