@@ -126,7 +126,7 @@ def encode(message: Any) -> bytes:
     name = type(message).__name__
     if MESSAGE_TYPES.get(name) is not type(message):
         raise TypeError(f"{type(message).__qualname__} is not a protocol message; known: {sorted(MESSAGE_TYPES)}")
-    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(MESSAGE_TYPES[name])}
     frame = msgpack.packb([name, fields], use_bin_type=True)
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError(f"message of {len(frame)} bytes exceeds the maximum frame size of {MAX_FRAME_BYTES} bytes")

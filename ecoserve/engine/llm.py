@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any, cast
 from typing import Sequence as Seq
 
 from tqdm.auto import tqdm
@@ -67,10 +68,11 @@ class LLM:
             if chat:
                 if not self.tokenizer.chat_template:
                     raise ValueError(f"model {self.engine.config.model.model!r} has no chat template; drop --chat")
-                ids = self.tokenizer.apply_chat_template(
+                ids: Any = self.tokenizer.apply_chat_template(
                     [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
                 )
-                return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+                # transformers 5 returns a BatchEncoding here, older releases a list of ids.
+                return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
             return list(self.tokenizer.encode(prompt, add_special_tokens=True))
         if isinstance(prompt, (list, tuple)):
             return list(prompt)
@@ -87,9 +89,8 @@ class LLM:
 
         All prompts are validated before any is queued, so a bad one changes nothing.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int))
+        prompts = cast(list[Prompt], [prompts] if single else list(prompts))
         params = self._params_list(sampling_params, len(prompts))
         encoded = [self.encode_prompt(p, chat) for p in prompts]
         ids = [f"req-{next(self._ids)}" for _ in prompts]
@@ -116,7 +117,7 @@ class LLM:
 
     def _output(self, rid: str, prompt: Prompt) -> RequestOutput:
         seq = self.engine.pop_finished(rid)
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        text = str(self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True))
         assert seq.finish_reason is not None
         return RequestOutput(
             request_id=rid,

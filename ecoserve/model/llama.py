@@ -91,6 +91,9 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    rope_cos: torch.Tensor  # [max_positions, head_dim] float32 buffers (not in checkpoints)
+    rope_sin: torch.Tensor
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
