@@ -7,29 +7,13 @@ batch 1 and 32 per dtype, plus a bare matmul, and writes JSON.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
+from ecoserve.bench.engine import decode_step_ms
 from ecoserve.bench.report import print_table, write_json
 from ecoserve.engine.llm import LLM
-from ecoserve.engine.sampling_params import SamplingParams
-
-
-def decode_step_ms(llm: LLM, batch: int, context: int = 128, steps: int = 16) -> float:
-    engine = llm.engine
-    params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"b{i}", [100 + (i + j) % 1000 for j in range(context)], params)
-    times = []
-    while engine.has_unfinished():
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-    for i in range(batch):
-        engine.pop_finished(f"b{i}")
-    return statistics.median(times[2:]) * 1e3  # skip the prefill steps
 
 
 def matmul_ms(dtype: torch.dtype, batch: int, n: int = 3072, k: int = 576, repeats: int = 50) -> float:

@@ -80,18 +80,27 @@ def run_transformers(folder: str, dtype: torch.dtype, work: Workload, batch_size
     return time.perf_counter() - start
 
 
-def decode_step_ms_batch1(llm: LLM, context: int = 128, steps: int = 24) -> float:
-    """Median wall time of one decode step for a single sequence with ~`context` cached tokens."""
+def decode_step_ms(llm: LLM, batch: int = 1, context: int = 128, steps: int = 24) -> float:
+    """Median wall time of a decode step for `batch` sequences with ~`context` cached tokens each.
+
+    Only steps in which every sequence has finished its prompt are timed.
+    """
     engine = llm.engine
     params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
-    engine.add_request("bench-b1", [100 + i % 1000 for i in range(context)], params)
+    ids = [f"bench-decode-{i}" for i in range(batch)]
+    for i, rid in enumerate(ids):
+        engine.add_request(rid, [100 + (i + j) % 1000 for j in range(context)], params)
+    seqs = [engine.sequences[rid] for rid in ids]
     times = []
     while engine.has_unfinished():
+        decoding = all(s.num_computed_tokens >= len(s.prompt_token_ids) for s in seqs)
         start = time.perf_counter()
         engine.step()
-        times.append(time.perf_counter() - start)
-    engine.pop_finished("bench-b1")
-    return statistics.median(times[1:]) * 1e3  # the first step is the prefill
+        if decoding:
+            times.append(time.perf_counter() - start)
+    for rid in ids:
+        engine.pop_finished(rid)
+    return statistics.median(times) * 1e3
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,7 @@ def floor_rounds(llm: LLM, rounds: int = 5) -> list[FloorRound]:
     out = []
     for _ in range(rounds):
         gbs = copy_bandwidth_gbs(repeats=3, device=llm.engine.device)
-        out.append(FloorRound(gbs, decode_step_ms_batch1(llm), weight_bytes / (gbs * 1e9) * 1e3))
+        out.append(FloorRound(gbs, decode_step_ms(llm), weight_bytes / (gbs * 1e9) * 1e3))
     return out
 
 
