@@ -27,9 +27,9 @@ SAMPLES = [
     p.AbortRequest(request_id="r1"),
     p.GetStats(),
     p.HelloReply(protocol_version=p.PROTOCOL_VERSION, server_name="ecoserve"),
-    p.TokenDelta(request_id="r1", index=0, token_ids=[5, 6]),
+    p.TokenDelta(request_id="r1", index=0, token_ids=[5, 6], text=" Paris"),
     p.RequestFinished(
-        request_id="r1", token_ids=[5, 6, 2], finish_reason="stop", ttft_ms=12.5, tpot_ms=3.0, e2e_ms=18.5,
+        request_id="r1", token_ids=[5, 6, 2], text=" Paris.", finish_reason="stop", num_prompt_tokens=4, ttft_ms=12.5, tpot_ms=3.0, e2e_ms=18.5,
         queue_ms=1.0, prefill_ms=10.0, transfer_ms=0.5,
     ),
     p.ErrorReply(request_id=None, code="bad_frame", message="frame is not valid MessagePack"),
