@@ -133,11 +133,187 @@ class StatsReply:
     values: dict[str, float]
 
 
+# --- worker -> coordinator -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegisterWorker:
+    """A worker rank announces itself: role, KV capacity and its compatibility record.
+
+    `secret` is the cluster's shared secret (empty when none is set); the coordinator refuses a
+    worker whose secret, protocol version or compatibility record does not match.
+    """
+
+    protocol_version: int
+    secret: str
+    rank: int
+    role: str  # "prefill" | "decode" | "mixed"
+    pid: int
+    num_blocks: int
+    block_size: int
+    max_num_batched_tokens: int
+    model_id: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    rank: int
+    free_blocks: int
+    num_running: int
+    num_waiting: int
+
+
+@dataclass(frozen=True)
+class PrefillDone:
+    """A prompt's KV is complete and its first token sampled (prefill and mixed workers).
+
+    On a prefill worker the KV stays held there until a SendKV or an AbortWork names it, unless
+    `finish_reason` is set (the first token already ended the request; nothing is held).
+    """
+
+    rank: int
+    request_id: str
+    first_token: int
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class TokenEvents:
+    """One decode step's results on a worker: parallel lists, one entry per sampled token.
+
+    `finish_reasons[i]` is None while request i goes on. `preempted` lists requests whose KV the
+    worker dropped this step to make room (they resume by recompute on the same worker).
+    """
+
+    rank: int
+    request_ids: list[str]
+    token_ids: list[int]
+    finish_reasons: list[str | None]
+    preempted: list[str]
+    free_blocks: int
+
+
+@dataclass(frozen=True)
+class TransferStatus:
+    """A KV transfer reached a terminal state on this side: "done", "failed" or "timed_out"."""
+
+    rank: int
+    request_id: str
+    state: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Released:
+    """Every block this worker held for the request is free again (after an AbortWork)."""
+
+    rank: int
+    request_id: str
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    rank: int
+    values: dict[str, float]
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """The worker could not carry out work for a request (or at all, when request_id is None)."""
+
+    rank: int
+    request_id: str | None
+    message: str
+
+
+# --- coordinator -> worker -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegisterReply:
+    accepted: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class RunPrefill:
+    """Prefill a prompt. `decode_locally` (mixed workers) keeps decoding it on the same worker."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    decode_locally: bool
+
+
+@dataclass(frozen=True)
+class SendKV:
+    """To a prefill worker: send the request's held KV to `dst_rank` as that pair's `seq_no`."""
+
+    request_id: str
+    dst_rank: int
+    seq_no: int
+    deadline_s: float
+
+
+@dataclass(frozen=True)
+class ReceiveKV:
+    """To a decode worker: allocate blocks, receive the prompt's KV, then decode the request."""
+
+    request_id: str
+    src_rank: int
+    seq_no: int
+    deadline_s: float
+    prompt_token_ids: list[int]
+    first_token: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop_token_ids: list[int]
+    ignore_eos: bool
+
+
+@dataclass(frozen=True)
+class AbortWork:
+    """Stop the request and free its blocks (after an in-flight transfer of it completes)."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class QueryStats:
+    pass
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+CLIENT_TO_COORDINATOR = (Hello, AddRequest, AbortRequest, GetStats)
+COORDINATOR_TO_CLIENT = (HelloReply, TokenDelta, RequestFinished, ErrorReply, StatsReply)
+WORKER_TO_COORDINATOR = (
+    RegisterWorker, Heartbeat, PrefillDone, TokenEvents, TransferStatus, Released, WorkerStats, WorkerFailed
+)
+COORDINATOR_TO_WORKER = (RegisterReply, RunPrefill, SendKV, ReceiveKV, AbortWork, QueryStats, Shutdown)
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (Hello, AddRequest, AbortRequest, GetStats, HelloReply, TokenDelta, RequestFinished, ErrorReply, StatsReply)
+    for cls in CLIENT_TO_COORDINATOR + COORDINATOR_TO_CLIENT + WORKER_TO_COORDINATOR + COORDINATOR_TO_WORKER
 }
-Message = Union[Hello, AddRequest, AbortRequest, GetStats, HelloReply, TokenDelta, RequestFinished, ErrorReply, StatsReply]
+Message = Any  # one of MESSAGE_TYPES' classes
 
 
 def encode(message: Any) -> bytes:
@@ -152,8 +328,12 @@ def encode(message: Any) -> bytes:
     return frame
 
 
-def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
-    """The validated message in `frame`, or ProtocolError naming the problem."""
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES, allowed: tuple[type, ...] | None = None) -> Message:
+    """The validated message in `frame`, or ProtocolError naming the problem.
+
+    `allowed` restricts the accepted types to those one endpoint may receive (the front door
+    takes only CLIENT_TO_COORDINATOR), so a client cannot inject worker messages.
+    """
     if len(frame) > max_bytes:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds the maximum of {max_bytes} bytes")
     try:
@@ -164,8 +344,9 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
         raise ProtocolError("a frame must be a 2-element array [message type name, {field: value}]")
     name, fields = payload
     cls = MESSAGE_TYPES.get(name)
-    if cls is None:
-        raise ProtocolError(f"unknown message type {name[:64]!r}; known types: {sorted(MESSAGE_TYPES)}")
+    if cls is None or (allowed is not None and cls not in allowed):
+        known = sorted(MESSAGE_TYPES) if allowed is None else sorted(c.__name__ for c in allowed)
+        raise ProtocolError(f"unknown message type {name[:64]!r}; known types: {known}")
     hints = _hints(cls)
     missing = sorted(set(hints) - set(fields))
     extra = sorted(str(k)[:64] for k in set(fields) - set(hints))

@@ -34,6 +34,33 @@ SAMPLES = [
     ),
     p.ErrorReply(request_id=None, code="bad_frame", message="frame is not valid MessagePack"),
     p.StatsReply(values={"kv_blocks_free": 100.0, "requests": 3}),
+    p.RegisterWorker(
+        protocol_version=p.PROTOCOL_VERSION, secret="", rank=1, role="decode", pid=123, num_blocks=64, block_size=16,
+        max_num_batched_tokens=512, model_id="tiny-llama", dtype="float32", num_layers=2, num_kv_heads=2, head_dim=16,
+        vocab_size=512, max_model_len=2048,
+    ),
+    p.Heartbeat(rank=0, free_blocks=10, num_running=2, num_waiting=0),
+    p.PrefillDone(rank=0, request_id="c1:r1", first_token=7, finish_reason=None),
+    p.TokenEvents(
+        rank=1, request_ids=["a", "b"], token_ids=[3, 4], finish_reasons=[None, "length"], preempted=["c"], free_blocks=9
+    ),
+    p.TransferStatus(rank=1, request_id="a", state="done", message=""),
+    p.Released(rank=0, request_id="a"),
+    p.WorkerStats(rank=0, values={"used_blocks": 0.0}),
+    p.WorkerFailed(rank=0, request_id=None, message="out of memory"),
+    p.RegisterReply(accepted=False, message="dtype: float32 != bfloat16"),
+    p.RunPrefill(
+        request_id="a", prompt_token_ids=[1, 2], max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, seed=None,
+        stop_token_ids=[], ignore_eos=True, decode_locally=False,
+    ),
+    p.SendKV(request_id="a", dst_rank=1, seq_no=0, deadline_s=30.0),
+    p.ReceiveKV(
+        request_id="a", src_rank=0, seq_no=0, deadline_s=30.0, prompt_token_ids=[1, 2], first_token=5, max_tokens=4,
+        temperature=0.0, top_p=1.0, top_k=-1, seed=1, stop_token_ids=[2], ignore_eos=False,
+    ),
+    p.AbortWork(request_id="a"),
+    p.QueryStats(),
+    p.Shutdown(),
 ]
 
 
@@ -129,3 +156,10 @@ def test_valid_msgpack_of_the_wrong_shape_is_refused_or_valid(name: str, fields:
     except p.ProtocolError:
         return
     assert p.decode(p.encode(message)) == message  # anything accepted is a well-formed message
+
+
+def test_an_endpoint_refuses_types_it_does_not_take() -> None:
+    frame_ = p.encode(p.Shutdown())
+    with pytest.raises(p.ProtocolError, match="unknown message type 'Shutdown'; known types: .*AddRequest"):
+        p.decode(frame_, allowed=p.CLIENT_TO_COORDINATOR)
+    assert p.decode(p.encode(p.GetStats()), allowed=p.CLIENT_TO_COORDINATOR) == p.GetStats()
