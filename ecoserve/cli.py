@@ -3,6 +3,8 @@
     ecoserve generate --model M --prompt TEXT [--chat] --max-tokens N --temperature T
     ecoserve model prepare NAME | ecoserve model list
     ecoserve bench engine --model M --num-requests N --out FILE.json
+    ecoserve serve --model M --prefill P --decode D [--mixed K] --policy distserve --port 5555
+    ecoserve bench kv-transfer --prompt-lens 512 4096 --out FILE.json
     ecoserve demo
 """
 
@@ -53,6 +55,34 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
     return run_engine_benchmark(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ecoserve.config import CacheConfig, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from ecoserve.launcher import ClusterSpec, run_async, run_cluster
+    from ecoserve.model.registry import resolve_model
+
+    spec = ClusterSpec(args.prefill, args.decode, args.mixed)
+    engine = EngineConfig(
+        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_gib=args.kv_cache_gib),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+    )
+    coord = CoordinatorConfig(
+        host=args.host, port=args.port, policy=args.policy, heartbeat_timeout_s=args.heartbeat_timeout,
+        transfer_deadline_s=args.transfer_deadline, drain_timeout_s=args.drain_timeout,
+    )
+    folder = resolve_model(args.model)  # prepares a built-in model once, before any worker starts
+    ready = Path(args.ready_file) if args.ready_file else None
+    return run_async(run_cluster(spec, engine, coord, folder, args.threads_per_worker, ready))
+
+
+def _cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
+    from ecoserve.bench.kv_transfer import run_kv_transfer_benchmark
+
+    return run_kv_transfer_benchmark(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ecoserve.bench.demo import run_offline_demo
 
@@ -94,6 +124,33 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--skip-baseline", action="store_true", help="only run EcoServe's engine")
     eng.add_argument("--out", default=None, help="write the results as JSON here")
     eng.set_defaults(func=_cmd_bench_engine)
+
+    kvt = bench.add_parser("kv-transfer", help="paged KV transfer between two ranks against a bare send/recv")
+    from ecoserve.bench.kv_transfer import add_arguments as add_kv_transfer_arguments
+
+    add_kv_transfer_arguments(kvt)
+    kvt.set_defaults(func=_cmd_bench_kv_transfer)
+
+    serve = sub.add_parser("serve", help="serve with a coordinator and prefill/decode (or mixed) workers on this machine")
+    _add_model_args(serve)
+    serve.add_argument("--prefill", type=int, default=1, help="prefill workers (0 with --decode 0 for mixed only)")
+    serve.add_argument("--decode", type=int, default=1, help="decode workers")
+    serve.add_argument("--mixed", type=int, default=0, help="mixed workers (prefill and decode in one, colocated)")
+    serve.add_argument("--policy", default="distserve", help="scheduling policy: distserve")
+    serve.add_argument("--host", default="127.0.0.1", help="client address to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=5555, help="client port; 0 picks a free one")
+    serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: from --kv-cache-gib)")
+    serve.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV pool size per worker")
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--max-num-seqs", type=int, default=256)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per step (prefill budget)")
+    serve.add_argument("--threads-per-worker", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    serve.add_argument("--heartbeat-timeout", type=float, default=30.0, help="seconds of silence before a worker is lost")
+    serve.add_argument("--transfer-deadline", type=float, default=60.0, help="seconds a KV transfer may take")
+    serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on shutdown")
+    serve.add_argument("--ready-file", default=None, help="write the client address here once every worker is up")
+    serve.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser("demo", help="the main job: serve a small real workload with the default model")
     _add_model_args(demo)

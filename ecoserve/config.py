@@ -81,3 +81,59 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+ROLES = ("prefill", "decode", "mixed")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One worker rank: its role, its place in the torch.distributed world, and where the
+    coordinator's control channel is. Built by the launcher, passed to the worker as JSON."""
+
+    rank: int
+    world_size: int
+    role: str
+    control_addr: str  # coordinator's worker-facing ROUTER, e.g. tcp://127.0.0.1:41000
+    dist_init_method: str  # torch.distributed rendezvous, e.g. tcp://127.0.0.1:41001
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    secret: str = ""
+    heartbeat_interval_s: float = 0.5
+    dist_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        if not self.heartbeat_interval_s > 0:
+            raise ValueError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """The coordinator: where clients connect, where workers connect, which policy, and limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 5555
+    control_host: str = "127.0.0.1"
+    control_port: int = 0  # 0: pick a free port
+    policy: str = "distserve"
+    secret: str = ""
+    heartbeat_timeout_s: float = 30.0  # a worker silent this long is declared lost
+    transfer_deadline_s: float = 60.0
+    max_transfers_in_flight_per_pair: int = 4
+    max_prompt_tokens: int | None = None  # None: the model's context
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not self.heartbeat_timeout_s > 0 or not self.transfer_deadline_s > 0:
+            raise ValueError("heartbeat_timeout_s and transfer_deadline_s must be > 0")
+        if self.max_transfers_in_flight_per_pair < 1:
+            raise ValueError(f"max_transfers_in_flight_per_pair must be >= 1, got {self.max_transfers_in_flight_per_pair}")
+
+    @property
+    def client_addr(self) -> str:
+        return f"tcp://{self.host}:{self.port}"

@@ -62,6 +62,7 @@ class LLMEngine:
         sched = config.scheduler
         self.scheduler = FCFSScheduler(self.pool, sched.max_num_seqs, sched.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
+        self.last_preempted: list[Sequence] = []
         self._arrivals = itertools.count()
 
     def _blocks_for_memory(self, gib: float, block_size: int) -> int:
@@ -105,7 +106,10 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[StepOutput]:
+        """One step; `self.last_preempted` then holds the sequences it preempted."""
         out = self.scheduler.schedule()
+        self.last_preempted = list(self.scheduler.preempted_log)
+        self.scheduler.preempted_log.clear()
         if out.empty:
             return []
         inputs = self.runner.prepare(out.prefills, out.decodes)

@@ -34,6 +34,7 @@ class SchedulerOutput:
 class FCFSScheduler:
     def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         self.pool = pool
+        self.preempted_log: list[Sequence] = []  # every preemption, for the worker to report
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -41,6 +42,27 @@ class FCFSScheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence that arrives with its KV already in its blocks (a decode worker's request
+        after transfer). It keeps FCFS order by `arrival_index` among the running."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        self.running.sort(key=lambda s: s.arrival_index)
+
+    def detach(self, seq: Sequence) -> None:
+        """Stop scheduling a running sequence but keep its blocks (a prefill worker's finished
+        prompt whose KV waits to be sent)."""
+        self.running.remove(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Remove a waiting or running sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.block_table.release(self.pool)
+        seq.status = SequenceStatus.FINISHED
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -94,6 +116,7 @@ class FCFSScheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
+        self.preempted_log.append(seq)
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -1,0 +1,317 @@
+"""Request lifecycle on the coordinator: queues, policy decisions applied, worker events
+folded in, terminal events sent. Exactly one terminal event per accepted request reaches its
+client, and every block a worker held for it is confirmed released (`releasing` empties).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any, Callable
+
+from ecoserve import protocol as p
+from ecoserve.config import CoordinatorConfig
+from ecoserve.coordinator.frontend import TextCodec
+from ecoserve.coordinator.metrics import Reservoir
+from ecoserve.coordinator.policy import Decisions, Policy, SchedulerState, WorkerView
+from ecoserve.coordinator.request import Request, RequestStatus as S
+from ecoserve.coordinator.workers import WorkerRegistry
+from ecoserve.kv_transfer.planner import TransferPlanner
+
+ToClient = Callable[[bytes, Any], None]
+ToWorker = Callable[[int, Any], None]
+
+
+class Lifecycle:
+    def __init__(
+        self, policy: Policy, registry: WorkerRegistry, codec: TextCodec,
+        to_client: ToClient, to_worker: ToWorker, config: CoordinatorConfig,
+    ) -> None:
+        self.policy = policy
+        self.registry = registry
+        self.codec = codec
+        self.to_client = to_client
+        self.to_worker = to_worker
+        self.config = config
+        self.planner = TransferPlanner(config.max_transfers_in_flight_per_pair)
+        self.requests: dict[str, Request] = {}
+        self.by_client: dict[tuple[bytes, str], str] = {}
+        self.waiting: deque[Request] = deque()
+        self.kv_waiting: deque[Request] = deque()
+        self.transfer_blocks: dict[str, int] = {}  # planned transfers: blocks committed on the decode side
+        self.releasing: dict[str, set[int]] = {}  # ended requests whose workers have not confirmed release
+        self.dirty = asyncio.Event()
+        self.counters = {"finished": 0, "aborted": 0, "failed": 0, "preemptions": 0, "workers_lost": 0}
+        self.dispatch_ms = Reservoir()  # front door -> dispatch decision, per request
+        self.schedule_us = Reservoir()  # one policy.schedule() call
+
+    def kick(self) -> None:
+        self.dirty.set()
+
+    # --- admission and scheduling ------------------------------------------------------------
+
+    def has_client_request(self, client: bytes, client_request_id: str) -> bool:
+        return (client, client_request_id) in self.by_client
+
+    def admit(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.by_client[(req.client, req.client_request_id)] = req.request_id
+        self.waiting.append(req)
+        self.kick()
+
+    def schedule(self) -> None:
+        state = SchedulerState(time.monotonic(), self.waiting, self.kv_waiting, self.registry.views)
+        t0 = time.perf_counter()
+        decisions = self.policy.schedule(state)
+        self.schedule_us.add((time.perf_counter() - t0) * 1e6)
+        self.apply(decisions)
+
+    def apply(self, decisions: Decisions) -> None:
+        now = time.monotonic()
+        if decisions.prefills:
+            chosen = {d.request_id for d in decisions.prefills}
+            self.waiting = deque(r for r in self.waiting if r.request_id not in chosen)
+        for d in decisions.prefills:
+            req = self.requests[d.request_id]
+            view = self.registry.views[d.rank]
+            req.transition(S.PREFILLING, now)
+            req.prefill_rank = d.rank
+            req.decode_rank = d.rank if d.decode_locally else None
+            req.dispatch_latency_s = now - req.arrival
+            self.dispatch_ms.add(req.dispatch_latency_s * 1e3)
+            view.queued_prefill_tokens += req.num_prompt_tokens
+            view.committed_blocks += self._prefill_blocks(req, view)
+            self.to_worker(d.rank, p.RunPrefill(
+                req.request_id, req.prompt_token_ids, req.max_tokens, req.temperature, req.top_p, req.top_k,
+                req.seed, req.stop_token_ids, req.ignore_eos, d.decode_locally,
+            ))
+        if decisions.transfers:
+            chosen = {t.request_id for t in decisions.transfers}
+            self.kv_waiting = deque(r for r in self.kv_waiting if r.request_id not in chosen)
+        for t in decisions.transfers:
+            req = self.requests[t.request_id]
+            plan = self.planner.plan(req.request_id, t.src_rank, t.dst_rank, req.num_prompt_tokens)
+            req.decode_rank = t.dst_rank
+            self.registry.views[t.dst_rank].committed_blocks += t.num_blocks
+            self.transfer_blocks[req.request_id] = t.num_blocks
+            deadline = self.config.transfer_deadline_s
+            first = req.output_token_ids[0]
+            self.to_worker(t.dst_rank, p.ReceiveKV(
+                req.request_id, t.src_rank, plan.seq_no, deadline, req.prompt_token_ids, first, req.max_tokens,
+                req.temperature, req.top_p, req.top_k, req.seed, req.stop_token_ids, req.ignore_eos,
+            ))
+            self.to_worker(t.src_rank, p.SendKV(req.request_id, t.dst_rank, plan.seq_no, deadline))
+
+    @staticmethod
+    def _prefill_blocks(req: Request, view: WorkerView) -> int:
+        # A mixed worker also writes the first decode token's KV before it reports again.
+        return view.blocks_for(req.num_prompt_tokens + (1 if view.role == "mixed" else 0))
+
+    # --- worker events -----------------------------------------------------------------------
+
+    def on_worker_message(self, msg: Any) -> None:
+        view = self.registry.seen(msg.rank)
+        if view is None:
+            return  # a lost or unknown rank: its requests were already failed
+        if isinstance(msg, p.Heartbeat):
+            view.free_blocks, view.num_running = msg.free_blocks, msg.num_running
+        elif isinstance(msg, p.PrefillDone):
+            self._on_prefill_done(msg)
+        elif isinstance(msg, p.TokenEvents):
+            view.free_blocks = msg.free_blocks
+            self._on_tokens(msg)
+        elif isinstance(msg, p.TransferStatus):
+            self._on_transfer(msg)
+        elif isinstance(msg, p.Released):
+            self._released(msg.request_id, msg.rank)
+        elif isinstance(msg, p.WorkerFailed):
+            if msg.request_id is None:
+                self.worker_lost(msg.rank, msg.message)
+            elif msg.request_id in self.requests:
+                self.fail(self.requests[msg.request_id], f"worker rank {msg.rank}: {msg.message}")
+        self.kick()
+
+    def _on_prefill_done(self, msg: p.PrefillDone) -> None:
+        req = self.requests.get(msg.request_id)
+        if req is None or req.status is not S.PREFILLING:
+            return  # aborted meanwhile: the worker frees it on AbortWork
+        view = self.registry.views[msg.rank]
+        view.queued_prefill_tokens -= req.num_prompt_tokens
+        view.committed_blocks -= self._prefill_blocks(req, view)
+        req.output_token_ids.append(msg.first_token)
+        self._stream(req, 0)
+        if msg.finish_reason is not None:
+            self.finish(req, msg.finish_reason)
+        elif view.role == "mixed":
+            req.transition(S.TRANSFERRING)
+            req.transition(S.DECODING)
+        else:
+            req.transition(S.TRANSFERRING)
+            self.kv_waiting.append(req)
+
+    def _on_tokens(self, msg: p.TokenEvents) -> None:
+        for rid in msg.preempted:
+            req = self.requests.get(rid)
+            if req is not None and req.status is S.DECODING:
+                req.transition(S.PREEMPTED)
+                req.num_preemptions += 1
+                self.counters["preemptions"] += 1
+        for rid, token, reason in zip(msg.request_ids, msg.token_ids, msg.finish_reasons):
+            req = self.requests.get(rid)
+            if req is None or req.status not in (S.DECODING, S.PREEMPTED):
+                continue
+            if req.status is S.PREEMPTED:
+                req.transition(S.DECODING)
+            req.output_token_ids.append(token)
+            self._stream(req, len(req.output_token_ids) - 1)
+            if reason is not None:
+                self.finish(req, reason)
+
+    def _on_transfer(self, msg: p.TransferStatus) -> None:
+        req = self.requests.get(msg.request_id)
+        if req is None or req.status is not S.TRANSFERRING:
+            return
+        if msg.state != "done":
+            self.fail(req, f"KV transfer {msg.state} on rank {msg.rank}: {msg.message}")
+            return
+        if msg.rank == req.decode_rank:  # the receiver has the KV: decoding starts there
+            self.planner.finish(req.request_id)
+            view = self.registry.views[msg.rank]
+            view.committed_blocks -= self.transfer_blocks.pop(req.request_id)
+            view.num_running += 1
+            req.transition(S.DECODING)
+
+    def _stream(self, req: Request, index: int) -> None:
+        if req.stream:
+            text = self.codec.new_text(req)
+            self.to_client(req.client, p.TokenDelta(req.client_request_id, index, req.output_token_ids[index:], text))
+
+    # --- endings ---------------------------------------------------------------------------------
+
+    def finish(self, req: Request, reason: str) -> None:
+        req.transition(S.FINISHED)
+        self.counters["finished"] += 1
+        self._end(req, reason)
+
+    def abort_client_request(self, client: bytes, client_request_id: str) -> bool:
+        rid = self.by_client.get((client, client_request_id))
+        if rid is None:
+            return False
+        req = self.requests[rid]
+        self._release_everywhere(req)
+        req.transition(S.ABORTED)
+        self.counters["aborted"] += 1
+        self._end(req, "abort")
+        return True
+
+    def fail(self, req: Request, message: str) -> None:
+        self._release_everywhere(req)
+        req.transition(S.FAILED)
+        self.counters["failed"] += 1
+        self._forget(req)
+        self.to_client(req.client, p.ErrorReply(req.client_request_id, "failed", message))
+
+    def fail_all(self, message: str) -> None:
+        for req in list(self.requests.values()):
+            self.fail(req, message)
+
+    def worker_lost(self, rank: int, reason: str) -> None:
+        view = self.registry.views.get(rank)
+        if view is None or not view.alive:
+            return
+        view.alive = False
+        self.counters["workers_lost"] += 1
+        for rid, ranks in list(self.releasing.items()):
+            self._released(rid, rank) if rank in ranks else None
+        for req in list(self.requests.values()):
+            if rank in (req.prefill_rank, req.decode_rank) and req.status is not S.WAITING_PREFILL:
+                self.fail(req, f"worker rank {rank} ({view.role}) was lost: {reason}")
+        self.kick()
+
+    def _release_everywhere(self, req: Request) -> None:
+        """Tell every worker holding something for `req` to free it; undo our accounting."""
+        ranks: set[int] = set()
+        views = self.registry.views
+        if req.status is S.WAITING_PREFILL:
+            self.waiting.remove(req)
+        elif req.status is S.PREFILLING:
+            assert req.prefill_rank is not None
+            view = views[req.prefill_rank]
+            view.queued_prefill_tokens -= req.num_prompt_tokens
+            view.committed_blocks -= self._prefill_blocks(req, view)
+            ranks.add(req.prefill_rank)
+        elif req.status is S.TRANSFERRING:
+            assert req.prefill_rank is not None
+            ranks.add(req.prefill_rank)
+            if req in self.kv_waiting:
+                self.kv_waiting.remove(req)
+            if req.request_id in self.transfer_blocks:  # planned: both sides are committed to it
+                assert req.decode_rank is not None
+                views[req.decode_rank].committed_blocks -= self.transfer_blocks.pop(req.request_id)
+                self.planner.finish(req.request_id)
+                ranks.add(req.decode_rank)
+        elif req.decode_rank is not None:
+            ranks.add(req.decode_rank)
+        ranks = {r for r in ranks if views[r].alive}
+        for rank in ranks:
+            self.to_worker(rank, p.AbortWork(req.request_id))
+        if ranks:
+            self.releasing[req.request_id] = ranks
+
+    def _released(self, request_id: str, rank: int) -> None:
+        ranks = self.releasing.get(request_id)
+        if ranks is not None:
+            ranks.discard(rank)
+            if not ranks:
+                del self.releasing[request_id]
+
+    def _end(self, req: Request, reason: str) -> None:
+        self._forget(req)
+        self.to_client(req.client, p.RequestFinished(
+            req.client_request_id, req.output_token_ids, self.codec.decode(req.output_token_ids), reason,
+            req.num_prompt_tokens, **_timings(req),
+        ))
+
+    def _forget(self, req: Request) -> None:
+        self.requests.pop(req.request_id, None)
+        self.by_client.pop((req.client, req.client_request_id), None)
+
+    # --- stats -------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        views = self.registry.views.values()
+        by_status: dict[str, float] = {s.value: 0.0 for s in S if not s.terminal}
+        for req in self.requests.values():
+            by_status[req.status.value] += 1
+        values = {
+            "requests_in_flight": float(len(self.requests)),
+            "queue_waiting_prefill": float(len(self.waiting)),
+            "queue_kv_waiting": float(len(self.kv_waiting)),
+            "requests_releasing": float(len(self.releasing)),
+            "reserved_blocks": float(sum(max(0, v.committed_blocks) for v in views)),
+            "transfers_in_flight": float(len(self.transfer_blocks)),
+            "workers_alive": float(sum(v.alive for v in views)),
+        }
+        values.update({f"status.{k}": v for k, v in by_status.items()})
+        values.update({k: float(v) for k, v in self.counters.items()})
+        values.update(self.dispatch_ms.summary("dispatch_ms"))
+        values.update(self.schedule_us.summary("schedule_call_us"))
+        return values
+
+
+def _timings(req: Request) -> dict[str, float]:
+    end = req.events[-1].time
+    first_token = req.first_time(S.TRANSFERRING) or req.first_time(S.DECODING) or end
+    prefilling = req.first_time(S.PREFILLING)
+    decoding = req.first_time(S.DECODING)
+    n = len(req.output_token_ids)
+    ms = 1e3
+    return dict(
+        ttft_ms=(first_token - req.arrival) * ms if n else 0.0,
+        tpot_ms=(end - first_token) * ms / (n - 1) if n > 1 else 0.0,
+        e2e_ms=(end - req.arrival) * ms,
+        queue_ms=((prefilling or end) - req.arrival) * ms,
+        prefill_ms=(first_token - prefilling) * ms if prefilling and n else 0.0,
+        transfer_ms=(decoding - first_token) * ms if decoding else 0.0,
+    )

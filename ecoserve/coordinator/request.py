@@ -1,0 +1,88 @@
+"""A request as the coordinator tracks it, and its lifecycle (DESIGN §3; docs/structure.md).
+
+Every status change is a timestamped event, so TTFT splits into queueing, prefill, transfer
+and first decode step. Plain data only: the policies read these objects directly.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.Enum):
+    WAITING_PREFILL = "waiting_prefill"  # admitted, in the PT queue
+    PREFILLING = "prefilling"  # dispatched to a prefill (or mixed) worker
+    TRANSFERRING = "transferring"  # first token out; KV waits on the prefill worker or moves P -> D
+    DECODING = "decoding"  # in a decode batch; tokens stream to the client
+    PREEMPTED = "preempted"  # KV dropped on its decode worker; waits to recompute there
+    FINISHED = "finished"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RequestStatus.FINISHED, RequestStatus.ABORTED, RequestStatus.FAILED)
+
+
+# Allowed transitions; anything else is a coordinator bug and raises.
+_NEXT: dict[RequestStatus, set[RequestStatus]] = {
+    RequestStatus.WAITING_PREFILL: {RequestStatus.PREFILLING},
+    RequestStatus.PREFILLING: {RequestStatus.TRANSFERRING, RequestStatus.DECODING, RequestStatus.FINISHED},
+    RequestStatus.TRANSFERRING: {RequestStatus.DECODING},
+    RequestStatus.DECODING: {RequestStatus.PREEMPTED, RequestStatus.FINISHED},
+    RequestStatus.PREEMPTED: {RequestStatus.DECODING, RequestStatus.FINISHED},
+}
+_TERMINAL = {RequestStatus.ABORTED, RequestStatus.FAILED}  # reachable from any live status
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    status: RequestStatus
+    time: float  # time.monotonic()
+
+
+@dataclass
+class Request:
+    """One accepted request. `request_id` is the coordinator's (unique across clients)."""
+
+    request_id: str
+    client: bytes  # the client's ZeroMQ routing id
+    client_request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    stream: bool
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING_PREFILL
+    events: list[LifecycleEvent] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+    prefill_rank: int | None = None
+    decode_rank: int | None = None
+    num_preemptions: int = 0
+    text_sent: str = ""  # text already streamed (incremental detokenisation)
+    dispatch_latency_s: float | None = None  # front door -> dispatch decision
+
+    def __post_init__(self) -> None:
+        self.events.append(LifecycleEvent(self.status, self.arrival))
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def transition(self, status: RequestStatus, now: float | None = None) -> None:
+        if status not in _NEXT.get(self.status, set()) and not (status in _TERMINAL and not self.status.terminal):
+            raise RuntimeError(f"request {self.request_id}: illegal transition {self.status.name} -> {status.name}")
+        self.status = status
+        self.events.append(LifecycleEvent(status, time.monotonic() if now is None else now))
+
+    def first_time(self, status: RequestStatus) -> float | None:
+        return next((e.time for e in self.events if e.status is status), None)

@@ -1,0 +1,264 @@
+"""The coordinator: asyncio (uvloop) over two ZeroMQ ROUTER sockets.
+
+`client_to_coordinator` (the front door) takes client frames; `worker_to_coordinator` takes
+worker frames. Each message updates the request lifecycle (request.py) and the worker views;
+whenever something changed, the scheduling task calls `policy.schedule(state)` and applies the
+decisions by sending worker messages. The coordinator never touches tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ecoserve import protocol as p
+from ecoserve.config import CoordinatorConfig
+from ecoserve.coordinator.frontend import BadRequest, Limits, TextCodec, build_request
+from ecoserve.coordinator.lifecycle import Lifecycle
+from ecoserve.coordinator.policies import make_policy
+from ecoserve.coordinator.policy import Policy
+from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+STATS_TIMEOUT_S = 5.0
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        model_folder: Path,
+        expected: list[ExpectedRank],
+        policy: Policy | None = None,
+    ) -> None:
+        self.config = config
+        self.codec = TextCodec(model_folder)
+        self.registry = WorkerRegistry(expected, config.secret, config.heartbeat_timeout_s)
+        self.ctx = zmq.asyncio.Context()
+        self.front = self.ctx.socket(zmq.ROUTER)
+        self.front.setsockopt(zmq.LINGER, 0)
+        self.front.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES + 1024)  # oversized frames never reach us
+        self.back = self.ctx.socket(zmq.ROUTER)
+        self.back.setsockopt(zmq.LINGER, 0)
+        self.client_addr = ""
+        self.control_addr = ""
+        self.lifecycle = Lifecycle(
+            policy or make_policy(config.policy), self.registry, self.codec, self._to_client, self._to_worker, config
+        )
+        self.clients: dict[bytes, int] = {}  # routing id -> client number, after Hello
+        self._stats_waiters: list[tuple[bytes, set[int], dict[str, float], float]] = []
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self.draining = False
+
+    # --- sockets ---------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        c = self.config
+        if c.control_port:
+            self.back.bind(f"tcp://{c.control_host}:{c.control_port}")
+            self.control_addr = f"tcp://{c.control_host}:{c.control_port}"
+        else:
+            port = self.back.bind_to_random_port(f"tcp://{c.control_host}")
+            self.control_addr = f"tcp://{c.control_host}:{port}"
+        if c.port:
+            self.front.bind(c.client_addr)
+            self.client_addr = c.client_addr
+        else:
+            port = self.front.bind_to_random_port(f"tcp://{c.host}")
+            self.client_addr = f"tcp://{c.host}:{port}"
+
+    def _to_client(self, client: bytes, message: Any) -> None:
+        self.front.send_multipart([client, p.encode(message)])
+
+    def _to_worker(self, rank: int, message: Any) -> None:
+        self.back.send_multipart([f"rank-{rank}".encode(), p.encode(message)])
+
+    # --- main tasks ------------------------------------------------------------------------
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
+
+    async def serve(self) -> None:
+        """Run until stop() is called."""
+        tasks = [
+            asyncio.create_task(self._front_loop()),
+            asyncio.create_task(self._back_loop()),
+            asyncio.create_task(self._schedule_loop()),
+            asyncio.create_task(self._monitor_loop()),
+        ]
+        try:
+            while not self._stopping:
+                done = [t for t in tasks if t.done()]
+                for t in done:
+                    t.result()  # a crashed loop is a bug: surface it
+                await asyncio.sleep(0.1)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests, let in-flight ones finish for up to `timeout_s`, fail the rest."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.lifecycle.requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.lifecycle.fail_all("the server shut down before the request finished")
+
+    def stop(self) -> None:
+        for rank in self.registry.alive_ranks():
+            self._to_worker(rank, p.Shutdown())
+        self._stopping = True
+
+    def close(self) -> None:
+        self.front.close()
+        self.back.close()
+        self.ctx.term()
+
+    def worker_lost(self, rank: int, reason: str) -> None:
+        """The launcher saw the rank's process exit, or its heartbeats stopped."""
+        self.lifecycle.worker_lost(rank, reason)
+
+    async def _front_loop(self) -> None:
+        while True:
+            parts = await self.front.recv_multipart(copy=True)
+            t0 = time.monotonic()
+            client = parts[0]
+            if len(parts) != 2:
+                self._to_client(client, p.ErrorReply(None, "bad_frame", "send exactly one frame per message"))
+                continue
+            try:
+                msg = p.decode(parts[1], allowed=p.CLIENT_TO_COORDINATOR)
+            except p.ProtocolError as exc:
+                self._to_client(client, p.ErrorReply(None, "bad_frame", str(exc)))
+                continue
+            self._on_client(client, msg, t0)
+
+    def _on_client(self, client: bytes, msg: Any, t0: float) -> None:
+        if isinstance(msg, p.Hello):
+            if msg.protocol_version != p.PROTOCOL_VERSION:
+                text = f"protocol version {msg.protocol_version} is not supported; this server speaks {p.PROTOCOL_VERSION}"
+                self._to_client(client, p.ErrorReply(None, "version", text))
+                return
+            self.clients.setdefault(client, len(self.clients))
+            self._to_client(client, p.HelloReply(p.PROTOCOL_VERSION, "ecoserve"))
+            return
+        if client not in self.clients:
+            self._to_client(client, p.ErrorReply(None, "bad_request", "send Hello first (protocol handshake)"))
+            return
+        if isinstance(msg, p.AddRequest):
+            self._add(client, msg, t0)
+        elif isinstance(msg, p.AbortRequest):
+            if not self.lifecycle.abort_client_request(client, msg.request_id):
+                self._to_client(
+                    client, p.ErrorReply(msg.request_id, "unknown_request", f"no request {msg.request_id!r} in flight")
+                )
+        elif isinstance(msg, p.GetStats):
+            self._start_stats(client)
+
+    def _add(self, client: bytes, msg: p.AddRequest, t0: float) -> None:
+        if self.draining:
+            self._to_client(client, p.ErrorReply(msg.request_id, "shutting_down", "the server is shutting down"))
+            return
+        lc = self.lifecycle
+        if lc.has_client_request(client, msg.request_id):
+            text = f"request id {msg.request_id!r} is already in flight on this connection"
+            self._to_client(client, p.ErrorReply(msg.request_id, "bad_request", text))
+            return
+        try:
+            req = build_request(msg, client, f"c{self.clients[client]}:{msg.request_id}", self._limits(), self.codec)
+        except BadRequest as exc:
+            self._to_client(client, p.ErrorReply(msg.request_id, "bad_request", str(exc)))
+            return
+        req.arrival = t0
+        req.events[0] = type(req.events[0])(req.status, t0)
+        lc.admit(req)
+
+    def _limits(self) -> Limits:
+        info = next(iter(self.registry.info.values()))
+        max_len = min(i.max_model_len for i in self.registry.info.values())
+        return Limits(
+            vocab_size=info.vocab_size,
+            max_model_len=max_len,
+            max_prompt_tokens=min(self.config.max_prompt_tokens or max_len, max_len - 1),
+            max_request_blocks=self.registry.min_request_pool(),
+            block_size=info.block_size,
+        )
+
+    async def _back_loop(self) -> None:
+        while True:
+            ident, frame = (await self.back.recv_multipart())[:2]
+            try:
+                msg = p.decode(frame, allowed=p.WORKER_TO_COORDINATOR)
+            except p.ProtocolError as exc:
+                log.error("unreadable frame from %r: %s", ident, exc)
+                continue
+            if isinstance(msg, p.RegisterWorker):
+                self._register(msg)
+            elif isinstance(msg, p.WorkerStats):
+                self._on_worker_stats(msg)
+            else:
+                self.lifecycle.on_worker_message(msg)
+
+    def _register(self, msg: p.RegisterWorker) -> None:
+        reason = self.registry.register(msg)
+        self._to_worker(msg.rank, p.RegisterReply(reason is None, reason or ""))
+        if reason is not None:
+            log.error("refused worker rank %d: %s", msg.rank, reason)
+        elif self.registry.complete:
+            self._ready.set()
+        self.lifecycle.kick()
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            await self.lifecycle.dirty.wait()
+            self.lifecycle.dirty.clear()
+            if self._ready.is_set():
+                self.lifecycle.schedule()
+            await asyncio.sleep(0)
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.5, self.config.heartbeat_timeout_s / 4))
+            now = time.monotonic()
+            for rank in self.registry.silent(now):
+                self.worker_lost(rank, f"no heartbeat for {self.config.heartbeat_timeout_s:.1f} s")
+            self._expire_stats(now)
+
+    # --- stats -------------------------------------------------------------------------------
+
+    def _start_stats(self, client: bytes) -> None:
+        ranks = set(self.registry.alive_ranks())
+        for rank in ranks:
+            self._to_worker(rank, p.QueryStats())
+        self._stats_waiters.append((client, ranks, self.lifecycle.stats(), time.monotonic() + STATS_TIMEOUT_S))
+        self._expire_stats(time.monotonic())
+
+    def _on_worker_stats(self, msg: p.WorkerStats) -> None:
+        for client, ranks, values, _ in self._stats_waiters:
+            if msg.rank in ranks:
+                ranks.discard(msg.rank)
+                for key, value in msg.values.items():
+                    values[f"rank{msg.rank}.{key}"] = value
+                values["kv_used_blocks"] = values.get("kv_used_blocks", 0.0) + msg.values.get("used_blocks", 0.0)
+                break
+        self._expire_stats(time.monotonic())
+
+    def _expire_stats(self, now: float) -> None:
+        """Answer every stats call whose workers all replied (or whose time ran out), in order."""
+        while self._stats_waiters:
+            client, ranks, values, deadline = self._stats_waiters[0]
+            if ranks and now < deadline:
+                return
+            self._stats_waiters.pop(0)
+            values["stats_missing_workers"] = float(len(ranks))
+            self._to_client(client, p.StatsReply(values))

@@ -1,0 +1,122 @@
+"""The decode worker: receives each request's prompt KV into reserved blocks, then decodes it
+with continuous batching and streams one TokenEvents message per step.
+
+The `mixed` role is this worker also taking whole requests (RunPrefill with decode_locally):
+prefill and decode share one pool and one batch, as in colocated (vLLM-style) serving.
+When the pool runs dry the local scheduler preempts the newest request by recompute; it
+resumes on this worker by re-prefilling its prompt and the tokens it already produced.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from ecoserve import protocol as p
+from ecoserve.engine.sequence import Sequence
+from ecoserve.engine.worker import Worker, sampling_params
+from ecoserve.kv_transfer.types import TransferPlan, TransferState
+
+
+class DecodeWorker(Worker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.to_receive: deque[p.ReceiveKV] = deque()  # waiting for free blocks, in arrival order
+        self.receiving: dict[str, Sequence] = {}  # receive posted; KV lands in seq.block_table
+        self.aborted: set[str] = set()  # aborted before its transfer ended: free when it does
+
+    def handle_work(self, msg: Any) -> None:
+        if isinstance(msg, p.ReceiveKV):
+            self.to_receive.append(msg)
+            self._post_receives()
+        elif isinstance(msg, p.RunPrefill) and msg.decode_locally and self.config.role == "mixed":
+            self.engine.scheduler.add(self.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg)))
+        else:
+            raise ValueError(f"a {self.config.role} worker does not take {type(msg).__name__}")
+
+    def _post_receives(self) -> None:
+        """Allocate blocks and post receives in arrival order while the pool has room."""
+        while self.to_receive:
+            msg = self.to_receive[0]
+            need = self.pool.blocks_for_tokens(len(msg.prompt_token_ids))
+            if need > self.pool.num_free:
+                return  # the requests decoding here will free blocks as they finish
+            self.to_receive.popleft()
+            seq = self.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg))
+            self.engine.sequences.pop(msg.request_id)  # not the engine's until the KV is in
+            seq.block_table.ensure_capacity(len(msg.prompt_token_ids), self.pool)
+            seq.output_token_ids.append(msg.first_token)
+            seq.num_computed_tokens = len(msg.prompt_token_ids)
+            plan = TransferPlan(msg.request_id, msg.src_rank, self.rank, msg.seq_no, len(msg.prompt_token_ids))
+            self.transfers.recv(plan, list(seq.block_table.blocks), deadline_s=msg.deadline_s)
+            self.receiving[msg.request_id] = seq
+
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def poll_transfers(self) -> None:
+        for update in self.transfers.poll():
+            if not update.state.terminal:
+                continue
+            self.transfers.forget(update.request_id)
+            seq = self.receiving.pop(update.request_id)
+            rid = update.request_id
+            if rid in self.aborted or update.state is not TransferState.DONE:
+                seq.block_table.release(self.pool)
+            if rid in self.aborted:
+                self.aborted.discard(rid)
+                self.release(rid)
+                continue
+            if update.state is TransferState.DONE:
+                self.engine.sequences[rid] = seq
+                self.engine.scheduler.add_running(seq)
+            state = {TransferState.DONE: "done", TransferState.TIMED_OUT: "timed_out"}.get(update.state, "failed")
+            self.channel.send(p.TransferStatus(rank=self.rank, request_id=rid, state=state, message=update.message))
+        if self.to_receive:
+            self._post_receives()
+
+    def step(self) -> None:
+        eng = self.engine
+        outs = eng.step()
+        ids, tokens, reasons = [], [], []
+        for out in outs:
+            seq = eng.sequences[out.request_id]
+            reason = seq.finish_reason.value if out.finished and seq.finish_reason else None
+            if out.finished:
+                eng.pop_finished(out.request_id)
+            if len(seq.output_token_ids) == 1 and self.config.role == "mixed":
+                # A local request's first token: its prefill is done.
+                self.channel.send(
+                    p.PrefillDone(rank=self.rank, request_id=out.request_id, first_token=out.new_token_id, finish_reason=reason)
+                )
+                continue
+            ids.append(out.request_id)
+            tokens.append(out.new_token_id)
+            reasons.append(reason)
+        preempted = [s.request_id for s in eng.last_preempted]
+        if ids or preempted:
+            self.channel.send(
+                p.TokenEvents(
+                    rank=self.rank, request_ids=ids, token_ids=tokens, finish_reasons=reasons,
+                    preempted=preempted, free_blocks=self.pool.num_free,
+                )
+            )
+        if self.to_receive:
+            self._post_receives()
+
+    def abort(self, request_id: str) -> None:
+        eng = self.engine
+        if request_id in self.receiving or any(m.request_id == request_id for m in self.to_receive):
+            self.aborted.add(request_id)  # the sender is committed to this transfer: finish it, then free
+            return
+        if request_id in eng.sequences:
+            eng.scheduler.abort(eng.sequences.pop(request_id))
+        self.release(request_id)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "receiving_requests": len(self.receiving),
+            "queued_receives": len(self.to_receive),
+            "running": len(self.engine.scheduler.running),
+            "waiting": len(self.engine.scheduler.waiting),
+        }

@@ -1,0 +1,212 @@
+"""Starts a cluster on this machine: the coordinator (in this process) and one process per
+worker rank, all wired here with directional names.
+
+    client_to_coordinator   the coordinator's front door (ROUTER), printed when ready
+    worker_to_coordinator   the coordinator's control ROUTER; each rank connects a DEALER
+    prefill_to_decode       torch.distributed P2P in one world of all worker ranks
+
+Ranks are numbered prefill first, then decode, then mixed. Worker processes get their config
+as JSON on the command line (`python -m ecoserve.launcher worker '{...}'`): nothing is pickled.
+On SIGINT/SIGTERM the coordinator drains (finishes or fails what is in flight), tells every
+worker to stop, and any process still alive after a grace period is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ecoserve.config import CacheConfig, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig, WorkerConfig
+
+STARTUP_TIMEOUT_S = 300.0
+EXIT_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    num_prefill: int
+    num_decode: int
+    num_mixed: int
+
+    def __post_init__(self) -> None:
+        if min(self.num_prefill, self.num_decode, self.num_mixed) < 0:
+            raise ValueError("worker counts must be >= 0")
+        if (self.num_prefill == 0) != (self.num_decode == 0):
+            raise ValueError(
+                f"prefill and decode workers come together (got --prefill {self.num_prefill} --decode "
+                f"{self.num_decode}); for colocated serving use --mixed K alone"
+            )
+        if self.world_size == 0:
+            raise ValueError("no workers: give --prefill P --decode D (both >= 1) and/or --mixed K")
+
+    @property
+    def world_size(self) -> int:
+        return self.num_prefill + self.num_decode + self.num_mixed
+
+    def roles(self) -> list[str]:
+        return ["prefill"] * self.num_prefill + ["decode"] * self.num_decode + ["mixed"] * self.num_mixed
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def worker_config_to_json(config: WorkerConfig) -> str:
+    return json.dumps(dataclasses.asdict(config))
+
+
+def worker_config_from_json(text: str) -> WorkerConfig:
+    raw = json.loads(text)
+    eng = raw.pop("engine")
+    engine = EngineConfig(
+        model=ModelConfig(**eng["model"]), cache=CacheConfig(**eng["cache"]), scheduler=SchedulerConfig(**eng["scheduler"])
+    )
+    return WorkerConfig(engine=engine, **raw)
+
+
+def start_worker(config: WorkerConfig, threads: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, ECOSERVE_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "ecoserve.launcher", "worker", worker_config_to_json(config)]
+    return subprocess.Popen(cmd, env=env)
+
+
+async def run_cluster(
+    spec: ClusterSpec, engine: EngineConfig, coord_config: CoordinatorConfig, model_folder: Path,
+    threads_per_worker: int | None = None, ready_file: Path | None = None,
+) -> int:
+    """Serve until SIGINT/SIGTERM; returns the exit code."""
+    from ecoserve.coordinator.server import Coordinator
+    from ecoserve.coordinator.workers import ExpectedRank
+
+    roles = spec.roles()
+    coord = Coordinator(coord_config, model_folder, [ExpectedRank(r, role) for r, role in enumerate(roles)])
+    coord.bind()
+    dist_init = f"tcp://127.0.0.1:{free_port()}"
+    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // len(roles))
+    procs = [
+        start_worker(
+            WorkerConfig(rank, len(roles), role, coord.control_addr, dist_init, engine, secret=coord_config.secret), threads
+        )
+        for rank, role in enumerate(roles)
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    serve_task = asyncio.create_task(coord.serve())
+    code = 0
+    try:
+        code = await _startup(coord, procs, stop)
+        if code == 0:
+            print(f"EcoServe ready at {coord.client_addr}  (policy {coord_config.policy}; ranks: "
+                  + ", ".join(f"{r}={role}" for r, role in enumerate(roles)) + ")", flush=True)
+            if ready_file is not None:
+                ready_file.write_text(coord.client_addr)
+            await _watch(coord, procs, stop)
+            await coord.drain(coord_config.drain_timeout_s)
+    finally:
+        coord.stop()
+        await asyncio.sleep(0.2)  # let Shutdown frames leave
+        serve_task.cancel()
+        await asyncio.gather(serve_task, return_exceptions=True)
+        _reap(procs)
+        coord.close()
+    return code
+
+
+async def _startup(coord: object, procs: list[subprocess.Popen[bytes]], stop: asyncio.Event) -> int:
+    from ecoserve.coordinator.server import Coordinator
+
+    assert isinstance(coord, Coordinator)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not coord._ready.is_set():
+        for rank, proc in enumerate(procs):
+            if proc.poll() is not None:
+                print(f"error: worker rank {rank} exited with code {proc.returncode} during start-up "
+                      "(its error is printed above)", file=sys.stderr, flush=True)
+                return 1
+        if stop.is_set():
+            return 130
+        if time.monotonic() > deadline:
+            print(f"error: workers did not all register within {STARTUP_TIMEOUT_S:.0f} s", file=sys.stderr, flush=True)
+            return 1
+        await asyncio.sleep(0.1)
+    return 0
+
+
+async def _watch(coord: object, procs: list[subprocess.Popen[bytes]], stop: asyncio.Event) -> None:
+    from ecoserve.coordinator.server import Coordinator
+
+    assert isinstance(coord, Coordinator)
+    reported: set[int] = set()
+    while not stop.is_set():
+        for rank, proc in enumerate(procs):
+            if rank not in reported and proc.poll() is not None:
+                reported.add(rank)
+                coord.worker_lost(rank, f"its process exited with code {proc.returncode}")
+        try:
+            await asyncio.wait_for(stop.wait(), 0.2)
+        except asyncio.TimeoutError:
+            pass
+
+
+def _reap(procs: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + EXIT_GRACE_S
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_async(coro: object) -> int:
+    """Run on uvloop when it is installed (it is a dependency), else asyncio's own loop."""
+    try:
+        import uvloop
+
+        return int(uvloop.run(coro))  # type: ignore[arg-type]
+    except ImportError:
+        return int(asyncio.run(coro))  # type: ignore[arg-type]
+
+
+def _worker_main(config_json: str) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the launcher leads
+    config = worker_config_from_json(config_json)
+    from ecoserve.engine.worker import WorkerRefused, serve_worker
+
+    if config.role == "prefill":
+        from ecoserve.prefill.worker import PrefillWorker as cls
+    else:
+        from ecoserve.decode.worker import DecodeWorker as cls  # type: ignore[assignment]
+    try:
+        serve_worker(cls, config)
+    except WorkerRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ecoserve.launcher")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("worker", help="run one worker rank (started by the launcher)")
+    w.add_argument("config_json")
+    args = parser.parse_args(argv)
+    return _worker_main(args.config_json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

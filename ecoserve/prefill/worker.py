@@ -1,0 +1,95 @@
+"""The prefill worker: prompts in, first token out; each prompt's KV is held until the
+coordinator names a decode rank to send it to (SendKV), then moved by kv_transfer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ecoserve import protocol as p
+from ecoserve.engine.sequence import Sequence
+from ecoserve.engine.worker import Worker, sampling_params
+from ecoserve.kv_transfer.types import TransferPlan, TransferState
+
+
+class PrefillWorker(Worker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: dict[str, Sequence] = {}  # prompt done, KV waiting for a SendKV
+        self.sending: dict[str, Sequence] = {}  # KV being sent
+        self.aborted: set[str] = set()  # aborted while sending: free when the transfer ends
+
+    def handle_work(self, msg: Any) -> None:
+        if isinstance(msg, p.RunPrefill):
+            seq = self.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg))
+            self.engine.scheduler.add(seq)
+        elif isinstance(msg, p.SendKV):
+            self._send(msg)
+        else:
+            raise ValueError(f"a prefill worker does not take {type(msg).__name__}")
+
+    def _send(self, msg: p.SendKV) -> None:
+        seq = self.held.pop(msg.request_id, None)
+        if seq is None:
+            self.channel.send(
+                p.TransferStatus(
+                    rank=self.rank, request_id=msg.request_id, state="failed",
+                    message=f"prefill rank {self.rank} holds no KV for request {msg.request_id!r}",
+                )
+            )
+            return
+        num_tokens = len(seq.prompt_token_ids)
+        plan = TransferPlan(msg.request_id, self.rank, msg.dst_rank, msg.seq_no, num_tokens)
+        blocks = seq.block_table.blocks[: self.pool.blocks_for_tokens(num_tokens)]
+        self.transfers.send(plan, blocks, deadline_s=msg.deadline_s)
+        self.sending[msg.request_id] = seq
+
+    def step(self) -> None:
+        eng = self.engine
+        for out in eng.step():
+            seq = eng.sequences[out.request_id]
+            if out.finished:  # the first token ended it: nothing to move
+                eng.pop_finished(out.request_id)
+                reason = seq.finish_reason.value if seq.finish_reason else None
+            else:
+                eng.scheduler.detach(seq)
+                eng.sequences.pop(out.request_id)
+                self.held[out.request_id] = seq
+                reason = None
+            self.channel.send(
+                p.PrefillDone(rank=self.rank, request_id=out.request_id, first_token=out.new_token_id, finish_reason=reason)
+            )
+
+    def poll_transfers(self) -> None:
+        for update in self.transfers.poll():
+            if not update.state.terminal:
+                continue
+            self.transfers.forget(update.request_id)
+            seq = self.sending.pop(update.request_id)
+            seq.block_table.release(self.pool)
+            if update.request_id in self.aborted:
+                self.aborted.discard(update.request_id)
+                self.release(update.request_id)
+                continue
+            state = {TransferState.DONE: "done", TransferState.TIMED_OUT: "timed_out"}.get(update.state, "failed")
+            self.channel.send(
+                p.TransferStatus(rank=self.rank, request_id=update.request_id, state=state, message=update.message)
+            )
+
+    def abort(self, request_id: str) -> None:
+        eng = self.engine
+        if request_id in self.sending:
+            self.aborted.add(request_id)  # the decode side posted its receive: finish, then free
+            return
+        if request_id in self.held:
+            self.held.pop(request_id).block_table.release(self.pool)
+        elif request_id in eng.sequences:
+            eng.scheduler.abort(eng.sequences.pop(request_id))
+        self.release(request_id)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "held_requests": len(self.held),
+            "sending_requests": len(self.sending),
+            "running": len(self.engine.scheduler.running),
+            "waiting": len(self.engine.scheduler.waiting),
+        }
