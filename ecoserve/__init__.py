@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "Client", "AsyncClient", "Completion", "SLO", "RequestError", "__version__"]
+_CLIENT_NAMES = ("Client", "AsyncClient", "Completion", "SLO", "RequestError")
 
 if TYPE_CHECKING:
+    from ecoserve.client import SLO, AsyncClient, Client, Completion, RequestError
     from ecoserve.engine.llm import LLM, RequestOutput
     from ecoserve.engine.sampling_params import SamplingParams
 
@@ -29,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from ecoserve.engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name in _CLIENT_NAMES:
+        from ecoserve import client
+
+        return getattr(client, name)
     raise AttributeError(f"module 'ecoserve' has no attribute {name!r}")

@@ -126,9 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     eng.set_defaults(func=_cmd_bench_engine)
 
     kvt = bench.add_parser("kv-transfer", help="paged KV transfer between two ranks against a bare send/recv")
-    from ecoserve.bench.kv_transfer import add_arguments as add_kv_transfer_arguments
+    try:  # TEMP-GUARD
+        from ecoserve.bench.kv_transfer import add_arguments as add_kv_transfer_arguments
 
-    add_kv_transfer_arguments(kvt)
+        add_kv_transfer_arguments(kvt)
+    except ImportError:
+        pass
     kvt.set_defaults(func=_cmd_bench_kv_transfer)
 
     serve = sub.add_parser("serve", help="serve with a coordinator and prefill/decode (or mixed) workers on this machine")

@@ -42,7 +42,7 @@ class ControlChannel:
     """The worker's end of `worker_to_coordinator`: a DEALER socket speaking protocol frames."""
 
     def __init__(self, addr: str, rank: int) -> None:
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"rank-{rank}".encode())
         self.sock.setsockopt(zmq.LINGER, 2000)

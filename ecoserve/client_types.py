@@ -1,0 +1,141 @@
+"""What the client returns and raises, and how a call's arguments become an `AddRequest`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ecoserve import protocol
+from ecoserve.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Latency targets of one request in milliseconds; None leaves a target unset."""
+
+    ttft_ms: float | None = None  # time to first token
+    tpot_ms: float | None = None  # time per output token after the first
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_ms", "tpot_ms"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not _positive_number(value):
+                raise ValueError(f"SLO.{name} must be a finite number of milliseconds > 0, or None; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New tokens of a streamed request; `index` is the output position of the first one.
+
+    Concatenating every delta's `text` gives the final text (split characters are held back).
+    """
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request (the coordinator's `RequestFinished`).
+
+    finish_reason: "stop" (EOS or a stop token), "length" (max_tokens) or "abort" (aborted by
+    this client). Timings are milliseconds measured by the coordinator from the request's
+    arrival; a phase the request never reached reports 0.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    num_prompt_tokens: int
+    ttft_ms: float
+    tpot_ms: float
+    e2e_ms: float
+    queue_ms: float
+    prefill_ms: float
+    transfer_ms: float
+
+    @classmethod
+    def from_message(cls, message: protocol.RequestFinished) -> Completion:
+        return cls(**dataclasses.asdict(message))
+
+
+class RequestError(Exception):
+    """The server refused or failed a request.
+
+    `code` is the server's `ErrorReply.code` ("bad_request", "failed", "version",
+    "unknown_request", "shutting_down", "bad_frame"); `request_id` is None for an error that
+    concerns the connection rather than one request.
+    """
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        where = f", request {self.request_id}" if self.request_id is not None else ""
+        return f"{self.message} (code {self.code!r}{where})"
+
+    def __reduce__(self) -> tuple[type[RequestError], tuple[str, str, str | None]]:
+        return (type(self), (self.code, self.message, self.request_id))
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_timeout(name: str, timeout: float | None) -> None:
+    if timeout is None:
+        return
+    if not _positive_number(timeout):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, or None to wait forever; got {timeout!r}")
+
+
+def make_add_request(
+    request_id: str,
+    prompt: str | list[int],
+    params: SamplingParams | None,
+    slo: SLO | None,
+    stream: bool,
+) -> protocol.AddRequest:
+    """The wire message for one call; the values are checked here so a mistake fails in the caller."""
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be an ecoserve.SamplingParams or None, got {type(params).__name__}")
+    slo = SLO() if slo is None else slo
+    if not isinstance(slo, SLO):
+        raise TypeError(f"slo must be an ecoserve.client.SLO or None, got {type(slo).__name__}")
+    text: str | None = None
+    ids: list[int] | None = None
+    if isinstance(prompt, str):
+        text = prompt
+    elif isinstance(prompt, (list, tuple)):
+        ids = list(prompt)
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+            raise ValueError(f"prompt token ids must be non-negative integers, got {ids[:8]!r}...")
+    else:
+        raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError("prompt is empty; give a non-empty string or a non-empty list of token ids")
+    return protocol.AddRequest(
+        request_id=request_id,
+        prompt=text,
+        prompt_token_ids=ids,
+        max_tokens=params.max_tokens,
+        temperature=float(params.temperature),
+        top_p=float(params.top_p),
+        top_k=params.top_k,
+        seed=params.seed,
+        stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+        slo_ttft_ms=None if slo.ttft_ms is None else float(slo.ttft_ms),
+        slo_tpot_ms=None if slo.tpot_ms is None else float(slo.tpot_ms),
+        stream=stream,
+    )
