@@ -45,7 +45,9 @@ class Coordinator:
         self.ctx = zmq.asyncio.Context()
         self.front = self.ctx.socket(zmq.ROUTER)
         self.front.setsockopt(zmq.LINGER, 0)
-        self.front.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES + 1024)  # oversized frames never reach us
+        # Frames up to 4x the protocol's limit are read and answered with an error naming the
+        # limit; ZeroMQ drops the connection of a peer that sends anything larger.
+        self.front.setsockopt(zmq.MAXMSGSIZE, 4 * p.MAX_FRAME_BYTES)
         self.back = self.ctx.socket(zmq.ROUTER)
         self.back.setsockopt(zmq.LINGER, 0)
         self.client_addr = ""

@@ -147,7 +147,12 @@ class Worker:
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, p.QueryStats):
-            values = {"used_blocks": float(self.pool.num_used), "num_blocks": float(self.pool.num_blocks)}
+            values = {
+                "used_blocks": float(self.pool.num_used),
+                "num_blocks": float(self.pool.num_blocks),
+                "pid": float(os.getpid()),
+                "transfers_in_flight": float(self.transfers.num_in_flight),
+            }
             values.update({k: float(v) for k, v in self.stats().items()})
             self.channel.send(p.WorkerStats(rank=self.rank, values=values))
         elif isinstance(msg, p.Shutdown):
