@@ -77,6 +77,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_async(run_cluster(spec, engine, coord, folder, args.threads_per_worker, ready))
 
 
+def _cmd_bench_coordinator(args: argparse.Namespace) -> int:
+    from ecoserve.bench.coordinator import run_coordinator_benchmark
+
+    return run_coordinator_benchmark(args)
+
+
 def _cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
     from ecoserve.bench.kv_transfer import run_kv_transfer_benchmark
 
@@ -133,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     kvt.set_defaults(func=_cmd_bench_kv_transfer)
+
+    crd = bench.add_parser("coordinator", help="the coordinator's own cost with many requests in flight")
+    from ecoserve.bench.coordinator import add_arguments as add_coordinator_arguments
+
+    add_coordinator_arguments(crd)
+    crd.set_defaults(func=_cmd_bench_coordinator)
 
     serve = sub.add_parser("serve", help="serve with a coordinator and prefill/decode (or mixed) workers on this machine")
     _add_model_args(serve)

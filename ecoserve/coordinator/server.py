@@ -29,6 +29,7 @@ from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
 log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 5.0
+RECV_BATCH = 32  # messages read before the policy runs again
 
 
 class Coordinator:
@@ -132,18 +133,37 @@ class Coordinator:
 
     async def _front_loop(self) -> None:
         while True:
-            parts = await self.front.recv_multipart(copy=True)
-            t0 = time.monotonic()
-            client = parts[0]
-            if len(parts) != 2:
-                self._to_client(client, p.ErrorReply(None, "bad_frame", "send exactly one frame per message"))
-                continue
+            batch = await self._recv_batch(self.front)
+            t0 = time.monotonic()  # the batch's arrival: later frames in it are not favoured
+            for parts in batch:
+                client = parts[0]
+                if len(parts) != 2:
+                    self._to_client(client, p.ErrorReply(None, "bad_frame", "send exactly one frame per message"))
+                    continue
+                try:
+                    msg = p.decode(parts[1], allowed=p.CLIENT_TO_COORDINATOR)
+                except p.ProtocolError as exc:
+                    self._to_client(client, p.ErrorReply(None, "bad_frame", str(exc)))
+                    continue
+                self._on_client(client, msg, t0)
+            self._schedule_now()
+
+    @staticmethod
+    async def _recv_batch(sock: zmq.asyncio.Socket) -> list[list[bytes]]:
+        """The next message, plus up to RECV_BATCH - 1 more already waiting. Scheduling after
+        each batch, not after each message, keeps a burst from waiting for its own tail."""
+        batch = [await sock.recv_multipart()]
+        while len(batch) < RECV_BATCH:
             try:
-                msg = p.decode(parts[1], allowed=p.CLIENT_TO_COORDINATOR)
-            except p.ProtocolError as exc:
-                self._to_client(client, p.ErrorReply(None, "bad_frame", str(exc)))
-                continue
-            self._on_client(client, msg, t0)
+                batch.append(sock.recv_multipart(zmq.NOBLOCK).result())  # type: ignore[union-attr]
+            except zmq.Again:
+                break
+        return batch
+
+    def _schedule_now(self) -> None:
+        if self._ready.is_set() and self.lifecycle.dirty.is_set():
+            self.lifecycle.dirty.clear()
+            self.lifecycle.schedule()
 
     def _on_client(self, client: bytes, msg: Any, t0: float) -> None:
         if isinstance(msg, p.Hello):
@@ -198,18 +218,20 @@ class Coordinator:
 
     async def _back_loop(self) -> None:
         while True:
-            ident, frame = (await self.back.recv_multipart())[:2]
-            try:
-                msg = p.decode(frame, allowed=p.WORKER_TO_COORDINATOR)
-            except p.ProtocolError as exc:
-                log.error("unreadable frame from %r: %s", ident, exc)
-                continue
-            if isinstance(msg, p.RegisterWorker):
-                self._register(msg)
-            elif isinstance(msg, p.WorkerStats):
-                self._on_worker_stats(msg)
-            else:
-                self.lifecycle.on_worker_message(msg)
+            for parts in await self._recv_batch(self.back):
+                ident, frame = parts[0], parts[-1]
+                try:
+                    msg = p.decode(frame, allowed=p.WORKER_TO_COORDINATOR)
+                except p.ProtocolError as exc:
+                    log.error("unreadable frame from %r: %s", ident, exc)
+                    continue
+                if isinstance(msg, p.RegisterWorker):
+                    self._register(msg)
+                elif isinstance(msg, p.WorkerStats):
+                    self._on_worker_stats(msg)
+                else:
+                    self.lifecycle.on_worker_message(msg)
+            self._schedule_now()
 
     def _register(self, msg: p.RegisterWorker) -> None:
         reason = self.registry.register(msg)
