@@ -227,7 +227,19 @@ class Lifecycle:
         for req in list(self.requests.values()):
             if rank in (req.prefill_rank, req.decode_rank) and req.status is not S.WAITING_PREFILL:
                 self.fail(req, f"worker rank {rank} ({view.role}) was lost: {reason}")
+        if not self.can_serve():
+            for req in list(self.requests.values()):
+                self.fail(req, self.cannot_serve_reason())
         self.kick()
+
+    def can_serve(self) -> bool:
+        """Whether the live workers can still carry a request from prompt to last token."""
+        alive = {v.role for v in self.registry.views.values() if v.alive}
+        return "mixed" in alive or {"prefill", "decode"} <= alive
+
+    def cannot_serve_reason(self) -> str:
+        lost = sorted(f"{v.rank} ({v.role})" for v in self.registry.views.values() if not v.alive)
+        return f"no live worker can serve requests (lost ranks: {', '.join(lost)}); restart the server"
 
     def _release_everywhere(self, req: Request) -> None:
         """Tell every worker holding something for `req` to free it; undo our accounting."""

@@ -192,6 +192,9 @@ class Coordinator:
             self._to_client(client, p.ErrorReply(msg.request_id, "shutting_down", "the server is shutting down"))
             return
         lc = self.lifecycle
+        if not lc.can_serve():
+            self._to_client(client, p.ErrorReply(msg.request_id, "failed", lc.cannot_serve_reason()))
+            return
         if lc.has_client_request(client, msg.request_id):
             text = f"request id {msg.request_id!r} is already in flight on this connection"
             self._to_client(client, p.ErrorReply(msg.request_id, "bad_request", text))
