@@ -45,10 +45,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The paged KV pool: block size, and either a block count or a memory size."""
+    """The paged KV pool: block size, and a block count, or a share of the GPU's free memory
+    (after the weights are loaded), or a memory size — the first of these that is set."""
 
     block_size: int = 16
-    num_blocks: int | None = None  # wins over kv_cache_gib when set
+    num_blocks: int | None = None
+    gpu_memory_fraction: float | None = None  # CUDA only
     kv_cache_gib: float = 1.0
 
     def __post_init__(self) -> None:
@@ -58,6 +60,8 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be >= 1 or None, got {self.num_blocks}")
         if not self.kv_cache_gib > 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if self.gpu_memory_fraction is not None and not 0 < self.gpu_memory_fraction < 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1) or None, got {self.gpu_memory_fraction}")
 
 
 @dataclass(frozen=True)

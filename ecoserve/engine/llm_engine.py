@@ -56,7 +56,7 @@ class LLMEngine:
         limits = [self.spec.max_position_embeddings, self.spec.sliding_window or self.spec.max_position_embeddings]
         self.max_model_len = min(config.model.max_model_len or limits[0], *limits)
         block_size = config.cache.block_size
-        num_blocks = config.cache.num_blocks or self._blocks_for_memory(config.cache.kv_cache_gib, block_size)
+        num_blocks = config.cache.num_blocks or self._blocks_for_memory(self._kv_bytes(config), block_size)
         self.pool = BlockPool(num_blocks, block_size)
         self.runner = ModelRunner(model, self.spec, num_blocks, block_size, self.dtype)
         sched = config.scheduler
@@ -65,9 +65,18 @@ class LLMEngine:
         self.last_preempted: list[Sequence] = []
         self._arrivals = itertools.count()
 
-    def _blocks_for_memory(self, gib: float, block_size: int) -> int:
+    def _kv_bytes(self, config: EngineConfig) -> int:
+        fraction = config.cache.gpu_memory_fraction
+        if fraction is None:
+            return int(config.cache.kv_cache_gib * 2**30)
+        if self.device != "cuda":
+            raise ValueError("gpu_memory_fraction sizes the KV pool on CUDA only; on CPU give num_blocks or kv_cache_gib")
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * fraction)
+
+    def _blocks_for_memory(self, num_bytes: int, block_size: int) -> int:
         per_block = torch.Size(kv_cache_shape(self.spec, 1, block_size)).numel() * self.dtype.itemsize
-        return max(1, int(gib * 2**30) // per_block)
+        return max(1, num_bytes // per_block)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue a request after validating it; a rejected request changes nothing."""

@@ -1,0 +1,51 @@
+"""Worker registration: the coordinator refuses what does not belong to its cluster."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ecoserve import protocol as p
+from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
+
+
+def make_registration(rank: int = 0, role: str = "prefill", **overrides: object) -> p.RegisterWorker:
+    msg = p.RegisterWorker(
+        protocol_version=p.PROTOCOL_VERSION, secret="s3cret", rank=rank, role=role, pid=100 + rank, num_blocks=64,
+        block_size=16, max_num_batched_tokens=512, model_id="smollm2-135m", dtype="float32", num_layers=30,
+        num_kv_heads=3, head_dim=64, vocab_size=49152, max_model_len=2048,
+    )
+    return dataclasses.replace(msg, **overrides)  # type: ignore[arg-type]
+
+
+def make_registry() -> WorkerRegistry:
+    return WorkerRegistry([ExpectedRank(0, "prefill"), ExpectedRank(1, "decode")], "s3cret", 30.0)
+
+
+def test_matching_workers_register_and_complete_the_cluster() -> None:
+    reg = make_registry()
+    assert reg.register(make_registration(0, "prefill")) is None
+    assert not reg.complete
+    assert reg.register(make_registration(1, "decode", num_blocks=80)) is None
+    assert reg.complete and reg.min_request_pool() == 80
+    assert reg.views[1].free_blocks == 80 and reg.views[1].role == "decode"
+
+
+def test_a_mismatched_compatibility_record_is_refused_naming_every_field() -> None:
+    reg = make_registry()
+    assert reg.register(make_registration(0)) is None
+    reason = reg.register(make_registration(1, "decode", dtype="bfloat16", block_size=32, num_kv_heads=4))
+    assert reason is not None
+    for text in ("dtype", "float32", "bfloat16", "block_size", "num_kv_heads"):
+        assert text in reason, reason
+    assert 1 not in reg.views, "a refused worker must change nothing"
+
+
+def test_strangers_are_refused() -> None:
+    reg = make_registry()
+    assert "wrong cluster secret" in (reg.register(make_registration(0, secret="guess")) or "")
+    assert "not part of this cluster" in (reg.register(make_registration(0, "decode")) or "")
+    assert "not part of this cluster" in (reg.register(make_registration(7, "prefill")) or "")
+    assert "protocol version" in (reg.register(make_registration(0, protocol_version=99)) or "")
+    assert reg.register(make_registration(0)) is None
+    assert "already registered" in (reg.register(make_registration(0)) or "")
+    assert list(reg.views) == [0]

@@ -1,0 +1,41 @@
+"""Root config validation: every bad value is refused with a message naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+from ecoserve.config import CacheConfig, CoordinatorConfig, EngineConfig, ModelConfig, WorkerConfig
+from ecoserve.engine.llm_engine import LLMEngine
+from ecoserve.launcher import ClusterSpec, worker_config_from_json, worker_config_to_json
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: CacheConfig(gpu_memory_fraction=1.0), r"gpu_memory_fraction must be in \(0, 1\)"),
+        (lambda: CacheConfig(block_size=12), "block_size must be a power of two"),
+        (lambda: WorkerConfig(0, 2, "router", "tcp://x:1", "tcp://x:2"), "role must be one of"),
+        (lambda: WorkerConfig(2, 2, "decode", "tcp://x:1", "tcp://x:2"), r"rank must be in \[0, world_size=2\)"),
+        (lambda: CoordinatorConfig(port=70000), r"port must be in \[0, 65535\]"),
+        (lambda: CoordinatorConfig(max_transfers_in_flight_per_pair=0), "max_transfers_in_flight_per_pair must be >= 1"),
+        (lambda: ClusterSpec(1, 0, 0), "prefill and decode workers come together"),
+        (lambda: ClusterSpec(0, 0, 0), "no workers"),
+    ],
+)
+def test_bad_values_are_refused(build, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_gpu_memory_fraction_is_refused_on_cpu() -> None:
+    config = EngineConfig(model=ModelConfig(model="tiny-llama", device="cpu"), cache=CacheConfig(gpu_memory_fraction=0.5))
+    with pytest.raises(ValueError, match="gpu_memory_fraction sizes the KV pool on CUDA only"):
+        LLMEngine(config)
+
+
+def test_worker_config_round_trips_through_json() -> None:
+    config = WorkerConfig(
+        3, 4, "mixed", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2",
+        EngineConfig(model=ModelConfig(model="tiny-llama", max_model_len=512), cache=CacheConfig(num_blocks=7)), secret="k",
+    )
+    assert worker_config_from_json(worker_config_to_json(config)) == config
