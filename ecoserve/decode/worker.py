@@ -30,7 +30,7 @@ class DecodeWorker(Worker):
             self.to_receive.append(msg)
             self._post_receives()
         elif isinstance(msg, p.RunPrefill) and msg.decode_locally and self.config.role == "mixed":
-            self.engine.scheduler.add(self.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg)))
+            self.engine.scheduler.add(self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg)))
         else:
             raise ValueError(f"a {self.config.role} worker does not take {type(msg).__name__}")
 
@@ -42,7 +42,7 @@ class DecodeWorker(Worker):
             if need > self.pool.num_free:
                 return  # the requests decoding here will free blocks as they finish
             self.to_receive.popleft()
-            seq = self.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg))
+            seq = self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg))
             self.engine.sequences.pop(msg.request_id)  # not the engine's until the KV is in
             seq.block_table.ensure_capacity(len(msg.prompt_token_ids), self.pool)
             seq.output_token_ids.append(msg.first_token)

@@ -81,14 +81,12 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue a request after validating it; a rejected request changes nothing."""
         self._validate(request_id, prompt_token_ids, params)
-        gen = None
-        if not params.greedy and params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(
-            request_id, list(prompt_token_ids), params, next(self._arrivals), BlockTable(self.pool.block_size), generator=gen
-        )
+        self.scheduler.add(self.new_sequence(request_id, prompt_token_ids, params))
+
+    def new_sequence(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        seq = Sequence(request_id, list(prompt_token_ids), params, next(self._arrivals), BlockTable(self.pool.block_size))
         self.sequences[request_id] = seq
-        self.scheduler.add(seq)
+        return seq
 
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if request_id in self.sequences:
@@ -128,7 +126,7 @@ class LLMEngine:
         for chunk in inputs.chunks:
             chunk.seq.num_computed_tokens += chunk.num_new_tokens
         seqs = [c.seq for c in inputs.sampled]
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])
         results = []
         for seq, token in zip(seqs, tokens):
             seq.output_token_ids.append(token)
@@ -138,6 +136,16 @@ class LLMEngine:
                 self.scheduler.finish(seq)
             results.append(StepOutput(seq.request_id, token, reason is not None))
         return results
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        """A seeded request draws output token i from a generator seeded by (seed, i), so its
+        tokens are the same whatever it is batched with, wherever it runs (a prefill worker
+        samples token 0, a decode worker the rest) and after a preemption."""
+        p = seq.params
+        if p.greedy or p.seed is None:
+            return None
+        seed = (p.seed * 1_000_003 + len(seq.output_token_ids)) % 2**63
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params

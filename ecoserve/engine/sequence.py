@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
 
 from ecoserve.engine.sampling_params import SamplingParams
 from ecoserve.kv_cache import BlockTable
@@ -35,7 +34,6 @@ class Sequence:
     num_computed_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
-    generator: torch.Generator | None = None
     num_preemptions: int = 0
 
     @property

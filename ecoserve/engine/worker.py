@@ -24,7 +24,6 @@ from ecoserve.engine.llm_engine import LLMEngine
 from ecoserve.engine.sampling_params import SamplingParams
 from ecoserve.engine.sequence import Sequence
 from ecoserve.envs import set_offline_hub
-from ecoserve.kv_cache import BlockTable
 from ecoserve.kv_transfer.backend import TorchDistBackend
 from ecoserve.kv_transfer.engine import KVTransferWorker
 
@@ -176,15 +175,6 @@ class Worker:
                 rank=self.rank, free_blocks=self.pool.num_free, num_running=len(sched.running), num_waiting=len(sched.waiting)
             )
         )
-
-    def new_sequence(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
-        eng = self.engine
-        gen = None
-        if not params.greedy and params.seed is not None:
-            gen = torch.Generator(device=eng.device).manual_seed(params.seed)
-        seq = Sequence(request_id, list(prompt), params, next(eng._arrivals), BlockTable(self.pool.block_size), generator=gen)
-        eng.sequences[request_id] = seq
-        return seq
 
     def release(self, request_id: str) -> None:
         self.channel.send(p.Released(rank=self.rank, request_id=request_id))

@@ -20,7 +20,7 @@ class PrefillWorker(Worker):
 
     def handle_work(self, msg: Any) -> None:
         if isinstance(msg, p.RunPrefill):
-            seq = self.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg))
+            seq = self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg))
             self.engine.scheduler.add(seq)
         elif isinstance(msg, p.SendKV):
             self._send(msg)

@@ -120,3 +120,22 @@ def test_decode_preemption_by_recompute_keeps_tokens_exact(cluster) -> None:  # 
     assert [d.token_ids for d in done] == expected
     assert stats["preemptions"] >= 1, "both requests fit their prompts but not their growth: one must be preempted"
     assert stats["kv_used_blocks"] == 0 and stats["reserved_blocks"] == 0
+
+
+def test_seeded_sampling_through_serve_equals_offline(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Token i of a seeded request is drawn with (seed, i): the prefill worker's first token and
+    the decode worker's later ones come out as in one offline process."""
+    model = "tiny-llama"
+    chosen = prompts(model)[:6]
+    params = [SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, top_k=40, seed=100 + i, ignore_eos=True) for i in range(6)]
+    llm = LLM(model=model, dtype="float32", device="cpu")
+    expected = [llm.generate([p], sp, use_tqdm=False)[0].token_ids for p, sp in zip(chosen, params)]
+    assert len({tuple(e) for e in expected}) == 6
+
+    async def run(addr: str) -> list[Completion]:
+        async with await AsyncClient.connect(addr, timeout=30) as client:
+            return list(await asyncio.gather(*(client.generate(p, sp, timeout=300) for p, sp in zip(chosen, params))))
+
+    with cluster(model, 1, 1, 0) as addr:
+        done = asyncio.run(run(addr))
+    assert [d.token_ids for d in done] == expected
