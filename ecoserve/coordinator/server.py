@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -267,7 +268,8 @@ class Coordinator:
         ranks = set(self.registry.alive_ranks())
         for rank in ranks:
             self._to_worker(rank, p.QueryStats())
-        self._stats_waiters.append((client, ranks, self.lifecycle.stats(), time.monotonic() + STATS_TIMEOUT_S))
+        values = self.lifecycle.stats() | {"coordinator_pid": float(os.getpid()), "draining": float(self.draining)}
+        self._stats_waiters.append((client, ranks, values, time.monotonic() + STATS_TIMEOUT_S))
         self._expire_stats(time.monotonic())
 
     def _on_worker_stats(self, msg: p.WorkerStats) -> None:
