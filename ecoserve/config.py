@@ -104,6 +104,7 @@ class WorkerConfig:
     secret: str = ""
     heartbeat_interval_s: float = 0.5
     dist_timeout_s: float = 300.0
+    max_transfers_in_flight_per_pair: int = 4  # KV transfers posted at once per (prefill, decode) pair
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -43,3 +43,12 @@ def set_offline_hub() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def cluster_secret() -> str:
+    """The cluster's shared secret for worker registration (``ECOSERVE_CLUSTER_SECRET``).
+
+    The launcher passes it to the workers it starts through the environment, not on their
+    command line, where any local user could read it with ``ps``.
+    """
+    return os.environ.get("ECOSERVE_CLUSTER_SECRET", "")

@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ecoserve.envs import cluster_secret
 from ecoserve.config import CacheConfig, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig, WorkerConfig
 
 STARTUP_TIMEOUT_S = 300.0
@@ -78,6 +80,8 @@ def worker_config_from_json(text: str) -> WorkerConfig:
 
 def start_worker(config: WorkerConfig, threads: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, ECOSERVE_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    env["ECOSERVE_CLUSTER_SECRET"] = config.secret
+    config = dataclasses.replace(config, secret="")  # not on the command line: see envs.cluster_secret
     cmd = [sys.executable, "-m", "ecoserve.launcher", "worker", worker_config_to_json(config)]
     return subprocess.Popen(cmd, env=env)
 
@@ -91,13 +95,19 @@ async def run_cluster(
     from ecoserve.coordinator.workers import ExpectedRank
 
     roles = spec.roles()
+    if not coord_config.secret:  # a fresh secret per cluster: a stray process cannot register as a worker
+        coord_config = dataclasses.replace(coord_config, secret=secrets.token_hex(16))
     coord = Coordinator(coord_config, model_folder, [ExpectedRank(r, role) for r, role in enumerate(roles)])
     coord.bind()
     dist_init = f"tcp://127.0.0.1:{free_port()}"
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // len(roles))
     procs = [
         start_worker(
-            WorkerConfig(rank, len(roles), role, coord.control_addr, dist_init, engine, secret=coord_config.secret), threads
+            WorkerConfig(
+                rank, len(roles), role, coord.control_addr, dist_init, engine, secret=coord_config.secret,
+                max_transfers_in_flight_per_pair=coord_config.max_transfers_in_flight_per_pair,
+            ),
+            threads,
         )
         for rank, role in enumerate(roles)
     ]
@@ -185,6 +195,7 @@ def run_async(coro: object) -> int:
 def _worker_main(config_json: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the launcher leads
     config = worker_config_from_json(config_json)
+    config = dataclasses.replace(config, secret=config.secret or cluster_secret())
     from ecoserve.engine.worker import WorkerRefused, serve_worker
 
     if config.role == "prefill":

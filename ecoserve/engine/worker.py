@@ -93,7 +93,10 @@ class Worker:
             timeout=timedelta(seconds=config.dist_timeout_s),
         )
         self.pool = self.engine.pool
-        self.transfers = KVTransferWorker(TorchDistBackend(), self.engine.runner.kv_cache, self.rank)
+        self.transfers = KVTransferWorker(
+            TorchDistBackend(), self.engine.runner.kv_cache, self.rank,
+            max_in_flight_per_pair=config.max_transfers_in_flight_per_pair,
+        )
         self.channel = ControlChannel(config.control_addr, self.rank)
         self.stopping = False
         self._next_heartbeat = 0.0
