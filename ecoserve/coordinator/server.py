@@ -156,7 +156,7 @@ class Coordinator:
         batch = [await sock.recv_multipart()]
         while len(batch) < RECV_BATCH:
             try:
-                batch.append(sock.recv_multipart(zmq.NOBLOCK).result())  # type: ignore[union-attr]
+                batch.append(sock.recv_multipart(zmq.NOBLOCK).result())  # type: ignore[attr-defined]
             except zmq.Again:
                 break
         return batch
