@@ -135,12 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.set_defaults(func=_cmd_bench_engine)
 
     kvt = bench.add_parser("kv-transfer", help="paged KV transfer between two ranks against a bare send/recv")
-    try:  # TEMP-GUARD
-        from ecoserve.bench.kv_transfer import add_arguments as add_kv_transfer_arguments
+    from ecoserve.bench.kv_transfer import add_arguments as add_kv_transfer_arguments
 
-        add_kv_transfer_arguments(kvt)
-    except ImportError:
-        pass
+    add_kv_transfer_arguments(kvt)
     kvt.set_defaults(func=_cmd_bench_kv_transfer)
 
     crd = bench.add_parser("coordinator", help="the coordinator's own cost with many requests in flight")

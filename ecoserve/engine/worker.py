@@ -93,8 +93,9 @@ class Worker:
             timeout=timedelta(seconds=config.dist_timeout_s),
         )
         self.pool = self.engine.pool
+        self.backend = TorchDistBackend()
         self.transfers = KVTransferWorker(
-            TorchDistBackend(), self.engine.runner.kv_cache, self.rank,
+            self.backend, self.engine.runner.kv_cache, self.rank,
             max_in_flight_per_pair=config.max_transfers_in_flight_per_pair,
         )
         self.channel = ControlChannel(config.control_addr, self.rank)
@@ -218,5 +219,6 @@ def serve_worker(worker_cls: type[Worker], config: WorkerConfig) -> None:
             raise
     finally:
         worker.channel.close()
+        worker.backend.close()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,332 @@
+"""Worker half of the KV transfer: move a request's prompt KV between paged caches, polled.
+
+Ordering. Each (src, dst) pair numbers its transfers 0, 1, 2, ... (the planner's seq_no). Both
+sides post a pair's transfers strictly in seq_no order, whatever order they were enqueued in,
+and at most ``max_in_flight_per_pair`` of them at once, so both sides post the same ops in the
+same order (NCCL matches by order alone). No seq_no is ever skipped: a transfer that timed out
+while still queued is posted anyway when its turn comes, "hollow" (the sender sends zeros, the
+receiver drops what arrives), so the pair stays in step. A transfer counts against the bound
+from posting until every op of it has finished in the backend, even after it timed out.
+
+Pipelining. A transfer moves in chunks of ``chunk_layers`` layers. The sender packs chunk i
+from the paged blocks into its own buffer (``gather_blocks``) and posts its send at once, so
+packing chunk i+1 overlaps sending chunk i (gloo sends on its own threads). The receiver posts
+receives for every chunk into separate buffers at once and scatters each into the destination
+blocks as soon as it completes (in ``poll``; the sender's packing also runs inside the ``poll``
+that posts the transfer, about one memory copy of its bytes). The tag of chunk c of transfer
+s is ``(s * MAX_CHUNKS + c) % 2**31`` (gloo tags are non-negative int32), unique within the
+pair while fewer than 2**31 / MAX_CHUNKS transfers are outstanding on it. Both sides must use
+the same chunking settings (a mismatch fails the transfer with a size error).
+
+Deadlines. A transfer not DONE by its deadline becomes TIMED_OUT. Its buffers stay referenced
+until its backend ops finish (an op still posted may write into them) and its destination
+blocks are never written again, so the caller may free them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ecoserve.kernels.ops import gather_blocks, scatter_blocks
+from ecoserve.kv_transfer.backend import TransferBackend, TransferError, TransferHandle
+from ecoserve.kv_transfer.types import CompatRecord, TransferPlan, TransferState, TransferUpdate
+
+MAX_CHUNKS = 1024  # chunks per transfer at most (a chunk is >= 1 layer); spaces out the tags
+TAG_SPACE = 2**31
+DEFAULT_CHUNK_BYTES = 4 << 20  # big enough to amortise a send, small enough to overlap packing
+_POOL_MAX_BYTES = 256 << 20  # free CPU chunk buffers kept for reuse, at most
+
+
+@dataclass
+class _Chunk:
+    layers: tuple[int, int]  # [l0, l1)
+    flat: Tensor  # pooled storage behind `buffer`
+    buffer: Tensor  # [l1 - l0, 2, n, block_size, num_kv_heads, head_dim]
+    handle: TransferHandle | None = None  # None: never posted (posting failed)
+    finished: bool = False  # the backend is done with it (completed or failed)
+
+
+@dataclass
+class _Transfer:
+    plan: TransferPlan
+    is_sender: bool
+    block_ids: Tensor  # int64 [n]
+    deadline_s: float  # relative, for messages
+    deadline: float  # absolute, on the worker's clock
+    state: TransferState = TransferState.QUEUED
+    chunks: list[_Chunk] = field(default_factory=list)
+
+    @property
+    def peer(self) -> int:
+        return self.plan.dst_rank if self.is_sender else self.plan.src_rank
+
+
+@dataclass
+class _Pair:
+    next_seq: int = 0  # the next seq_no this side posts
+    queued: dict[int, _Transfer] = field(default_factory=dict)  # by seq_no, not posted yet
+    posted: list[_Transfer] = field(default_factory=list)  # backend ops outstanding
+
+
+class _BufferPool:
+    """Reuses flat CPU buffers, in power-of-two sizes: a fresh multi-MB allocation is
+    page-faulted in on first touch, which costs about as much as packing into it. (On CUDA
+    torch's caching allocator does this already.)"""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self._free: dict[int, list[Tensor]] = {}  # numel -> flat buffers
+        self._bytes = 0  # held in _free
+
+    def take(self, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """A flat buffer and its first prod(shape) elements viewed as ``shape``."""
+        need = math.prod(shape)
+        size = 1 << max(need - 1, 0).bit_length()
+        if self._free.get(size):
+            flat = self._free[size].pop()
+            self._bytes -= flat.nbytes
+        else:
+            flat = torch.empty(size, dtype=self.dtype, device=self.device)
+        return flat, flat[:need].view(shape)
+
+    def give(self, flat: Tensor) -> None:
+        if self.device.type == "cpu" and self._bytes + flat.nbytes <= _POOL_MAX_BYTES:
+            self._free.setdefault(flat.numel(), []).append(flat)
+            self._bytes += flat.nbytes
+
+
+class KVTransferWorker:
+    """Sends or receives request KV blocks of ``kv_cache`` on this rank; progress via ``poll``.
+
+    kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], contiguous.
+    chunk_layers: layers per chunk; None picks about ``chunk_bytes`` per chunk for each transfer.
+    """
+
+    def __init__(
+        self,
+        backend: TransferBackend,
+        kv_cache: Tensor,
+        rank: int,
+        *,
+        max_in_flight_per_pair: int = 4,
+        chunk_layers: int | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        default_deadline_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if kv_cache.dim() != 6 or kv_cache.shape[1] != 2 or not kv_cache.is_contiguous():
+            raise ValueError(
+                "kv_cache must be a contiguous [num_layers, 2, num_blocks, block_size, "
+                f"num_kv_heads, head_dim] tensor, got shape {tuple(kv_cache.shape)}"
+            )
+        if kv_cache.shape[0] > MAX_CHUNKS:
+            raise ValueError(f"kv_cache has {kv_cache.shape[0]} layers; at most {MAX_CHUNKS}")
+        if max_in_flight_per_pair < 1:
+            raise ValueError(f"max_in_flight_per_pair must be >= 1, got {max_in_flight_per_pair}")
+        if chunk_layers is not None and chunk_layers < 1:
+            raise ValueError(f"chunk_layers must be >= 1 or None (automatic), got {chunk_layers}")
+        if chunk_bytes < 1 or default_deadline_s <= 0:
+            raise ValueError(f"chunk_bytes, default_deadline_s must be > 0: {chunk_bytes}, "
+                             f"{default_deadline_s}")
+        self.backend, self.kv_cache, self.rank = backend, kv_cache, rank
+        self.max_in_flight_per_pair = max_in_flight_per_pair
+        self.chunk_layers, self.chunk_bytes = chunk_layers, chunk_bytes
+        self.default_deadline_s, self.clock = default_deadline_s, clock
+        self._transfers: dict[str, _Transfer] = {}  # by request_id, until forget()
+        self._pairs: dict[tuple[int, int], _Pair] = {}  # by (src_rank, dst_rank)
+        self._pool = _BufferPool(kv_cache.dtype, kv_cache.device)
+
+    @property
+    def block_size(self) -> int:
+        return int(self.kv_cache.shape[3])
+
+    def compat_record(self, model_id: str) -> CompatRecord:
+        """What a peer must match to exchange blocks with this worker (checked at registration)."""
+        num_layers, _, _, block_size, num_kv_heads, head_dim = self.kv_cache.shape
+        dtype = str(self.kv_cache.dtype).removeprefix("torch.")
+        return CompatRecord(model_id, dtype, num_layers, num_kv_heads, head_dim, block_size)
+
+    def chunk_bounds(self, num_blocks: int) -> list[tuple[int, int]]:
+        """The [l0, l1) layer ranges a transfer of ``num_blocks`` blocks moves in."""
+        num_layers = int(self.kv_cache.shape[0])
+        per_layer = 2 * num_blocks * self.kv_cache[0, 0, 0].numel() * self.kv_cache.element_size()
+        step = self.chunk_layers or max(1, self.chunk_bytes // per_layer)
+        return [(l0, min(l0 + step, num_layers)) for l0 in range(0, num_layers, step)]
+
+    def send(
+        self, plan: TransferPlan, block_ids: list[int], deadline_s: float | None = None
+    ) -> None:
+        """Enqueue sending ``plan``'s KV from ``block_ids`` (this rank is the plan's source).
+
+        The blocks are packed when the transfer is posted, in a later ``poll``; free them once
+        the transfer is in a terminal state. ``deadline_s`` counts from now.
+        """
+        self._enqueue(plan, block_ids, deadline_s, is_sender=True)
+
+    def recv(
+        self, plan: TransferPlan, block_ids: list[int], deadline_s: float | None = None
+    ) -> None:
+        """Enqueue receiving ``plan``'s KV into the caller-allocated ``block_ids``."""
+        self._enqueue(plan, block_ids, deadline_s, is_sender=False)
+
+    def poll(self) -> list[TransferUpdate]:
+        """Make progress without waiting; return the state changes since the last poll."""
+        updates: list[TransferUpdate] = []
+        for pair in self._pairs.values():
+            self._progress(pair, updates)
+        now = self.clock()
+        for t in self._transfers.values():
+            if not t.state.terminal and now >= t.deadline:
+                done = f"{sum(c.finished for c in t.chunks)} of {len(t.chunks)} chunks finished"
+                message = f"not done within its {t.deadline_s:g} s deadline (was {t.state.value}"
+                message += ", never posted)" if t.state is TransferState.QUEUED else f", {done})"
+                self._set(t, TransferState.TIMED_OUT, updates, message)
+        for pair in self._pairs.values():
+            while pair.next_seq in pair.queued and len(pair.posted) < self.max_in_flight_per_pair:
+                t = pair.queued.pop(pair.next_seq)
+                pair.next_seq += 1
+                pair.posted.append(t)
+                if t.state is TransferState.QUEUED:
+                    self._set(t, TransferState.IN_FLIGHT, updates)
+                self._post(t, updates)
+        return updates
+
+    def state(self, request_id: str) -> TransferState:
+        return self._get(request_id).state
+
+    def forget(self, request_id: str) -> None:
+        """Drop a transfer whose terminal state the caller has read (it keeps its seq slot)."""
+        t = self._get(request_id)
+        if not t.state.terminal:
+            raise ValueError(
+                f"request {request_id!r} is {t.state.value}; only transfers in a terminal "
+                "state (done, failed, timed_out) can be forgotten"
+            )
+        del self._transfers[request_id]
+
+    @property
+    def num_in_flight(self) -> int:
+        """Transfers posted whose backend ops have not all finished (timed-out ones included)."""
+        return sum(len(p.posted) for p in self._pairs.values())
+
+    def assert_no_leaks(self) -> None:
+        """Fail when a transfer is still tracked, queued or holding backend ops."""
+        queued = sum(len(p.queued) for p in self._pairs.values())
+        if self._transfers or queued or self.num_in_flight:
+            raise AssertionError(
+                f"rank {self.rank}: {len(self._transfers)} transfers not forgotten "
+                f"({sorted(self._transfers)}), {queued} queued, {self.num_in_flight} in flight"
+            )
+
+    def _get(self, request_id: str) -> _Transfer:
+        if request_id not in self._transfers:
+            raise KeyError(f"rank {self.rank} has no transfer for request {request_id!r}")
+        return self._transfers[request_id]
+
+    def _enqueue(
+        self, plan: TransferPlan, block_ids: list[int], deadline_s: float | None, is_sender: bool
+    ) -> None:
+        role, mine = ("send", plan.src_rank) if is_sender else ("recv", plan.dst_rank)
+        if mine != self.rank:
+            raise ValueError(
+                f"plan {plan.request_id!r} goes {plan.src_rank} -> {plan.dst_rank}; {role}() "
+                f"belongs on rank {mine}, this worker is rank {self.rank}"
+            )
+        if plan.request_id in self._transfers:
+            raise ValueError(
+                f"request {plan.request_id!r} already has a transfer on rank {self.rank} "
+                f"({self._transfers[plan.request_id].state.value}); forget() it first"
+            )
+        need, num_blocks = plan.num_blocks(self.block_size), int(self.kv_cache.shape[2])
+        if len(block_ids) != need:
+            raise ValueError(
+                f"{plan.num_tokens} tokens need {need} blocks of {self.block_size}, "
+                f"got {len(block_ids)} block ids"
+            )
+        if len(set(block_ids)) != need or not all(0 <= b < num_blocks for b in block_ids):
+            raise ValueError(
+                f"block_ids must be distinct and in [0, {num_blocks}), got {block_ids}"
+            )
+        pair = self._pairs.setdefault((plan.src_rank, plan.dst_rank), _Pair())
+        if plan.seq_no < pair.next_seq or plan.seq_no in pair.queued:
+            raise ValueError(
+                f"seq_no {plan.seq_no} of pair {plan.src_rank} -> {plan.dst_rank} was already "
+                f"enqueued on rank {self.rank}; each seq_no is used once"
+            )
+        deadline_s = self.default_deadline_s if deadline_s is None else deadline_s
+        if deadline_s <= 0:
+            raise ValueError(f"deadline_s must be > 0 seconds, got {deadline_s}")
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.kv_cache.device)  # [n]
+        t = _Transfer(plan, is_sender, ids, deadline_s, self.clock() + deadline_s)
+        pair.queued[plan.seq_no] = t
+        self._transfers[plan.request_id] = t
+
+    def _post(self, t: _Transfer, updates: list[TransferUpdate]) -> None:
+        # A transfer already terminal here timed out while queued: post it hollow.
+        hollow = t.state.terminal
+        n = t.block_ids.numel()
+        tail = tuple(self.kv_cache.shape[3:])  # (block_size, num_kv_heads, head_dim)
+        for l0, l1 in self.chunk_bounds(n):
+            flat, buf = self._pool.take((l1 - l0, 2, n, *tail))
+            t.chunks.append(_Chunk((l0, l1), flat, buf))
+        for c, chunk in enumerate(t.chunks):
+            tag = (t.plan.seq_no * MAX_CHUNKS + c) % TAG_SPACE
+            l0, l1 = chunk.layers
+            try:
+                if t.is_sender:
+                    if hollow:
+                        chunk.buffer.zero_()
+                    else:
+                        src = self.kv_cache[l0:l1]  # block ids were checked at enqueue
+                        gather_blocks(src, t.block_ids, out=chunk.buffer, check_indices=False)
+                    chunk.handle = self.backend.isend(chunk.buffer, t.peer, tag)
+                else:
+                    chunk.handle = self.backend.irecv(chunk.buffer, t.peer, tag)
+            except (TransferError, RuntimeError) as exc:
+                # the pair is broken; the remaining chunks are never posted
+                for rest in t.chunks[c:]:
+                    rest.finished = True
+                self._set(t, TransferState.FAILED, updates, f"posting chunk {c} failed: {exc}")
+                return
+
+    def _progress(self, pair: _Pair, updates: list[TransferUpdate]) -> None:
+        for t in list(pair.posted):
+            for chunk in t.chunks:
+                if chunk.finished or chunk.handle is None:
+                    continue
+                try:
+                    if not chunk.handle.is_completed():
+                        continue
+                except TransferError as exc:
+                    chunk.finished = True
+                    self._set(t, TransferState.FAILED, updates, str(exc))
+                    continue
+                chunk.finished = True
+                if not t.is_sender and t.state is TransferState.IN_FLIGHT:
+                    l0, l1 = chunk.layers
+                    dst = self.kv_cache[l0:l1]
+                    scatter_blocks(chunk.buffer, dst, t.block_ids, check_indices=False)
+            if all(c.finished for c in t.chunks):
+                pair.posted.remove(t)
+                for chunk in t.chunks:
+                    self._pool.give(chunk.flat)
+                t.chunks.clear()
+                if t.state is TransferState.IN_FLIGHT:
+                    self._set(t, TransferState.DONE, updates)
+
+    def _set(
+        self, t: _Transfer, state: TransferState, updates: list[TransferUpdate], message: str = ""
+    ) -> None:
+        if t.state.terminal:
+            return  # the first terminal state sticks
+        t.state = state
+        updates.append(TransferUpdate(t.plan.request_id, state, message))
+
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "KVTransferWorker", "MAX_CHUNKS"]

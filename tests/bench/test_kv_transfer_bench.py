@@ -1,0 +1,35 @@
+"""Smoke test of `ecoserve bench kv-transfer` with tiny settings (not a timed test)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from ecoserve.bench.kv_transfer import add_arguments, run_kv_transfer_benchmark
+
+
+@pytest.mark.slow
+def test_benchmark_writes_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "kv.json"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--prompt-lens", "32", "40", "--repeats", "2", "--warmup", "1", "--out", str(out)]
+    )
+    assert run_kv_transfer_benchmark(args) == 0
+    doc = json.loads(out.read_text())
+    summary = doc["summary"]
+    for length in (32, 40):
+        for key in ("ratio", "paged_gbs", "bare_gbs", "paged_ms", "bare_ms", "bytes"):
+            value = summary[f"{key}_{length}"]
+            assert isinstance(value, (int, float)) and value > 0, f"{key}_{length}"
+    # 40 tokens move 3 whole blocks of 16: 30 layers * K,V * 48 tokens * 3 heads * 64 * 4 bytes
+    assert summary["bytes_40"] == 30 * 2 * 48 * 3 * 64 * 4
+    assert summary["ratio_32"] == pytest.approx(summary["paged_gbs_32"] / summary["bare_gbs_32"])
+    assert doc["settings"]["chunk_mib"] == 4.0 and doc["settings"]["prompt_lens"] == [32, 40]
+    assert "cpu" in doc["machine"]
+    assert len(doc["results"]["32"]["rank0"]["paged_s"]) == 2
+    assert "KV transfer, 2 gloo ranks" in capsys.readouterr().out
