@@ -4,9 +4,13 @@ Two gloo ranks on this machine, each with a paged KV pool of SmolLM2-135M's shap
 3 KV heads, head dim 64, block size 16; float32 by default, what the CPU path serves). For each
 prompt length, iterations alternate the two paths in the same processes:
 
-  A  paged: rank 0 ``KVTransferWorker.send`` packs the prompt's blocks (random, non-contiguous
-     ids) chunk by chunk and sends them; rank 1 ``recv`` scatters each chunk into its own
-     random blocks.
+  A  paged, pool layout: rank 0 ``KVTransferWorker.send`` sends the prompt's blocks to rank 1,
+     ``recv`` puts them into its own blocks. Each side's block ids come from a ``BlockPool``
+     after churn (allocations of random sizes, every other one freed, then the request's
+     blocks), as a worker's pool hands them out: best fit, so the request gets one run of
+     consecutive ids when a free run holds it, and its messages go copy-free.
+  F  paged, fragmented layout: the same with shuffled ids on both sides (no two consecutive),
+     so every message is packed and unpacked: the worst case.
   B  bare: one ``dist.send`` / ``dist.recv`` of a preallocated contiguous tensor of exactly the
      bytes path A moves.
 
@@ -16,8 +20,9 @@ scattered into the destination blocks; for B: the receive returned). The time is
 start to ack, so it includes the receiver's last step and one small message's latency.
 The CPU column is the CPU time of both processes (all threads, gloo's included) per transfer.
 
-The paged path moves every byte through two extra memory copies (pack on the sender, unpack
-on the receiver). Where cores are few, those copies, not the transport, set the ratio.
+Packed messages move every byte through two extra memory copies (pack on the sender, unpack
+on the receiver); on a 2-core machine those copies, not the transport, set the ratio, which is
+why the pool hands out consecutive ids.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ecoserve.bench.report import print_table, write_json
+from ecoserve.kv_cache import BlockPool
 from ecoserve.kv_transfer.backend import TorchDistBackend
 from ecoserve.kv_transfer.engine import KVTransferWorker
 from ecoserve.kv_transfer.types import TransferPlan, TransferState
@@ -53,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed iterations per path")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--chunk-mib", type=float, default=4.0, help="target chunk size")
+    parser.add_argument("--group-blocks", type=int, default=64, help="blocks per message")
     parser.add_argument("--poll-sleep-us", type=float, default=50.0,
                         help="sleep between the worker's polls (0: spin)")
     parser.add_argument("--seed", type=int, default=0)
@@ -80,34 +86,52 @@ def _measure(rank: int, s: dict[str, Any]) -> dict[int, dict[str, list[float]]]:
     shape = (NUM_LAYERS, 2, 2 * max_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     cache = torch.randn(shape, generator=gen).to(dtype)
     backend = TorchDistBackend()
-    worker = KVTransferWorker(backend, cache, rank, chunk_bytes=int(s["chunk_mib"] * 2**20))
+    worker = KVTransferWorker(backend, cache, rank, group_blocks=s["group_blocks"])
     ack = torch.zeros(1)
     times: dict[int, dict[str, list[float]]] = {}
     seq = 0
     for prompt_len in s["prompt_lens"]:
         n = math.ceil(prompt_len / BLOCK_SIZE)
-        ids = torch.randperm(shape[2], generator=gen)[:n].tolist()
+        layouts = {"pool": _pool_ids(n, shape[2], gen), "fragmented": _fragmented_ids(n, shape[2], gen)}
         bare = torch.randn(NUM_LAYERS * 2 * n * BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM).to(dtype)
         # per timed iteration: wall (rank 0's clock) and this process's CPU seconds, per path
-        series = ("paged_s", "paged_cpu_s", "bare_s", "bare_cpu_s")
-        got: dict[str, list[float]] = {key: [] for key in series}
+        got: dict[str, list[float]] = {f"{p}{x}": [] for p in PATHS for x in ("_s", "_cpu_s")}
         for it in range(s["warmup"] + s["repeats"]):
-            plan = TransferPlan(f"{prompt_len}-{it}", 0, 1, seq, prompt_len)
-            seq += 1
-            cpu = _cpu_s()
-            paged = _paged_once(worker, plan, ids, ack, s["poll_sleep_us"] * 1e-6)
-            paged_cpu = _cpu_s() - cpu
-            if it == 0:
-                _check_same_blocks(worker.kv_cache, ids)
-            cpu = _cpu_s()
-            bare_s = _bare_once(rank, bare, ack)
-            bare_cpu = _cpu_s() - cpu
-            if it >= s["warmup"]:
-                for key, value in zip(got, (paged, paged_cpu, bare_s, bare_cpu)):
-                    got[key].append(value)
+            for path in PATHS:
+                cpu = _cpu_s()
+                if path == "bare":
+                    wall = _bare_once(rank, bare, ack)
+                else:
+                    plan = TransferPlan(f"{prompt_len}-{path}-{it}", 0, 1, seq, prompt_len)
+                    seq += 1
+                    wall = _paged_once(worker, plan, layouts[path], ack, s["poll_sleep_us"] * 1e-6)
+                    if it == 0:
+                        _check_same_blocks(worker.kv_cache, layouts[path])
+                if it >= s["warmup"]:
+                    got[f"{path}_s"].append(wall)
+                    got[f"{path}_cpu_s"].append(_cpu_s() - cpu)
         times[prompt_len] = got
     backend.close()
     return times
+
+
+PATHS = ("pool", "fragmented", "bare")
+
+
+def _pool_ids(n: int, num_blocks: int, gen: torch.Generator) -> list[int]:
+    """Block ids as a worker's pool hands them out after churn (see the module docstring)."""
+    pool = BlockPool(num_blocks, BLOCK_SIZE)
+    sizes = [int(x) for x in torch.randint(1, max(2, num_blocks // 16), (8,), generator=gen)]
+    held = [pool.allocate(k) for k in sizes if pool.can_allocate(k + n)]
+    for blocks in held[::2]:
+        pool.free(blocks)
+    return pool.allocate(n)
+
+
+def _fragmented_ids(n: int, num_blocks: int, gen: torch.Generator) -> list[int]:
+    """n shuffled ids of which no two are consecutive (every message must be packed)."""
+    evens = torch.randperm(num_blocks // 2, generator=gen)[:n] * 2
+    return evens.tolist()
 
 
 def _paged_once(worker: KVTransferWorker, plan: TransferPlan, ids: list[int], ack: Tensor,
@@ -221,25 +245,30 @@ def run_kv_transfer_benchmark(args: argparse.Namespace) -> int:
     for prompt_len, t0 in rank0.items():
         t1, nbytes = rank1[prompt_len], _transfer_bytes(prompt_len, args.dtype)
         st = {}
-        for path in ("paged", "bare"):
+        for path in PATHS:
             cpu = [a + b for a, b in zip(t0[f"{path}_cpu_s"], t1[f"{path}_cpu_s"])]  # both ranks
             st[path] = _stats(t0[f"{path}_s"], cpu, nbytes)
-        ratio = st["paged"]["gbs"] / st["bare"]["gbs"]
-        details[str(prompt_len)] = {"bytes": nbytes, "ratio": ratio, **st, "rank0": t0, "rank1": t1}
+        ratio = st["pool"]["gbs"] / st["bare"]["gbs"]
+        ratio_fragmented = st["fragmented"]["gbs"] / st["bare"]["gbs"]
+        details[str(prompt_len)] = {
+            "bytes": nbytes, "ratio": ratio, "ratio_fragmented": ratio_fragmented, **st, "rank0": t0, "rank1": t1,
+        }
         figures = {
-            "ratio": ratio, "bytes": nbytes,
-            "paged_gbs": st["paged"]["gbs"], "bare_gbs": st["bare"]["gbs"],
-            "paged_ms": st["paged"]["median_ms"], "bare_ms": st["bare"]["median_ms"],
+            "ratio": ratio, "ratio_fragmented": ratio_fragmented, "bytes": nbytes,
+            "paged_gbs": st["pool"]["gbs"], "fragmented_gbs": st["fragmented"]["gbs"], "bare_gbs": st["bare"]["gbs"],
+            "paged_ms": st["pool"]["median_ms"], "fragmented_ms": st["fragmented"]["median_ms"],
+            "bare_ms": st["bare"]["median_ms"],
         }
         summary.update({f"{key}_{prompt_len}": value for key, value in figures.items()})
-        for path, label in (("paged", "paged (worker)"), ("bare", "bare send/recv")):
+        labels = (("pool", "paged, pool layout"), ("fragmented", "paged, fragmented"), ("bare", "bare send/recv"))
+        for path, label in labels:
             x = st[path]
             rows.append((
                 prompt_len, f"{nbytes / 1e6:.1f}", label, x["median_ms"], x["p10_ms"], x["p90_ms"],
-                x["gbs"], x["cpu_ms"], f"{ratio:.2f}" if path == "paged" else "",
+                x["gbs"], x["cpu_ms"], f"{x['gbs'] / st['bare']['gbs']:.2f}" if path != "bare" else "",
             ))
     print_table(
-        f"KV transfer, 2 gloo ranks on this machine, {args.dtype}, chunks ~{args.chunk_mib:g} MiB, "
+        f"KV transfer, 2 gloo ranks on this machine, {args.dtype}, {args.group_blocks} blocks per message, "
         f"{args.repeats} timed iterations per path",
         ["prompt tokens", "MB", "path", "median ms", "p10 ms", "p90 ms", "GB/s", "CPU ms",
          "paged / bare"],

@@ -58,11 +58,12 @@ class DecodeWorker(Worker):
         for update in self.transfers.poll():
             if not update.state.terminal:
                 continue
-            self.transfers.forget(update.request_id)
-            seq = self.receiving.pop(update.request_id)
             rid = update.request_id
+            seq = self.receiving.pop(rid)
             if rid in self.aborted or update.state is not TransferState.DONE:
-                seq.block_table.release(self.pool)
+                self.free_transfer_blocks(rid, seq)
+            else:
+                self.transfers.forget(rid)
             if rid in self.aborted:
                 self.aborted.discard(rid)
                 self.release(rid)

@@ -23,6 +23,7 @@ from ecoserve.config import WorkerConfig
 from ecoserve.engine.llm_engine import LLMEngine
 from ecoserve.engine.sampling_params import SamplingParams
 from ecoserve.engine.sequence import Sequence
+from ecoserve.engine.sequence import Sequence
 from ecoserve.envs import set_offline_hub
 from ecoserve.kv_transfer.backend import TorchDistBackend
 from ecoserve.kv_transfer.engine import KVTransferWorker
@@ -99,6 +100,7 @@ class Worker:
             max_in_flight_per_pair=config.max_transfers_in_flight_per_pair,
         )
         self.channel = ControlChannel(config.control_addr, self.rank)
+        self.quarantine: dict[str, Sequence] = {}  # timed-out transfers whose ops may still run
         self.stopping = False
         self._next_heartbeat = 0.0
         self._parent = os.getppid()
@@ -144,6 +146,8 @@ class Worker:
             for msg in self.channel.recv_all(timeout):
                 self.handle(msg)
             self.poll_transfers()
+            if self.quarantine:
+                self.drain_quarantine()
             if not self.stopping and self.has_work():
                 self.step()
             self._heartbeat()
@@ -155,6 +159,7 @@ class Worker:
                 "num_blocks": float(self.pool.num_blocks),
                 "pid": float(os.getpid()),
                 "transfers_in_flight": float(self.transfers.num_in_flight),
+                "quarantined_requests": float(len(self.quarantine)),
             }
             values.update({k: float(v) for k, v in self.stats().items()})
             self.channel.send(p.WorkerStats(rank=self.rank, values=values))
@@ -182,6 +187,22 @@ class Worker:
 
     def release(self, request_id: str) -> None:
         self.channel.send(p.Released(rank=self.rank, request_id=request_id))
+
+    def free_transfer_blocks(self, request_id: str, seq: Sequence) -> None:
+        """Free a finished transfer's blocks, or hold them until no backend op of it can touch
+        them any more (a timed-out copy-free op may still read or write the paged blocks)."""
+        if self.transfers.ops_outstanding(request_id):
+            self.quarantine[request_id] = seq
+            return
+        self.transfers.forget(request_id)
+        seq.block_table.release(self.pool)
+
+    def drain_quarantine(self) -> None:
+        for rid, seq in list(self.quarantine.items()):
+            if not self.transfers.ops_outstanding(rid):
+                del self.quarantine[rid]
+                self.transfers.forget(rid)
+                seq.block_table.release(self.pool)
 
     # --- what the roles fill in ----------------------------------------------------------
 

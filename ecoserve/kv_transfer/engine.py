@@ -8,19 +8,23 @@ while still queued is posted anyway when its turn comes, "hollow" (the sender se
 receiver drops what arrives), so the pair stays in step. A transfer counts against the bound
 from posting until every op of it has finished in the backend, even after it timed out.
 
-Pipelining. A transfer moves in chunks of ``chunk_layers`` layers. The sender packs chunk i
-from the paged blocks into its own buffer (``gather_blocks``) and posts its send at once, so
-packing chunk i+1 overlaps sending chunk i (gloo sends on its own threads). The receiver posts
-receives for every chunk into separate buffers at once and scatters each into the destination
-blocks as soon as it completes (in ``poll``; the sender's packing also runs inside the ``poll``
-that posts the transfer, about one memory copy of its bytes). The tag of chunk c of transfer
-s is ``(s * MAX_CHUNKS + c) % 2**31`` (gloo tags are non-negative int32), unique within the
-pair while fewer than 2**31 / MAX_CHUNKS transfers are outstanding on it. Both sides must use
-the same chunking settings (a mismatch fails the transfer with a size error).
+Messages. A transfer moves as one message per (layer, K or V, group of ``group_blocks``
+consecutive logical blocks): ``[k, block_size, num_kv_heads, head_dim]`` each. The structure
+depends only on the plan and ``group_blocks``, so both sides agree on it whatever their block
+ids. Each side then chooses per message, on its own: when its blocks for the group are
+consecutive ids, the message is a view of the cache itself (``kv_cache[l, kv, b0:b0 + k]``) —
+sent from, or received into, the paged blocks with no copy; otherwise it goes through a pooled
+buffer (the sender packs it with ``index_select``, the receiver scatters it on arrival). The
+pool hands out blocks lowest-id first, so a request's blocks are mostly consecutive and most
+messages are copy-free; copies cost a 2-core machine as much as the transfer itself
+(``ecoserve bench kv-transfer`` measures both cases). The tag of message m of transfer s is
+``(s * MAX_CHUNKS + m) % 2**31`` (gloo tags are non-negative int32). Both sides must use the
+same ``group_blocks`` (a mismatch fails the transfer with a size error).
 
-Deadlines. A transfer not DONE by its deadline becomes TIMED_OUT. Its buffers stay referenced
-until its backend ops finish (an op still posted may write into them) and its destination
-blocks are never written again, so the caller may free them.
+Deadlines. A transfer not DONE by its deadline becomes TIMED_OUT. A copy-free op still posted
+may go on reading or writing the paged blocks, so the caller must keep the transfer's blocks
+until ``ops_outstanding(request_id)`` is False, then free them; pooled buffers stay referenced
+until their ops finish, and a timed-out receive never scatters.
 """
 
 from __future__ import annotations
@@ -33,21 +37,25 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ecoserve.kernels.ops import gather_blocks, scatter_blocks
 from ecoserve.kv_transfer.backend import TransferBackend, TransferError, TransferHandle
 from ecoserve.kv_transfer.types import CompatRecord, TransferPlan, TransferState, TransferUpdate
 
-MAX_CHUNKS = 1024  # chunks per transfer at most (a chunk is >= 1 layer); spaces out the tags
+MAX_CHUNKS = 1 << 14  # messages per transfer at most; spaces out the tags
 TAG_SPACE = 2**31
-DEFAULT_CHUNK_BYTES = 4 << 20  # big enough to amortise a send, small enough to overlap packing
+DEFAULT_GROUP_BLOCKS = 64  # blocks per message: 1,024 tokens at block size 16
 _POOL_MAX_BYTES = 256 << 20  # free CPU chunk buffers kept for reuse, at most
 
 
 @dataclass
 class _Chunk:
-    layers: tuple[int, int]  # [l0, l1)
-    flat: Tensor  # pooled storage behind `buffer`
-    buffer: Tensor  # [l1 - l0, 2, n, block_size, num_kv_heads, head_dim]
+    """One message: layer `layer`, K (0) or V (1), logical blocks [g0, g1) of the transfer."""
+
+    layer: int
+    kv: int
+    g0: int
+    g1: int
+    buffer: Tensor  # [g1 - g0, block_size, num_kv_heads, head_dim]: a cache view or pooled
+    flat: Tensor | None  # pooled storage behind `buffer`; None when `buffer` is a cache view
     handle: TransferHandle | None = None  # None: never posted (posting failed)
     finished: bool = False  # the backend is done with it (completed or failed)
 
@@ -105,7 +113,7 @@ class KVTransferWorker:
     """Sends or receives request KV blocks of ``kv_cache`` on this rank; progress via ``poll``.
 
     kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], contiguous.
-    chunk_layers: layers per chunk; None picks about ``chunk_bytes`` per chunk for each transfer.
+    group_blocks: blocks per message (see the module docstring); both sides must agree.
     """
 
     def __init__(
@@ -115,8 +123,7 @@ class KVTransferWorker:
         rank: int,
         *,
         max_in_flight_per_pair: int = 4,
-        chunk_layers: int | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        group_blocks: int = DEFAULT_GROUP_BLOCKS,
         default_deadline_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -125,18 +132,17 @@ class KVTransferWorker:
                 "kv_cache must be a contiguous [num_layers, 2, num_blocks, block_size, "
                 f"num_kv_heads, head_dim] tensor, got shape {tuple(kv_cache.shape)}"
             )
-        if kv_cache.shape[0] > MAX_CHUNKS:
-            raise ValueError(f"kv_cache has {kv_cache.shape[0]} layers; at most {MAX_CHUNKS}")
+        if 2 * kv_cache.shape[0] > MAX_CHUNKS:
+            raise ValueError(f"kv_cache has {kv_cache.shape[0]} layers; at most {MAX_CHUNKS // 2}")
         if max_in_flight_per_pair < 1:
             raise ValueError(f"max_in_flight_per_pair must be >= 1, got {max_in_flight_per_pair}")
-        if chunk_layers is not None and chunk_layers < 1:
-            raise ValueError(f"chunk_layers must be >= 1 or None (automatic), got {chunk_layers}")
-        if chunk_bytes < 1 or default_deadline_s <= 0:
-            raise ValueError(f"chunk_bytes, default_deadline_s must be > 0: {chunk_bytes}, "
-                             f"{default_deadline_s}")
+        if group_blocks < 1:
+            raise ValueError(f"group_blocks must be >= 1, got {group_blocks}")
+        if default_deadline_s <= 0:
+            raise ValueError(f"default_deadline_s must be > 0, got {default_deadline_s}")
         self.backend, self.kv_cache, self.rank = backend, kv_cache, rank
         self.max_in_flight_per_pair = max_in_flight_per_pair
-        self.chunk_layers, self.chunk_bytes = chunk_layers, chunk_bytes
+        self.group_blocks = group_blocks
         self.default_deadline_s, self.clock = default_deadline_s, clock
         self._transfers: dict[str, _Transfer] = {}  # by request_id, until forget()
         self._pairs: dict[tuple[int, int], _Pair] = {}  # by (src_rank, dst_rank)
@@ -152,12 +158,9 @@ class KVTransferWorker:
         dtype = str(self.kv_cache.dtype).removeprefix("torch.")
         return CompatRecord(model_id, dtype, num_layers, num_kv_heads, head_dim, block_size)
 
-    def chunk_bounds(self, num_blocks: int) -> list[tuple[int, int]]:
-        """The [l0, l1) layer ranges a transfer of ``num_blocks`` blocks moves in."""
-        num_layers = int(self.kv_cache.shape[0])
-        per_layer = 2 * num_blocks * self.kv_cache[0, 0, 0].numel() * self.kv_cache.element_size()
-        step = self.chunk_layers or max(1, self.chunk_bytes // per_layer)
-        return [(l0, min(l0 + step, num_layers)) for l0 in range(0, num_layers, step)]
+    def num_messages(self, num_blocks: int) -> int:
+        """Messages a transfer of ``num_blocks`` blocks moves in."""
+        return 2 * int(self.kv_cache.shape[0]) * -(-num_blocks // self.group_blocks)
 
     def send(
         self, plan: TransferPlan, block_ids: list[int], deadline_s: float | None = None
@@ -183,7 +186,7 @@ class KVTransferWorker:
         now = self.clock()
         for t in self._transfers.values():
             if not t.state.terminal and now >= t.deadline:
-                done = f"{sum(c.finished for c in t.chunks)} of {len(t.chunks)} chunks finished"
+                done = f"{sum(c.finished for c in t.chunks)} of {len(t.chunks)} messages finished"
                 message = f"not done within its {t.deadline_s:g} s deadline (was {t.state.value}"
                 message += ", never posted)" if t.state is TransferState.QUEUED else f", {done})"
                 self._set(t, TransferState.TIMED_OUT, updates, message)
@@ -199,6 +202,10 @@ class KVTransferWorker:
 
     def state(self, request_id: str) -> TransferState:
         return self._get(request_id).state
+
+    def ops_outstanding(self, request_id: str) -> bool:
+        """Whether a backend op of the transfer may still touch its blocks (free them after)."""
+        return any(not c.finished and c.handle is not None for c in self._get(request_id).chunks)
 
     def forget(self, request_id: str) -> None:
         """Drop a transfer whose terminal state the caller has read (it keeps its seq slot)."""
@@ -268,31 +275,41 @@ class KVTransferWorker:
         self._transfers[plan.request_id] = t
 
     def _post(self, t: _Transfer, updates: list[TransferUpdate]) -> None:
-        # A transfer already terminal here timed out while queued: post it hollow.
+        # A transfer already terminal here timed out while queued: post it hollow, through
+        # pooled buffers only (its blocks may already belong to someone else).
         hollow = t.state.terminal
-        n = t.block_ids.numel()
+        ids = t.block_ids.tolist()
+        n, g = len(ids), self.group_blocks
         tail = tuple(self.kv_cache.shape[3:])  # (block_size, num_kv_heads, head_dim)
-        for l0, l1 in self.chunk_bounds(n):
-            flat, buf = self._pool.take((l1 - l0, 2, n, *tail))
-            t.chunks.append(_Chunk((l0, l1), flat, buf))
-        for c, chunk in enumerate(t.chunks):
-            tag = (t.plan.seq_no * MAX_CHUNKS + c) % TAG_SPACE
-            l0, l1 = chunk.layers
+        for layer in range(int(self.kv_cache.shape[0])):
+            for kv in (0, 1):
+                for g0 in range(0, n, g):
+                    g1 = min(n, g0 + g)
+                    b0 = ids[g0]
+                    if not hollow and ids[g0:g1] == list(range(b0, b0 + g1 - g0)):
+                        view = self.kv_cache[layer, kv, b0 : b0 + g1 - g0]  # copy-free
+                        t.chunks.append(_Chunk(layer, kv, g0, g1, view, None))
+                    else:
+                        flat, buf = self._pool.take((g1 - g0, *tail))
+                        t.chunks.append(_Chunk(layer, kv, g0, g1, buf, flat))
+        for m, chunk in enumerate(t.chunks):
+            tag = (t.plan.seq_no * MAX_CHUNKS + m) % TAG_SPACE
             try:
                 if t.is_sender:
                     if hollow:
                         chunk.buffer.zero_()
-                    else:
-                        src = self.kv_cache[l0:l1]  # block ids were checked at enqueue
-                        gather_blocks(src, t.block_ids, out=chunk.buffer, check_indices=False)
+                    elif chunk.flat is not None:
+                        torch.index_select(
+                            self.kv_cache[chunk.layer, chunk.kv], 0, t.block_ids[chunk.g0 : chunk.g1], out=chunk.buffer
+                        )
                     chunk.handle = self.backend.isend(chunk.buffer, t.peer, tag)
                 else:
                     chunk.handle = self.backend.irecv(chunk.buffer, t.peer, tag)
             except (TransferError, RuntimeError) as exc:
-                # the pair is broken; the remaining chunks are never posted
-                for rest in t.chunks[c:]:
+                # the pair is broken; the remaining messages are never posted
+                for rest in t.chunks[m:]:
                     rest.finished = True
-                self._set(t, TransferState.FAILED, updates, f"posting chunk {c} failed: {exc}")
+                self._set(t, TransferState.FAILED, updates, f"posting message {m} failed: {exc}")
                 return
 
     def _progress(self, pair: _Pair, updates: list[TransferUpdate]) -> None:
@@ -308,14 +325,14 @@ class KVTransferWorker:
                     self._set(t, TransferState.FAILED, updates, str(exc))
                     continue
                 chunk.finished = True
-                if not t.is_sender and t.state is TransferState.IN_FLIGHT:
-                    l0, l1 = chunk.layers
-                    dst = self.kv_cache[l0:l1]
-                    scatter_blocks(chunk.buffer, dst, t.block_ids, check_indices=False)
+                if not t.is_sender and chunk.flat is not None and t.state is TransferState.IN_FLIGHT:
+                    dst = self.kv_cache[chunk.layer, chunk.kv]  # [num_blocks, block_size, H, D]
+                    dst.index_copy_(0, t.block_ids[chunk.g0 : chunk.g1], chunk.buffer)
             if all(c.finished for c in t.chunks):
                 pair.posted.remove(t)
                 for chunk in t.chunks:
-                    self._pool.give(chunk.flat)
+                    if chunk.flat is not None:
+                        self._pool.give(chunk.flat)
                 t.chunks.clear()
                 if t.state is TransferState.IN_FLIGHT:
                     self._set(t, TransferState.DONE, updates)

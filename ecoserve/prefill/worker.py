@@ -63,9 +63,8 @@ class PrefillWorker(Worker):
         for update in self.transfers.poll():
             if not update.state.terminal:
                 continue
-            self.transfers.forget(update.request_id)
             seq = self.sending.pop(update.request_id)
-            seq.block_table.release(self.pool)
+            self.free_transfer_blocks(update.request_id, seq)
             if update.request_id in self.aborted:
                 self.aborted.discard(update.request_id)
                 self.release(update.request_id)

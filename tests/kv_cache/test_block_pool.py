@@ -3,6 +3,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ecoserve.kv_cache import BlockPool, BlockTable, OutOfBlocksError
 
@@ -91,4 +93,38 @@ def test_random_operations_keep_invariants() -> None:
         assert pool.num_used == sum(len(t.blocks) for t in tables)
     for t in tables:
         t.release(pool)
+    pool.assert_no_leaks()
+
+
+def test_multi_block_allocations_take_the_smallest_run_that_fits() -> None:
+    pool = BlockPool(32)
+    a, b, c, d = pool.allocate(4), pool.allocate(6), pool.allocate(3), pool.allocate(10)
+    assert (a, d) == ([0, 1, 2, 3], list(range(13, 23)))
+    pool.free(b)  # a run of 6 at 4..9; the tail run is 23..31 (9)
+    pool.free(a)  # now 0..9 is one run of 10
+    assert pool.allocate(8) == list(range(23, 31)), "best fit: the 9-run beats the 10-run"
+    assert pool.allocate(10) == list(range(0, 10))
+    pool.free(c)
+    assert pool.allocate(1) == [10], "single blocks take the lowest free id"
+    assert pool.allocate(3) == [11, 12, 31], "no run holds 3: lowest free ids"
+    pool.check_invariants()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 12)), max_size=60))
+def test_random_allocations_and_frees_keep_the_invariants(ops: list[tuple[bool, int]]) -> None:
+    pool = BlockPool(40)
+    held: list[list[int]] = []
+    for do_free, n in ops:
+        if do_free and held:
+            pool.free(held.pop(n % len(held)))
+        elif pool.can_allocate(n):
+            blocks = pool.allocate(n)
+            assert len(set(blocks)) == n
+            assert not any(set(blocks) & set(h) for h in held), "a block was handed out twice"
+            held.append(blocks)
+        pool.check_invariants()
+        assert pool.num_free == 40 - sum(map(len, held))
+    for blocks in held:
+        pool.free(blocks)
     pool.assert_no_leaks()

@@ -91,9 +91,9 @@ def sent_seqs(hub: FakeHub, kind: str = "send") -> list[int]:
     return [op.tag // MAX_CHUNKS for op in hub.posted if op.kind == kind]
 
 
-@pytest.mark.parametrize("chunk_layers", [None, 1, 3, NUM_LAYERS])
-def test_destination_blocks_equal_source_blocks(chunk_layers: int | None) -> None:
-    hub, sender, receiver = make_workers(chunk_layers=chunk_layers)
+@pytest.mark.parametrize("group_blocks", [64, 1, 3])
+def test_destination_blocks_equal_source_blocks(group_blocks: int) -> None:
+    hub, sender, receiver = make_workers(group_blocks=group_blocks)
     planner = TransferPlanner()
     dst_before = receiver.kv_cache.clone()
     plan = planner.plan("r1", SRC, DST, num_tokens=13)  # 4 blocks of 4, the last one part-full
@@ -109,8 +109,8 @@ def test_destination_blocks_equal_source_blocks(chunk_layers: int | None) -> Non
     assert_blocks_equal(sender.kv_cache, src_ids, receiver.kv_cache, dst_ids)
     others = [b for b in range(NUM_BLOCKS) if b not in dst_ids]
     assert torch.equal(receiver.kv_cache[:, :, others], dst_before[:, :, others])
-    expected_chunks = math.ceil(NUM_LAYERS / (chunk_layers or NUM_LAYERS))
-    assert len(sent_seqs(hub)) == expected_chunks
+    expected_messages = 2 * NUM_LAYERS * math.ceil(4 / group_blocks)
+    assert len(sent_seqs(hub)) == expected_messages
     # 4. clean up
     finish(planner, sender, receiver)
     for w in (sender, receiver):
@@ -119,10 +119,36 @@ def test_destination_blocks_equal_source_blocks(chunk_layers: int | None) -> Non
     assert hub.num_unmatched() == 0
 
 
-def test_chunked_and_unchunked_give_identical_results() -> None:
+@pytest.mark.parametrize(
+    ("src_ids", "dst_ids"),
+    [([2, 3, 4, 5, 6], [20, 21, 22, 23, 24]), ([2, 3, 4, 5, 6], [9, 1, 30, 4, 17]), ([9, 1, 30, 4, 17], [10, 11, 12, 13, 14]),
+     ([0, 1, 7, 8, 9], [5, 6, 2, 3, 4])],
+    ids=["both-consecutive", "src-consecutive", "dst-consecutive", "runs"],
+)
+def test_copy_free_and_packed_messages_mix_correctly(src_ids: list[int], dst_ids: list[int]) -> None:
+    """Each side independently sends from / receives into the cache when its blocks are
+    consecutive, and packs otherwise; any combination moves exactly the same bytes."""
+    for group_blocks in (2, 64):
+        _, sender, receiver = make_workers(group_blocks=group_blocks)
+        before = receiver.kv_cache.clone()
+        plan = TransferPlan("r", SRC, DST, seq_no=0, num_tokens=5 * BLOCK_SIZE - 1)
+        sender.send(plan, src_ids)
+        receiver.recv(plan, dst_ids)
+        poll_all(sender, receiver)
+        assert receiver.state("r") is DONE
+        assert_blocks_equal(sender.kv_cache, src_ids, receiver.kv_cache, dst_ids)
+        others = [b for b in range(NUM_BLOCKS) if b not in dst_ids]
+        assert torch.equal(receiver.kv_cache[:, :, others], before[:, :, others])
+        for w in (sender, receiver):
+            assert not w.ops_outstanding("r")
+            w.forget("r")
+            w.assert_no_leaks()
+
+
+def test_message_grouping_does_not_change_results() -> None:
     results = []
-    for chunk_layers in (1, NUM_LAYERS):
-        _, sender, receiver = make_workers(chunk_layers=chunk_layers)
+    for group_blocks in (1, 64):
+        _, sender, receiver = make_workers(group_blocks=group_blocks)
         plan = TransferPlan("r", SRC, DST, seq_no=0, num_tokens=30)
         src_ids, dst_ids = random_blocks(8, seed=7)
         sender.send(plan, src_ids)
@@ -137,7 +163,7 @@ def test_chunked_and_unchunked_give_identical_results() -> None:
 
 
 def test_out_of_order_enqueues_post_in_sequence_order() -> None:
-    hub, sender, receiver = make_workers(chunk_layers=2)
+    hub, sender, receiver = make_workers()
     planner = TransferPlanner()
     plans = [planner.plan(f"r{i}", SRC, DST, num_tokens=5 + i) for i in range(5)]
     blocks = allocate_blocks([p.num_blocks(BLOCK_SIZE) for p in plans], seed=10)
@@ -150,9 +176,10 @@ def test_out_of_order_enqueues_post_in_sequence_order() -> None:
     for i in (4, 2, 0, 3, 1):
         receiver.recv(plans[i], blocks[i][1])
     poll_all(sender, receiver)
-    # 3. each side posted in seq_no order, two chunks per transfer
-    assert sent_seqs(hub, "send") == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    assert sent_seqs(hub, "recv") == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    # 3. each side posted in seq_no order, one message per layer and K/V per transfer
+    in_order = [seq for seq in range(5) for _ in range(2 * NUM_LAYERS)]
+    assert sent_seqs(hub, "send") == in_order
+    assert sent_seqs(hub, "recv") == in_order
     for i, plan in enumerate(plans):
         assert receiver.state(plan.request_id) is DONE
         assert_blocks_equal(sender.kv_cache, blocks[i][0], receiver.kv_cache, blocks[i][1])
@@ -171,7 +198,7 @@ def test_in_flight_bound_holds() -> None:
     # 1. without a receiver only two transfers are posted
     for _ in range(3):
         sender.poll()
-    assert sent_seqs(hub) == [0, 1]
+    assert list(dict.fromkeys(sent_seqs(hub))) == [0, 1]
     assert sender.num_in_flight == 2
     assert [sender.state(p.request_id) for p in plans] == [IN_FLIGHT] * 2 + [QUEUED] * 3
     # 2. the receiver drains them; the bound holds at every step on both sides
@@ -255,7 +282,7 @@ def test_transfer_that_timed_out_while_queued_keeps_the_pair_in_step() -> None:
     for i in range(3):
         receiver.recv(plans[i], blocks[i][1], deadline_s=60.0)
     poll_all(sender, receiver)
-    assert sent_seqs(hub) == [0, 1, 2]
+    assert list(dict.fromkeys(sent_seqs(hub))) == [0, 1, 2]
     assert [sender.state(p.request_id) for p in plans] == [TransferState.TIMED_OUT] * 2 + [DONE]
     assert receiver.state("r2") is DONE
     assert_blocks_equal(sender.kv_cache, blocks[2][0], receiver.kv_cache, blocks[2][1])
@@ -283,15 +310,18 @@ def test_backend_errors_fail_both_sides() -> None:
 
 def test_mismatched_chunking_fails_instead_of_corrupting() -> None:
     hub = FakeHub()
-    _, sender, _ = make_workers(hub, chunk_layers=1)
-    _, _, receiver = make_workers(hub, chunk_layers=2)
+    _, sender, _ = make_workers(hub, group_blocks=1)
+    _, _, receiver = make_workers(hub, group_blocks=2)
     before = receiver.kv_cache.clone()
-    plan = TransferPlan("r", SRC, DST, seq_no=0, num_tokens=4)
-    sender.send(plan, [3])
-    receiver.recv(plan, [5])
+    plan = TransferPlan("r", SRC, DST, seq_no=0, num_tokens=3 * BLOCK_SIZE)
+    sender.send(plan, [3, 9, 1])
+    receiver.recv(plan, [5, 2, 7])
     updates = poll_all(sender, receiver)
     assert any(u.state is TransferState.FAILED and "size mismatch" in u.message for u in updates)
-    assert torch.equal(receiver.kv_cache, before)
+    # A failed transfer's destination blocks are undefined (the caller frees them); no other
+    # block may change.
+    others = [b for b in range(NUM_BLOCKS) if b not in (5, 2, 7)]
+    assert torch.equal(receiver.kv_cache[:, :, others], before[:, :, others])
 
 
 def test_invalid_enqueue_arguments_raise() -> None:

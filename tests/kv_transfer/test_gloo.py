@@ -46,7 +46,7 @@ def run_rank(rank: int, init_method: str, results: Queue[tuple[int, str]]) -> No
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
         backend = TorchDistBackend()
         worker = KVTransferWorker(backend, make_cache(rank), rank, max_in_flight_per_pair=2,
-                                  chunk_layers=1, default_deadline_s=15.0)
+                                  group_blocks=1, default_deadline_s=15.0)
         peer = 1 - rank
         # Each rank sends TOKENS to its peer and receives the peer's; enqueued out of order.
         out_plans = [TransferPlan(f"{rank}-{i}", rank, peer, i, n) for i, n in enumerate(TOKENS)]
