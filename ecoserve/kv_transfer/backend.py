@@ -53,15 +53,25 @@ class _GlooOp:
 
     def __init__(self, post: Callable[[], dist.Work | None]) -> None:
         self._post = post
+        self._work: dist.Work | None = None
         self._error: str | None = None
         self._done = False
 
-    def run_on_lane(self) -> None:
+    def start_on_lane(self) -> None:
         try:
-            work = self._post()
-            if work is None:
+            self._work = self._post()
+            if self._work is None:
                 raise TransferError("this rank is not in the process group")
-            work.wait()
+        except Exception as exc:  # noqa: BLE001 - every backend error becomes TransferError
+            self._error = f"{type(exc).__name__}: {exc}"
+            self._done = True
+
+    def finish_on_lane(self) -> None:
+        if self._done:
+            return
+        try:
+            assert self._work is not None
+            self._work.wait()
         except Exception as exc:  # noqa: BLE001 - every backend error becomes TransferError
             self._error = f"{type(exc).__name__}: {exc}"
         self._done = True  # set after _error, so a reader that sees _done also sees the error
@@ -102,7 +112,8 @@ class _Lane:
     """A daemon thread that runs the gloo ops of one (peer, direction) in posting order.
 
     Ops of one direction to one peer travel over one connection in posting order, so they
-    complete in that order and finishing them FIFO delays no report. A hung op (a lost peer)
+    complete in that order and finishing them FIFO delays no report. The lane posts every op
+    queued at the moment before it waits on any, so a transfer's messages travel together. A hung op (a lost peer)
     blocks only the later ops of its own peer and direction, which are stuck behind it anyway.
     """
 
@@ -119,8 +130,22 @@ class _Lane:
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        while (op := self._queue.get()) is not None:
-            op.run_on_lane()
+        # Post every op waiting now, then wait on them in order: the messages of a transfer
+        # are in flight together rather than one round trip each.
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            ops = [op for op in batch if op is not None]
+            for op in ops:
+                op.start_on_lane()
+            for op in ops:
+                op.finish_on_lane()
 
 
 class TorchDistBackend:
