@@ -46,7 +46,7 @@ from torch import Tensor
 from ecoserve.bench.report import print_table, write_json
 from ecoserve.kv_cache import BlockPool
 from ecoserve.kv_transfer.backend import TorchDistBackend
-from ecoserve.kv_transfer.engine import KVTransferWorker
+from ecoserve.kv_transfer.engine import DEFAULT_GROUP_BLOCKS, KVTransferWorker
 from ecoserve.kv_transfer.types import TransferPlan, TransferState
 
 # SmolLM2-135M's KV layout
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed iterations per path")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--group-blocks", type=int, default=64, help="blocks per message")
+    parser.add_argument("--group-blocks", type=int, default=DEFAULT_GROUP_BLOCKS, help="blocks per message")
     parser.add_argument("--poll-sleep-us", type=float, default=50.0,
                         help="sleep between the worker's polls (0: spin)")
     parser.add_argument("--seed", type=int, default=0)

@@ -42,7 +42,7 @@ from ecoserve.kv_transfer.types import CompatRecord, TransferPlan, TransferState
 
 MAX_CHUNKS = 1 << 14  # messages per transfer at most; spaces out the tags
 TAG_SPACE = 2**31
-DEFAULT_GROUP_BLOCKS = 64  # blocks per message: 1,024 tokens at block size 16
+DEFAULT_GROUP_BLOCKS = 256  # blocks per message: 4,096 tokens at block size 16 (fewer, larger messages)
 _POOL_MAX_BYTES = 256 << 20  # free CPU chunk buffers kept for reuse, at most
 
 

@@ -29,7 +29,7 @@ def test_benchmark_writes_summary(tmp_path: Path, capsys: pytest.CaptureFixture[
     # 40 tokens move 3 whole blocks of 16: 30 layers * K,V * 48 tokens * 3 heads * 64 * 4 bytes
     assert summary["bytes_40"] == 30 * 2 * 48 * 3 * 64 * 4
     assert summary["ratio_32"] == pytest.approx(summary["paged_gbs_32"] / summary["bare_gbs_32"])
-    assert doc["settings"]["group_blocks"] == 64 and doc["settings"]["prompt_lens"] == [32, 40]
+    assert doc["settings"]["group_blocks"] == 256 and doc["settings"]["prompt_lens"] == [32, 40]
     assert "cpu" in doc["machine"]
     assert len(doc["results"]["32"]["rank0"]["pool_s"]) == len(doc["results"]["32"]["rank0"]["fragmented_s"]) == 2
     assert "KV transfer, 2 gloo ranks" in capsys.readouterr().out
