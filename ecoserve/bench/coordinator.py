@@ -44,12 +44,13 @@ async def _load(addr: str, args: argparse.Namespace) -> tuple[dict[str, float], 
     async with await AsyncClient.connect(addr, timeout=60) as client:
         prompts = [[rng.randrange(1, 1000) for _ in range(args.prompt_len)] for _ in range(args.num_requests)]
         tasks = [asyncio.ensure_future(client.generate(p, params, timeout=1800)) for p in prompts]
+        await asyncio.sleep(0.01)  # let every request go out before the first stats call
         peak: dict[str, float] = {}
         while not all(t.done() for t in tasks):
             stats = await client.stats()
             if stats["requests_in_flight"] >= peak.get("requests_in_flight", -1):
                 peak = stats
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.1)
         for t in tasks:
             t.result()
         return peak, await client.stats()

@@ -16,7 +16,7 @@ def test_coordinator_benchmark_writes_summary(tmp_path: Path, capsys: pytest.Cap
     out = tmp_path / "coord.json"
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--num-requests", "40", "--max-tokens", "8", "--out", str(out)])
+    args = parser.parse_args(["--num-requests", "40", "--max-tokens", "64", "--out", str(out)])
     assert run_coordinator_benchmark(args) == 0
     doc = json.loads(out.read_text())
     summary = doc["summary"]
