@@ -69,6 +69,7 @@ class _Transfer:
     deadline: float  # absolute, on the worker's clock
     state: TransferState = TransferState.QUEUED
     chunks: list[_Chunk] = field(default_factory=list)
+    scan_from: int = 0  # chunks before this one are finished
 
     @property
     def peer(self) -> int:
@@ -314,21 +315,25 @@ class KVTransferWorker:
 
     def _progress(self, pair: _Pair, updates: list[TransferUpdate]) -> None:
         for t in list(pair.posted):
-            for chunk in t.chunks:
-                if chunk.finished or chunk.handle is None:
-                    continue
-                try:
-                    if not chunk.handle.is_completed():
+            # A pair's messages complete in posting order (one connection per direction), so
+            # the scan stops at the first unfinished one: a poll costs O(1), not O(messages).
+            while t.scan_from < len(t.chunks):
+                chunk = t.chunks[t.scan_from]
+                if not chunk.finished and chunk.handle is not None:
+                    try:
+                        if not chunk.handle.is_completed():
+                            break
+                    except TransferError as exc:
+                        chunk.finished = True
+                        self._set(t, TransferState.FAILED, updates, str(exc))
+                        t.scan_from += 1
                         continue
-                except TransferError as exc:
                     chunk.finished = True
-                    self._set(t, TransferState.FAILED, updates, str(exc))
-                    continue
-                chunk.finished = True
-                if not t.is_sender and chunk.flat is not None and t.state is TransferState.IN_FLIGHT:
-                    dst = self.kv_cache[chunk.layer, chunk.kv]  # [num_blocks, block_size, H, D]
-                    dst.index_copy_(0, t.block_ids[chunk.g0 : chunk.g1], chunk.buffer)
-            if all(c.finished for c in t.chunks):
+                    if not t.is_sender and chunk.flat is not None and t.state is TransferState.IN_FLIGHT:
+                        dst = self.kv_cache[chunk.layer, chunk.kv]  # [num_blocks, block_size, H, D]
+                        dst.index_copy_(0, t.block_ids[chunk.g0 : chunk.g1], chunk.buffer)
+                t.scan_from += 1
+            if t.scan_from == len(t.chunks):
                 pair.posted.remove(t)
                 for chunk in t.chunks:
                     if chunk.flat is not None:
