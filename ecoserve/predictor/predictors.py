@@ -1,0 +1,132 @@
+"""Response-length predictors (no torch): one interface, `predict(query) -> Prediction`, and
+`observe(prompt_len, output_len)` for those that learn online as requests finish.
+
+- `oracle`: the true length (simulations and upper bounds); it needs `true_length`.
+- `oracle-noisy`: the true length times a log-normal error exp(N(0, sigma^2)), seeded.
+- `histogram`: per prompt-length bin (powers of two), a chosen quantile of the output lengths
+  observed so far in that bin; a bin with fewer than `min_samples` falls back to all bins,
+  and with nothing observed yet, to `max_tokens` (the safe side for a reservation).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from ecoserve.predictor.buckets import BucketScheme
+
+
+@dataclass(frozen=True)
+class PredictionQuery:
+    prompt_len: int
+    max_tokens: int
+    true_length: int | None = None  # known to simulations and oracles only
+
+
+@dataclass(frozen=True)
+class Prediction:
+    length: int  # predicted output tokens, in [1, max_tokens]
+    bucket: int  # the bucket bound it rounds up to, clipped to max_tokens
+
+
+class Predictor(Protocol):
+    name: str
+
+    def predict(self, query: PredictionQuery) -> Prediction: ...
+
+    def observe(self, prompt_len: int, output_len: int) -> None: ...
+
+
+class _Base:
+    name = ""
+
+    def __init__(self, buckets: BucketScheme | None = None) -> None:
+        self.buckets = buckets or BucketScheme()
+
+    def _make(self, length: float, max_tokens: int) -> Prediction:
+        n = max(1, min(max_tokens, math.ceil(length)))
+        return Prediction(n, self.buckets.bucket(n, max_tokens))
+
+    def predict(self, query: PredictionQuery) -> Prediction:
+        raise NotImplementedError
+
+    def observe(self, prompt_len: int, output_len: int) -> None:
+        return None
+
+
+class OraclePredictor(_Base):
+    name = "oracle"
+
+    def predict(self, query: PredictionQuery) -> Prediction:
+        if query.true_length is None:
+            raise ValueError("the oracle predictor needs each request's true length (simulations only)")
+        return self._make(query.true_length, query.max_tokens)
+
+
+class NoisyOraclePredictor(_Base):
+    name = "oracle-noisy"
+
+    def __init__(self, sigma: float = 0.5, seed: int = 0, buckets: BucketScheme | None = None) -> None:
+        super().__init__(buckets)
+        if not sigma >= 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        self.sigma = sigma
+        self.rng = random.Random(seed)
+
+    def predict(self, query: PredictionQuery) -> Prediction:
+        if query.true_length is None:
+            raise ValueError("the oracle-noisy predictor needs each request's true length (simulations only)")
+        return self._make(query.true_length * math.exp(self.rng.gauss(0.0, self.sigma)), query.max_tokens)
+
+
+class HistogramPredictor(_Base):
+    name = "histogram"
+
+    def __init__(
+        self, quantile: float = 0.9, min_samples: int = 20, window: int = 2000, buckets: BucketScheme | None = None
+    ) -> None:
+        super().__init__(buckets)
+        if not 0 < quantile <= 1:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+        if min_samples < 1 or window < min_samples:
+            raise ValueError(f"need 1 <= min_samples <= window, got {min_samples} and {window}")
+        self.quantile, self.min_samples, self.window = quantile, min_samples, window
+        self._bins: dict[int, tuple[deque[int], list[int]]] = {}  # bin -> (arrival order, sorted)
+        self._all: tuple[deque[int], list[int]] = (deque(), [])
+
+    @staticmethod
+    def bin_of(prompt_len: int) -> int:
+        return max(0, prompt_len - 1).bit_length()  # 1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3, ...
+
+    def observe(self, prompt_len: int, output_len: int) -> None:
+        if output_len < 1:
+            raise ValueError(f"output_len must be >= 1, got {output_len}")
+        for order, ordered in (self._bins.setdefault(self.bin_of(prompt_len), (deque(), [])), self._all):
+            order.append(output_len)
+            bisect.insort(ordered, output_len)
+            if len(order) > self.window:  # forget the oldest: lengths drift with the workload
+                ordered.pop(bisect.bisect_left(ordered, order.popleft()))
+
+    def predict(self, query: PredictionQuery) -> Prediction:
+        ordered = self._bins.get(self.bin_of(query.prompt_len), (deque(), []))[1]
+        if len(ordered) < self.min_samples:
+            ordered = self._all[1]
+        if not ordered:
+            return self._make(query.max_tokens, query.max_tokens)
+        rank = min(len(ordered), max(1, math.ceil(self.quantile * len(ordered))))
+        return self._make(ordered[rank - 1], query.max_tokens)
+
+
+PREDICTORS: dict[str, type[_Base]] = {
+    p.name: p for p in (OraclePredictor, NoisyOraclePredictor, HistogramPredictor)
+}
+
+
+def make_predictor(name: str, buckets: BucketScheme | None = None, **kwargs: float) -> Predictor:
+    if name not in PREDICTORS:
+        raise ValueError(f"unknown predictor {name!r}; choose one of {sorted(PREDICTORS)}")
+    return PREDICTORS[name](buckets=buckets, **kwargs)  # type: ignore[arg-type]
