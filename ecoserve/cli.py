@@ -59,10 +59,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ecoserve.config import CacheConfig, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from ecoserve.coordinator.policies import make_policy
+    from ecoserve.coordinator.policy import check_cluster
     from ecoserve.launcher import ClusterSpec, run_async, run_cluster
     from ecoserve.model.registry import resolve_model
 
     spec = ClusterSpec(args.prefill, args.decode, args.mixed)
+    check_cluster(make_policy(args.policy), set(spec.roles()))
     engine = EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
         cache=CacheConfig(
@@ -151,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill", type=int, default=1, help="prefill workers (0 with --decode 0 for mixed only)")
     serve.add_argument("--decode", type=int, default=1, help="decode workers")
     serve.add_argument("--mixed", type=int, default=0, help="mixed workers (prefill and decode in one, colocated)")
-    serve.add_argument("--policy", default="distserve", help="scheduling policy: distserve")
+    serve.add_argument("--policy", default="distserve", help="distserve (P/D or mixed workers), vllm or orca (mixed workers)")
     serve.add_argument("--host", default="127.0.0.1", help="client address to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=5555, help="client port; 0 picks a free one")
     serve.add_argument("--block-size", type=int, default=16)

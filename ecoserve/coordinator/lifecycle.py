@@ -82,6 +82,8 @@ class Lifecycle:
             self.dispatch_ms.add(req.dispatch_latency_s * 1e3)
             view.queued_prefill_tokens += req.num_prompt_tokens
             view.committed_blocks += self._prefill_blocks(req, view)
+            view.reserved_blocks += d.reserve_blocks
+            req.reserved_blocks = d.reserve_blocks
             self.to_worker(d.rank, p.RunPrefill(
                 req.request_id, req.prompt_token_ids, req.max_tokens, req.temperature, req.top_p, req.top_k,
                 req.seed, req.stop_token_ids, req.ignore_eos, d.decode_locally,
@@ -286,6 +288,9 @@ class Lifecycle:
         ))
 
     def _forget(self, req: Request) -> None:
+        if req.reserved_blocks and req.prefill_rank is not None:
+            self.registry.views[req.prefill_rank].reserved_blocks -= req.reserved_blocks
+            req.reserved_blocks = 0
         self.requests.pop(req.request_id, None)
         self.by_client.pop((req.client, req.client_request_id), None)
 
@@ -301,7 +306,7 @@ class Lifecycle:
             "queue_waiting_prefill": float(len(self.waiting)),
             "queue_kv_waiting": float(len(self.kv_waiting)),
             "requests_releasing": float(len(self.releasing)),
-            "reserved_blocks": float(sum(max(0, v.committed_blocks) for v in views)),
+            "reserved_blocks": float(sum(max(0, v.committed_blocks) + v.reserved_blocks for v in views)),
             "transfers_in_flight": float(len(self.transfer_blocks)),
             "workers_alive": float(sum(v.alive for v in views)),
         }

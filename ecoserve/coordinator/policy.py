@@ -25,6 +25,7 @@ class WorkerView:
     token_budget: int  # max tokens per step (the worker's chunked-prefill budget)
     free_blocks: int  # as last reported by the worker
     committed_blocks: int = 0  # promised by decisions the worker has not reported back on yet
+    reserved_blocks: int = 0  # held for admitted requests' whole lifetime (reserving policies)
     queued_prefill_tokens: int = 0  # prompt tokens dispatched to it and not yet prefilled
     num_running: int = 0
     alive: bool = True
@@ -53,6 +54,7 @@ class DispatchPrefill:
     request_id: str
     rank: int
     decode_locally: bool  # a mixed worker keeps the request through decode
+    reserve_blocks: int = 0  # blocks the coordinator keeps for the request until it ends
 
 
 @dataclass(frozen=True)
@@ -75,5 +77,17 @@ class Decisions:
 
 class Policy(Protocol):
     name: str
+    # Worker roles a cluster needs for this policy: any one of these sets must be present.
+    needs_roles: tuple[frozenset[str], ...]
 
     def schedule(self, state: SchedulerState) -> Decisions: ...
+
+
+def check_cluster(policy: Policy, roles: set[str]) -> None:
+    """Refuse, before anything starts, a cluster this policy cannot schedule."""
+    if not any(need <= roles for need in policy.needs_roles):
+        options = " or ".join("+".join(sorted(n)) for n in policy.needs_roles)
+        raise ValueError(
+            f"policy {policy.name!r} needs {options} workers; this cluster has {sorted(roles) or 'none'}"
+            + (" (start it with --mixed K)" if frozenset({"mixed"}) in policy.needs_roles else "")
+        )

@@ -68,6 +68,7 @@ class Request:
     prefill_rank: int | None = None
     decode_rank: int | None = None
     num_preemptions: int = 0
+    reserved_blocks: int = 0  # held on prefill_rank until the request ends (reserving policies)
     text_sent: str = ""  # text already streamed (incremental detokenisation)
     dispatch_latency_s: float | None = None  # front door -> dispatch decision
 

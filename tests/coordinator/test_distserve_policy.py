@@ -110,3 +110,29 @@ def test_the_coordinator_imports_no_torch() -> None:
         "ecoserve.kv_transfer.planner, ecoserve.client; assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_vllm_sends_whole_requests_fcfs_to_the_least_loaded_mixed_worker() -> None:
+    m0, m1 = make_worker(0, "mixed"), make_worker(1, "mixed")
+    m0.queued_prefill_tokens = 40
+    out = make_policy("vllm").schedule(make_state([make_request(0, 30), make_request(1, 30)], [], [m0, m1]))
+    assert [(d.request_id, d.rank, d.decode_locally, d.reserve_blocks) for d in out.prefills] == [
+        ("r0", 1, True, 0), ("r1", 1, True, 0)
+    ]
+
+
+def test_orca_reserves_prompt_plus_max_tokens_and_admits_only_what_fits() -> None:
+    m0 = make_worker(0, "mixed", num_blocks=4)  # 64 tokens; each request needs 10 + 16 = 26 -> 2 blocks
+    m0.reserved_blocks = 1
+    reqs = [make_request(i, 10) for i in range(3)]
+    out = make_policy("orca").schedule(make_state(reqs, [], [m0]))
+    assert [(d.request_id, d.reserve_blocks) for d in out.prefills] == [("r0", 2)], "3 free blocks hold one reservation of 2"
+
+
+def test_policies_refuse_clusters_they_cannot_schedule() -> None:
+    from ecoserve.coordinator.policy import check_cluster
+
+    with pytest.raises(ValueError, match=r"policy 'vllm' needs mixed workers; this cluster has \['decode', 'prefill'\] \(start it with --mixed K\)"):
+        check_cluster(make_policy("vllm"), {"prefill", "decode"})
+    check_cluster(make_policy("distserve"), {"mixed"})
+    check_cluster(make_policy("orca"), {"mixed", "prefill", "decode"})

@@ -139,3 +139,26 @@ def test_seeded_sampling_through_serve_equals_offline(cluster) -> None:  # type:
     with cluster(model, 1, 1, 0) as addr:
         done = asyncio.run(run(addr))
     assert [d.token_ids for d in done] == expected
+
+
+@pytest.mark.parametrize("policy", ["vllm", "orca"])
+def test_colocated_baselines_match_offline(cluster, policy: str) -> None:  # type: ignore[no-untyped-def]
+    """`vllm` and `orca` on one mixed worker with a small pool: the same tokens; orca reserves
+    prompt + max_tokens up front, so it never preempts, and every reservation is released."""
+    reference("tiny-llama")
+    with cluster("tiny-llama", 0, 0, 1, "--policy", policy, "--num-blocks", "24", "--max-num-batched-tokens", "64") as addr:
+        stats = check(addr, "tiny-llama")
+    if policy == "orca":
+        assert stats["preemptions"] == 0
+
+
+def test_a_policy_without_the_workers_it_needs_is_refused_at_start() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "ecoserve.cli", "serve", "--model", "tiny-llama", "--policy", "vllm", "--port", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert "policy 'vllm' needs mixed workers; this cluster has ['decode', 'prefill'] (start it with --mixed K)" in out.stderr

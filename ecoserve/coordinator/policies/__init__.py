@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from ecoserve.coordinator.policies.colocated import OrcaPolicy, VLLMPolicy
 from ecoserve.coordinator.policies.distserve import DistServePolicy
 from ecoserve.coordinator.policy import Policy
 
-POLICIES = {"distserve": DistServePolicy}
+POLICIES: dict[str, type[DistServePolicy] | type[VLLMPolicy]] = {
+    "distserve": DistServePolicy, "vllm": VLLMPolicy, "orca": OrcaPolicy,
+}
 
 
 def make_policy(name: str) -> Policy:

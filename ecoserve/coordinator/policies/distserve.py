@@ -20,6 +20,7 @@ from ecoserve.coordinator.policy import Decisions, DispatchPrefill, SchedulerSta
 
 class DistServePolicy:
     name = "distserve"
+    needs_roles: tuple[frozenset[str], ...] = (frozenset({"prefill", "decode"}), frozenset({"mixed"}))
 
     def __init__(self, queue_factor: float = 2.0, headroom: float = 0.05) -> None:
         if queue_factor <= 0:
