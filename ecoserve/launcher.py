@@ -26,9 +26,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ecoserve.envs import cluster_secret
 from ecoserve.config import CacheConfig, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig, WorkerConfig
+
+if TYPE_CHECKING:
+    from ecoserve.coordinator.server import Coordinator
 
 STARTUP_TIMEOUT_S = 300.0
 EXIT_GRACE_S = 10.0
@@ -136,12 +140,9 @@ async def run_cluster(
     return code
 
 
-async def _startup(coord: object, procs: list[subprocess.Popen[bytes]], stop: asyncio.Event) -> int:
-    from ecoserve.coordinator.server import Coordinator
-
-    assert isinstance(coord, Coordinator)
+async def _startup(coord: Coordinator, procs: list[subprocess.Popen[bytes]], stop: asyncio.Event) -> int:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not coord._ready.is_set():
+    while not coord.ready:
         for rank, proc in enumerate(procs):
             if proc.poll() is not None:
                 print(f"error: worker rank {rank} exited with code {proc.returncode} during start-up "
@@ -156,10 +157,7 @@ async def _startup(coord: object, procs: list[subprocess.Popen[bytes]], stop: as
     return 0
 
 
-async def _watch(coord: object, procs: list[subprocess.Popen[bytes]], stop: asyncio.Event) -> None:
-    from ecoserve.coordinator.server import Coordinator
-
-    assert isinstance(coord, Coordinator)
+async def _watch(coord: Coordinator, procs: list[subprocess.Popen[bytes]], stop: asyncio.Event) -> None:
     reported: set[int] = set()
     while not stop.is_set():
         for rank, proc in enumerate(procs):

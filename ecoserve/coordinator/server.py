@@ -88,6 +88,11 @@ class Coordinator:
 
     # --- main tasks ------------------------------------------------------------------------
 
+    @property
+    def ready(self) -> bool:
+        """Every expected worker has registered."""
+        return self._ready.is_set()
+
     async def wait_ready(self, timeout_s: float) -> None:
         await asyncio.wait_for(self._ready.wait(), timeout_s)
 

@@ -71,8 +71,7 @@ class DecodeWorker(Worker):
             if update.state is TransferState.DONE:
                 self.engine.sequences[rid] = seq
                 self.engine.scheduler.add_running(seq)
-            state = {TransferState.DONE: "done", TransferState.TIMED_OUT: "timed_out"}.get(update.state, "failed")
-            self.channel.send(p.TransferStatus(rank=self.rank, request_id=rid, state=state, message=update.message))
+            self.report_transfer(update)
         if self.to_receive:
             self._post_receives()
 

@@ -14,7 +14,6 @@ import time
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import zmq
 
@@ -27,6 +26,7 @@ from ecoserve.engine.sequence import Sequence
 from ecoserve.envs import set_offline_hub
 from ecoserve.kv_transfer.backend import TorchDistBackend
 from ecoserve.kv_transfer.engine import KVTransferWorker
+from ecoserve.kv_transfer.types import TransferState, TransferUpdate
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,13 @@ class Worker:
             p.Heartbeat(
                 rank=self.rank, free_blocks=self.pool.num_free, num_running=len(sched.running), num_waiting=len(sched.waiting)
             )
+        )
+
+    def report_transfer(self, update: TransferUpdate) -> None:
+        """Tell the coordinator how this side of a transfer ended."""
+        state = {TransferState.DONE: "done", TransferState.TIMED_OUT: "timed_out"}.get(update.state, "failed")
+        self.channel.send(
+            p.TransferStatus(rank=self.rank, request_id=update.request_id, state=state, message=update.message)
         )
 
     def release(self, request_id: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from ecoserve import protocol as p
 from ecoserve.engine.sequence import Sequence
 from ecoserve.engine.worker import Worker, sampling_params
-from ecoserve.kv_transfer.types import TransferPlan, TransferState
+from ecoserve.kv_transfer.types import TransferPlan
 
 
 class PrefillWorker(Worker):
@@ -69,10 +69,7 @@ class PrefillWorker(Worker):
                 self.aborted.discard(update.request_id)
                 self.release(update.request_id)
                 continue
-            state = {TransferState.DONE: "done", TransferState.TIMED_OUT: "timed_out"}.get(update.state, "failed")
-            self.channel.send(
-                p.TransferStatus(rank=self.rank, request_id=update.request_id, state=state, message=update.message)
-            )
+            self.report_transfer(update)
 
     def abort(self, request_id: str) -> None:
         eng = self.engine
