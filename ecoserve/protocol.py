@@ -200,6 +200,16 @@ class TokenEvents:
 
 
 @dataclass(frozen=True)
+class Preempted:
+    """A `Preempt` carried out: `mode` is what the worker did ("recompute" when the swap space was full)."""
+
+    rank: int
+    request_id: str
+    mode: str
+    free_blocks: int
+
+
+@dataclass(frozen=True)
 class TransferStatus:
     """A KV transfer reached a terminal state on this side: "done", "failed" or "timed_out"."""
 
@@ -284,6 +294,32 @@ class ReceiveKV:
     seed: int | None
     stop_token_ids: list[int]
     ignore_eos: bool
+    reserve_tokens: int | None = None  # KV tokens the request may hold here (prompt + predicted); None = no cap
+
+
+@dataclass(frozen=True)
+class ExtendReservation:
+    """To a decode worker: the request may now hold up to `reserve_tokens` tokens of KV."""
+
+    request_id: str
+    reserve_tokens: int
+
+
+@dataclass(frozen=True)
+class Preempt:
+    """To a decode worker: take the request out of its batch, its KV swapped to host memory
+    (`mode` "swap") or dropped to recompute later ("recompute"); it waits for `Resume`."""
+
+    request_id: str
+    mode: str
+
+
+@dataclass(frozen=True)
+class Resume:
+    """To a decode worker: bring a preempted request back (swap-in or recompute) under a new cap."""
+
+    request_id: str
+    reserve_tokens: int | None
 
 
 @dataclass(frozen=True)
@@ -306,9 +342,12 @@ class Shutdown:
 CLIENT_TO_COORDINATOR = (Hello, AddRequest, AbortRequest, GetStats)
 COORDINATOR_TO_CLIENT = (HelloReply, TokenDelta, RequestFinished, ErrorReply, StatsReply)
 WORKER_TO_COORDINATOR = (
-    RegisterWorker, Heartbeat, PrefillDone, TokenEvents, TransferStatus, Released, WorkerStats, WorkerFailed
+    RegisterWorker, Heartbeat, PrefillDone, TokenEvents, Preempted, TransferStatus, Released, WorkerStats,
+    WorkerFailed,
 )
-COORDINATOR_TO_WORKER = (RegisterReply, RunPrefill, SendKV, ReceiveKV, AbortWork, QueryStats, Shutdown)
+COORDINATOR_TO_WORKER = (
+    RegisterReply, RunPrefill, SendKV, ReceiveKV, ExtendReservation, Preempt, Resume, AbortWork, QueryStats, Shutdown,
+)
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in CLIENT_TO_COORDINATOR + COORDINATOR_TO_CLIENT + WORKER_TO_COORDINATOR + COORDINATOR_TO_WORKER

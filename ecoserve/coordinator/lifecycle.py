@@ -13,6 +13,7 @@ from typing import Any, Callable
 from ecoserve import protocol as p
 from ecoserve.config import CoordinatorConfig
 from ecoserve.coordinator.frontend import TextCodec
+from ecoserve.coordinator.ledger import ReservationLedger
 from ecoserve.coordinator.metrics import Reservoir
 from ecoserve.coordinator.policy import Decisions, Policy, SchedulerState, WorkerView
 from ecoserve.coordinator.request import Request, RequestStatus as S
@@ -37,12 +38,20 @@ class Lifecycle:
         self.planner = TransferPlanner(config.max_transfers_in_flight_per_pair)
         self.requests: dict[str, Request] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = policy.new_queue()
         self.kv_waiting: deque[Request] = deque()
+        self.ledger = ReservationLedger(getattr(policy, "start_delay", 32))  # decode-side reservations
+        self.near_limit: dict[str, Request] = {}  # decoding, within extend_ahead of its reservation
+        self.preempted: dict[str, Request] = {}  # preempted by our order, acknowledged, not resumed
         self.transfer_blocks: dict[str, int] = {}  # planned transfers: blocks committed on the decode side
         self.releasing: dict[str, set[int]] = {}  # ended requests whose workers have not confirmed release
         self.dirty = asyncio.Event()
-        self.counters = {"finished": 0, "aborted": 0, "failed": 0, "preemptions": 0, "workers_lost": 0}
+        self.counters = {
+            "finished": 0, "aborted": 0, "failed": 0, "preemptions": 0, "workers_lost": 0,
+            "preemptions_local": 0, "preemptions_swap": 0, "preemptions_recompute": 0, "extensions": 0,
+            "predicted": 0, "under_predicted": 0, "over_predicted": 0,
+        }
+        self.prediction_abs_error = 0.0  # sum over finished predicted requests of |raw prediction - length|
         self.dispatch_ms = Reservoir()  # front door -> dispatch decision, per request
         self.schedule_us = Reservoir()  # one policy.schedule() call
 
@@ -55,13 +64,20 @@ class Lifecycle:
         return (client, client_request_id) in self.by_client
 
     def admit(self, req: Request) -> None:
+        """Accept a built request: the policy predicts its length (if it does), then it queues."""
+        if req.ignore_eos and not req.stop_token_ids:
+            req.true_length = req.max_tokens  # nothing can stop it early
+        self.policy.on_admit(req)
         self.requests[req.request_id] = req
         self.by_client[(req.client, req.client_request_id)] = req.request_id
-        self.waiting.append(req)
+        self.waiting.push(req)
         self.kick()
 
     def schedule(self) -> None:
-        state = SchedulerState(time.monotonic(), self.waiting, self.kv_waiting, self.registry.views)
+        state = SchedulerState(
+            time.monotonic(), self.waiting, self.kv_waiting, self.registry.views, self.ledger, self.near_limit,
+            self.preempted, self.requests,
+        )
         t0 = time.perf_counter()
         decisions = self.policy.schedule(state)
         self.schedule_us.add((time.perf_counter() - t0) * 1e6)
@@ -69,15 +85,20 @@ class Lifecycle:
 
     def apply(self, decisions: Decisions) -> None:
         now = time.monotonic()
-        if decisions.prefills:
-            chosen = {d.request_id for d in decisions.prefills}
-            self.waiting = deque(r for r in self.waiting if r.request_id not in chosen)
+        views = self.registry.views
+        for res in decisions.reservations:
+            view = views[res.rank]
+            self.ledger.add(res.rank, view.block_size, res.horizon, list(res.members), view.decode_steps)
+            for rid, _ in res.members:
+                self.requests[rid].decode_rank = res.rank
         for d in decisions.prefills:
+            self.waiting.remove(d.request_id)
             req = self.requests[d.request_id]
             view = self.registry.views[d.rank]
             req.transition(S.PREFILLING, now)
             req.prefill_rank = d.rank
-            req.decode_rank = d.rank if d.decode_locally else None
+            if d.decode_locally:
+                req.decode_rank = d.rank
             req.dispatch_latency_s = now - req.arrival
             self.dispatch_ms.add(req.dispatch_latency_s * 1e3)
             view.queued_prefill_tokens += req.num_prompt_tokens
@@ -102,8 +123,46 @@ class Lifecycle:
             self.to_worker(t.dst_rank, p.ReceiveKV(
                 req.request_id, t.src_rank, plan.seq_no, deadline, req.prompt_token_ids, first, req.max_tokens,
                 req.temperature, req.top_p, req.top_k, req.seed, req.stop_token_ids, req.ignore_eos,
+                self.ledger.reservation_tokens(req.request_id),
             ))
             self.to_worker(t.src_rank, p.SendKV(req.request_id, t.dst_rank, plan.seq_no, deadline))
+        self._apply_decode_orders(decisions, now)
+
+    def _apply_decode_orders(self, decisions: Decisions, now: float) -> None:
+        """Preemptions, extensions and resumes on decode workers (reserving policies)."""
+        for pre in decisions.preemptions:
+            req = self.requests[pre.request_id]
+            assert req.decode_rank is not None
+            self.ledger.remove(req.request_id)
+            self.near_limit.pop(req.request_id, None)
+            req.transition(S.PREEMPTED, now)
+            req.preempt_mode = pre.mode  # until the worker says what it did
+            req.num_preemptions += 1
+            self.counters["preemptions"] += 1
+            self.to_worker(req.decode_rank, p.Preempt(req.request_id, pre.mode))
+        for ext in decisions.extensions:
+            req = self.requests[ext.request_id]
+            assert req.decode_rank is not None and req.predicted_tokens is not None
+            view = self.registry.views[req.decode_rank]
+            cohort = self.ledger.where[req.request_id]
+            started = req.decode_start_step if req.decode_start_step is not None else view.decode_steps
+            self.ledger.rehome(req.request_id, cohort.horizon + ext.horizon - req.predicted_tokens, started)
+            req.predicted_tokens = ext.horizon
+            self.near_limit.pop(req.request_id, None)
+            self.counters["extensions"] += 1
+            tokens = self.ledger.reservation_tokens(req.request_id)
+            assert tokens is not None
+            self.to_worker(req.decode_rank, p.ExtendReservation(req.request_id, tokens))
+        for res in decisions.resumes:
+            req = self.preempted.pop(res.request_id)
+            assert req.decode_rank is not None
+            view = self.registry.views[req.decode_rank]
+            produced = len(req.output_token_ids)
+            kv = req.num_prompt_tokens + produced
+            self.ledger.add(req.decode_rank, view.block_size, res.horizon - produced, [(req.request_id, kv)], view.decode_steps)
+            req.predicted_tokens = res.horizon
+            req.resuming = True
+            self.to_worker(req.decode_rank, p.Resume(req.request_id, self.ledger.reservation_tokens(req.request_id)))
 
     @staticmethod
     def _prefill_blocks(req: Request, view: WorkerView) -> int:
@@ -122,7 +181,11 @@ class Lifecycle:
             self._on_prefill_done(msg)
         elif isinstance(msg, p.TokenEvents):
             view.free_blocks = msg.free_blocks
-            self._on_tokens(msg)
+            view.decode_steps += 1
+            self._on_tokens(msg, view)
+        elif isinstance(msg, p.Preempted):
+            view.free_blocks = msg.free_blocks
+            self._on_preempted(msg)
         elif isinstance(msg, p.TransferStatus):
             self._on_transfer(msg)
         elif isinstance(msg, p.Released):
@@ -152,23 +215,42 @@ class Lifecycle:
             req.transition(S.TRANSFERRING)
             self.kv_waiting.append(req)
 
-    def _on_tokens(self, msg: p.TokenEvents) -> None:
-        for rid in msg.preempted:
+    def _on_tokens(self, msg: p.TokenEvents, view: WorkerView) -> None:
+        for rid in msg.preempted:  # the worker ran out of blocks and dropped it to recompute
             req = self.requests.get(rid)
             if req is not None and req.status is S.DECODING:
                 req.transition(S.PREEMPTED)
                 req.num_preemptions += 1
                 self.counters["preemptions"] += 1
+                self.counters["preemptions_local"] += 1
+        ahead = self.policy.extend_ahead
         for rid, token, reason in zip(msg.request_ids, msg.token_ids, msg.finish_reasons):
             req = self.requests.get(rid)
             if req is None or req.status not in (S.DECODING, S.PREEMPTED):
                 continue
-            if req.status is S.PREEMPTED:
-                req.transition(S.DECODING)
+            if req.status is S.PREEMPTED and (req.preempt_mode is None or req.resuming):
+                req.transition(S.DECODING)  # back from a local recompute, or resumed by our order
+                if req.resuming:
+                    req.resuming, req.preempt_mode = False, None
+                    req.decode_start_step = view.decode_steps - 1
+                    self.ledger.started(rid, view.decode_steps - 1)
             req.output_token_ids.append(token)
             self._stream(req, len(req.output_token_ids) - 1)
             if reason is not None:
                 self.finish(req, reason)
+            elif (
+                ahead and req.predicted_tokens is not None and req.status is S.DECODING
+                and len(req.output_token_ids) + ahead >= req.predicted_tokens and req.predicted_tokens < req.max_tokens
+            ):
+                self.near_limit[rid] = req
+
+    def _on_preempted(self, msg: p.Preempted) -> None:
+        req = self.requests.get(msg.request_id)
+        if req is None or req.status is not S.PREEMPTED or req.resuming:
+            return
+        req.preempt_mode = msg.mode
+        self.counters[f"preemptions_{msg.mode}"] += 1
+        self.preempted[req.request_id] = req
 
     def _on_transfer(self, msg: p.TransferStatus) -> None:
         req = self.requests.get(msg.request_id)
@@ -183,6 +265,8 @@ class Lifecycle:
             view.committed_blocks -= self.transfer_blocks.pop(req.request_id)
             view.num_running += 1
             req.transition(S.DECODING)
+            req.decode_start_step = view.decode_steps
+            self.ledger.started(req.request_id, view.decode_steps)
 
     def _stream(self, req: Request, index: int) -> None:
         if req.stream:
@@ -194,6 +278,12 @@ class Lifecycle:
     def finish(self, req: Request, reason: str) -> None:
         req.transition(S.FINISHED)
         self.counters["finished"] += 1
+        if req.raw_prediction is not None:
+            n = len(req.output_token_ids)
+            self.counters["predicted"] += 1
+            self.prediction_abs_error += abs(req.raw_prediction - n)
+            self.counters["under_predicted" if req.raw_prediction < n else "over_predicted"] += req.raw_prediction != n
+            self.policy.on_finish(req)
         self._end(req, reason)
 
     def abort_client_request(self, client: bytes, client_request_id: str) -> bool:
@@ -248,7 +338,7 @@ class Lifecycle:
         ranks: set[int] = set()
         views = self.registry.views
         if req.status is S.WAITING_PREFILL:
-            self.waiting.remove(req)
+            self.waiting.remove(req.request_id)
         elif req.status is S.PREFILLING:
             assert req.prefill_rank is not None
             view = views[req.prefill_rank]
@@ -288,6 +378,9 @@ class Lifecycle:
         ))
 
     def _forget(self, req: Request) -> None:
+        self.ledger.remove(req.request_id)
+        self.near_limit.pop(req.request_id, None)
+        self.preempted.pop(req.request_id, None)
         if req.reserved_blocks and req.prefill_rank is not None:
             self.registry.views[req.prefill_rank].reserved_blocks -= req.reserved_blocks
             req.reserved_blocks = 0
@@ -306,10 +399,25 @@ class Lifecycle:
             "queue_waiting_prefill": float(len(self.waiting)),
             "queue_kv_waiting": float(len(self.kv_waiting)),
             "requests_releasing": float(len(self.releasing)),
-            "reserved_blocks": float(sum(max(0, v.committed_blocks) + v.reserved_blocks for v in views)),
+            "reserved_blocks": float(
+                sum(max(0, v.committed_blocks) + v.reserved_blocks for v in views)
+                + sum(led.reserved_blocks for led in self.ledger.ranks.values())
+            ),
             "transfers_in_flight": float(len(self.transfer_blocks)),
             "workers_alive": float(sum(v.alive for v in views)),
+            "queue_near_limit": float(len(self.near_limit)),
+            "queue_preempted": float(len(self.preempted)),
         }
+        done = self.counters["predicted"]
+        values["prediction_mean_abs_error"] = self.prediction_abs_error / done if done else 0.0
+        values.update({f"queue_bucket.{b}": float(n) for b, n in self.waiting.lengths().items()})
+        for v in views:  # per worker: decode-side reservations, physical use, and what pipelining lends
+            led = self.ledger.ranks.get(v.rank)
+            reserved = led.reserved_blocks if led else 0
+            values[f"worker.{v.rank}.reserved_blocks"] = float(reserved + v.reserved_blocks)
+            values[f"worker.{v.rank}.used_blocks"] = float(v.num_blocks - v.free_blocks)
+            # Reservations beyond the physical pool: space promised to guests out of hosts' future growth.
+            values[f"worker.{v.rank}.lent_blocks"] = float(max(0, reserved - v.num_blocks))
         values.update({f"status.{k}": v for k, v in by_status.items()})
         values.update({k: float(v) for k, v in self.counters.items()})
         values.update(self.dispatch_ms.summary("dispatch_ms"))

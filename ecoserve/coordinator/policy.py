@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterator, Protocol
 
+from ecoserve.coordinator.ledger import ReservationLedger
 from ecoserve.coordinator.request import Request
 
 
@@ -29,6 +30,7 @@ class WorkerView:
     queued_prefill_tokens: int = 0  # prompt tokens dispatched to it and not yet prefilled
     num_running: int = 0
     alive: bool = True
+    decode_steps: int = 0  # decode steps it has reported (the reservation timeline's clock)
 
     @property
     def available_blocks(self) -> int:
@@ -38,12 +40,41 @@ class WorkerView:
         return -(-num_tokens // self.block_size)
 
 
+class FIFOQueue:
+    """The PT queue in arrival order, with O(1) removal (a dict keeps insertion order)."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, Request] = {}
+
+    def push(self, req: Request) -> None:
+        self._items[req.request_id] = req
+
+    def remove(self, request_id: str) -> bool:
+        return self._items.pop(request_id, None) is not None
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._items.values())  # callers never change the queue while iterating
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, req: object) -> bool:
+        return isinstance(req, Request) and req.request_id in self._items
+
+    def lengths(self) -> dict[str, int]:
+        return {}
+
+
 @dataclass
 class SchedulerState:
     now: float
-    waiting: deque[Request]  # the PT queue, in arrival order
-    kv_waiting: deque[Request]  # prompt done, KV held on its prefill worker, no decode worker yet
+    waiting: FIFOQueue  # the PT queue (the policy's own kind: FIFO, or one queue per RL bucket)
+    kv_waiting: deque[Request]  # prompt done, KV held on its prefill worker, not moving yet
     workers: dict[int, WorkerView]
+    ledger: ReservationLedger = field(default_factory=ReservationLedger)  # decode-side reservations
+    near_limit: dict[str, Request] = field(default_factory=dict)  # decoding, close to its reservation
+    preempted: dict[str, Request] = field(default_factory=dict)  # preempted by order, waiting to resume
+    requests: dict[str, Request] = field(default_factory=dict)  # every live request by id
 
     def alive(self, role: str) -> list[WorkerView]:
         return [w for w in self.workers.values() if w.alive and w.role == role]
@@ -65,22 +96,86 @@ class StartTransfer:
     num_blocks: int  # blocks the destination allocates for the prompt's KV
 
 
+@dataclass(frozen=True)
+class Reserve:
+    """Reserve on decode worker `rank`: each member (request id, KV tokens at its start) may then
+    produce `horizon` tokens. Applied before the prefills and transfers of the same round."""
+
+    rank: int
+    horizon: int
+    members: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Extend:
+    """Raise a decoding request's reservation to `horizon` output tokens in total."""
+
+    request_id: str
+    horizon: int
+
+
+@dataclass(frozen=True)
+class PreemptDecode:
+    request_id: str
+    mode: str  # "swap" | "recompute"
+
+
+@dataclass(frozen=True)
+class ResumeDecode:
+    """Bring a preempted request back on its decode worker; it may produce `horizon` more tokens."""
+
+    request_id: str
+    horizon: int
+
+
 @dataclass
 class Decisions:
+    reservations: list[Reserve] = field(default_factory=list)
     prefills: list[DispatchPrefill] = field(default_factory=list)  # in the order to dispatch
     transfers: list[StartTransfer] = field(default_factory=list)
+    preemptions: list[PreemptDecode] = field(default_factory=list)  # applied before extensions
+    extensions: list[Extend] = field(default_factory=list)
+    resumes: list[ResumeDecode] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not self.prefills and not self.transfers
+        return not (
+            self.reservations or self.prefills or self.transfers or self.preemptions or self.extensions or self.resumes
+        )
 
 
 class Policy(Protocol):
     name: str
     # Worker roles a cluster needs for this policy: any one of these sets must be present.
     needs_roles: tuple[frozenset[str], ...]
+    # Tokens before a request exhausts its reservation at which the coordinator asks to extend it
+    # (0: the policy makes no reservations to extend).
+    extend_ahead: int
+
+    def new_queue(self) -> FIFOQueue: ...
+
+    def on_admit(self, req: Request) -> None: ...
+
+    def on_finish(self, req: Request) -> None: ...
 
     def schedule(self, state: SchedulerState) -> Decisions: ...
+
+
+class BasePolicy:
+    """Defaults for policies without length prediction: one FIFO PT queue, nothing to learn."""
+
+    name = ""
+    needs_roles: tuple[frozenset[str], ...] = ()
+    extend_ahead = 0
+
+    def new_queue(self) -> FIFOQueue:
+        return FIFOQueue()
+
+    def on_admit(self, req: Request) -> None:
+        return None
+
+    def on_finish(self, req: Request) -> None:
+        return None
 
 
 def check_cluster(policy: Policy, roles: set[str]) -> None:

@@ -68,7 +68,15 @@ class Request:
     prefill_rank: int | None = None
     decode_rank: int | None = None
     num_preemptions: int = 0
-    reserved_blocks: int = 0  # held on prefill_rank until the request ends (reserving policies)
+    reserved_blocks: int = 0  # held on prefill_rank until the request ends (orca's reservation)
+    # Length prediction (policies that predict): what the predictor said, and the bucket bound /
+    # reservation horizon in output tokens (raised by extensions).
+    raw_prediction: int | None = None
+    predicted_tokens: int | None = None
+    true_length: int | None = None  # known to simulations only (oracle predictors)
+    decode_start_step: int | None = None  # its decode worker's step when it (re)started decoding
+    preempt_mode: str | None = None  # while preempted by order of the coordinator: "swap" | "recompute"
+    resuming: bool = False  # a Resume was sent; the next token restarts it
     text_sent: str = ""  # text already streamed (incremental detokenisation)
     dispatch_latency_s: float | None = None  # front door -> dispatch decision
 
@@ -78,6 +86,11 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def ttft_deadline(self) -> float:
+        """When its first token is due (its arrival when it has no TTFT SLO)."""
+        return self.arrival + (self.slo_ttft_ms or 0.0) / 1e3
 
     def transition(self, status: RequestStatus, now: float | None = None) -> None:
         if status not in _NEXT.get(self.status, set()) and not (status in _TERMINAL and not self.status.terminal):

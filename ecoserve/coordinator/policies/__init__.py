@@ -1,17 +1,43 @@
-"""Scheduling policies by name: `make_policy("distserve")`."""
+"""Scheduling policies by name: `make_policy("ecoserve", predictor="histogram", margin=0.1)`."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from ecoserve.coordinator.policies.colocated import OrcaPolicy, VLLMPolicy
 from ecoserve.coordinator.policies.distserve import DistServePolicy
+from ecoserve.coordinator.policies.ecoserve import CostModel, EcoServeConfig, EcoServePolicy
 from ecoserve.coordinator.policy import Policy
+from ecoserve.predictor.buckets import BucketScheme
 
-POLICIES: dict[str, type[DistServePolicy] | type[VLLMPolicy]] = {
-    "distserve": DistServePolicy, "vllm": VLLMPolicy, "orca": OrcaPolicy,
+POLICIES: dict[str, Any] = {
+    "ecoserve": EcoServePolicy, "distserve": DistServePolicy, "vllm": VLLMPolicy, "orca": OrcaPolicy,
 }
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, **options: Any) -> Policy:
+    """Build a policy; `options` are its knobs (for `ecoserve`, EcoServeConfig's fields, with
+    `buckets` as a list of bounds and `costs` as a dict of CostModel fields). Unknown names and
+    knobs raise ValueError saying what is allowed."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
-    return POLICIES[name]()
+    if name != "ecoserve":
+        if options:
+            raise ValueError(f"policy {name!r} takes no options (got {sorted(options)}); predictors and "
+                             "ablation switches apply to --policy ecoserve")
+        return POLICIES[name]()  # type: ignore[no-any-return]
+    allowed = {f.name for f in dataclasses.fields(EcoServeConfig)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"unknown ecoserve option(s) {unknown}; allowed: {sorted(allowed)}")
+    opts = dict(options)
+    if isinstance(opts.get("buckets"), (list, tuple)):
+        opts["buckets"] = BucketScheme(bounds=tuple(opts["buckets"]))
+    if isinstance(opts.get("costs"), dict):
+        costs = opts["costs"]
+        bad = sorted(set(costs) - {f.name for f in dataclasses.fields(CostModel)})
+        if bad:
+            raise ValueError(f"unknown cost model field(s) {bad}; allowed: decode, prefill, kv_bytes_per_token, swap_bytes_per_s")
+        opts["costs"] = CostModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in costs.items()})
+    return EcoServePolicy(EcoServeConfig(**opts))

@@ -10,10 +10,10 @@
 
 from __future__ import annotations
 
-from ecoserve.coordinator.policy import Decisions, DispatchPrefill, SchedulerState, WorkerView
+from ecoserve.coordinator.policy import BasePolicy, Decisions, DispatchPrefill, SchedulerState, WorkerView
 
 
-class VLLMPolicy:
+class VLLMPolicy(BasePolicy):
     name = "vllm"
     needs_roles: tuple[frozenset[str], ...] = (frozenset({"mixed"}),)
     reserve_max_tokens = False

@@ -15,10 +15,10 @@ No length prediction.
 
 from __future__ import annotations
 
-from ecoserve.coordinator.policy import Decisions, DispatchPrefill, SchedulerState, StartTransfer, WorkerView
+from ecoserve.coordinator.policy import BasePolicy, Decisions, DispatchPrefill, SchedulerState, StartTransfer, WorkerView
 
 
-class DistServePolicy:
+class DistServePolicy(BasePolicy):
     name = "distserve"
     needs_roles: tuple[frozenset[str], ...] = (frozenset({"prefill", "decode"}), frozenset({"mixed"}))
 

@@ -1,0 +1,228 @@
+"""Decode-side KV reservations and the predicted-usage timeline (DESIGN §4.1; our definitions).
+
+A *cohort* is the requests one admission reserved together on one decode worker: the same
+bucket, dispatched to prefill together, predicted to start decoding together and to produce
+the same number of tokens `horizon`. Time is counted in the decode worker's own steps (one
+token per running request per step), so the timeline needs no clock model.
+
+For a cohort of `n` members holding `P` KV tokens when they start, the blocks it holds at a
+step t (t >= now) are bounded by the ramp-plateau shape
+
+    f(t) = n + (P + n * min(t - a, horizon)) / block_size     for t < end, 0 after,
+
+(the `n` covers each member's last partly filled block). `a` is the step the first member
+started decoding, or `now` while none has; `end` is the step the last member started (or
+`now + start_delay` while some have not) plus `horizon`. Each shape only grows until it ends,
+so the worker's usage U(t) = sum of shapes peaks just before some cohort's end: the peak is
+the maximum over one breakpoint per cohort. The policy evaluates U at those breakpoints once
+per scheduling round (`Timeline`), after which checking a candidate cohort costs O(cohorts)
+and admitting it updates the breakpoints in O(cohorts).
+
+`start_delay` bounds, in decode steps, how long a reserved cohort may wait for prefill and
+transfer; the ledger widens it to twice the longest delay it has observed, so the bound
+follows the real pipeline. A start later than that is a misprediction like any other: the
+workers enforce physical capacity, and the policy's extension/preemption path repairs it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Cohort:
+    cohort_id: int
+    rank: int
+    horizon: int  # tokens each member is reserved to produce from its start
+    admitted_step: int
+    members: dict[str, int] = field(default_factory=dict)  # request id -> KV tokens at its start
+    pending: set[str] = field(default_factory=set)  # members not decoding yet
+    prompt_tokens: int = 0
+    first_start: int | None = None
+    last_start: int | None = None
+
+    def shape(self, now: int, delay: int) -> tuple[int, int, int, int, int]:
+        """(n, P, a, horizon, end) of the usage bound at step `now`."""
+        a = self.first_start if self.first_start is not None else now
+        base = now + delay if self.pending else (self.last_start if self.last_start is not None else now)
+        return len(self.members), self.prompt_tokens, a, self.horizon, base + self.horizon
+
+
+@dataclass
+class RankLedger:
+    rank: int
+    block_size: int
+    cohorts: dict[int, Cohort] = field(default_factory=dict)
+    reserved_blocks: int = 0  # sum over members of blocks(kv at start + horizon): exact allocation
+    members: int = 0
+    max_delay_seen: int = 0
+
+
+class ReservationLedger:
+    """Per decode worker: the cohorts holding reservations there. Plain data, no torch."""
+
+    def __init__(self, start_delay: int = 32) -> None:
+        if start_delay < 0:
+            raise ValueError(f"start_delay must be >= 0 decode steps, got {start_delay}")
+        self.start_delay = start_delay
+        self.ranks: dict[int, RankLedger] = {}
+        self.where: dict[str, Cohort] = {}  # request id -> its cohort
+        self._ids = itertools.count()
+
+    def rank(self, rank: int, block_size: int) -> RankLedger:
+        led = self.ranks.get(rank)
+        if led is None:
+            led = self.ranks[rank] = RankLedger(rank, block_size)
+        return led
+
+    def delay(self, rank: int) -> int:
+        led = self.ranks.get(rank)
+        return max(self.start_delay, 2 * led.max_delay_seen) if led else self.start_delay
+
+    def add(self, rank: int, block_size: int, horizon: int, members: list[tuple[str, int]], step: int) -> Cohort:
+        """Reserve for `members` ((request id, KV tokens at start), ...) producing `horizon` tokens each."""
+        if horizon < 1 or not members:
+            raise ValueError(f"a cohort needs horizon >= 1 and members, got {horizon} and {len(members)}")
+        led = self.rank(rank, block_size)
+        cohort = Cohort(next(self._ids), rank, horizon, step)
+        for rid, tokens in members:
+            if rid in self.where:
+                raise ValueError(f"request {rid} already holds a reservation")
+            cohort.members[rid] = tokens
+            cohort.pending.add(rid)
+            cohort.prompt_tokens += tokens
+            led.reserved_blocks += -(-(tokens + horizon) // block_size)
+            self.where[rid] = cohort
+        led.members += len(members)
+        led.cohorts[cohort.cohort_id] = cohort
+        return cohort
+
+    def started(self, rid: str, step: int) -> None:
+        """The member's KV is on its decode worker and it decodes from `step`."""
+        cohort = self.where.get(rid)
+        if cohort is None or rid not in cohort.pending:
+            return
+        cohort.pending.discard(rid)
+        cohort.first_start = step if cohort.first_start is None else min(cohort.first_start, step)
+        cohort.last_start = step if cohort.last_start is None else max(cohort.last_start, step)
+        led = self.ranks[cohort.rank]
+        led.max_delay_seen = max(led.max_delay_seen, step - cohort.admitted_step)
+
+    def remove(self, rid: str) -> Cohort | None:
+        """Drop the member's reservation (it ended, was preempted, or moves to a new cohort)."""
+        cohort = self.where.pop(rid, None)
+        if cohort is None:
+            return None
+        led = self.ranks[cohort.rank]
+        tokens = cohort.members.pop(rid)
+        cohort.pending.discard(rid)
+        cohort.prompt_tokens -= tokens
+        led.reserved_blocks -= -(-(tokens + cohort.horizon) // led.block_size)
+        led.members -= 1
+        if not cohort.members:
+            del led.cohorts[cohort.cohort_id]
+        return cohort
+
+    def member_shape(self, rid: str, now: int) -> Shape | None:
+        """The bound one member contributes (its share of its cohort's shape)."""
+        cohort = self.where.get(rid)
+        if cohort is None:
+            return None
+        _, _, a, h, end = cohort.shape(now, self.delay(cohort.rank))
+        return (1, cohort.members[rid], a, h, end)
+
+    def rehome(self, rid: str, horizon: int, started: int) -> Cohort:
+        """Move a decoding member into a cohort of its own with a new horizon (an extension)."""
+        cohort = self.where[rid]
+        tokens = cohort.members[rid]
+        block_size = self.ranks[cohort.rank].block_size
+        self.remove(rid)
+        new = self.add(cohort.rank, block_size, horizon, [(rid, tokens)], started)
+        self.started(rid, started)
+        return new
+
+    def reservation_tokens(self, rid: str) -> int | None:
+        cohort = self.where.get(rid)
+        return None if cohort is None else cohort.members[rid] + cohort.horizon
+
+    def timeline(self, rank: int, block_size: int, now: int, capacity: float) -> Timeline:
+        led = self.rank(rank, block_size)
+        delay = self.delay(rank)
+        shapes = [c.shape(now, delay) for c in led.cohorts.values()]
+        return Timeline(block_size, now, capacity, delay, shapes)
+
+    def assert_empty(self) -> None:
+        left = {r: led.members for r, led in self.ranks.items() if led.members or led.reserved_blocks}
+        if left or self.where:
+            raise AssertionError(f"reservations left on ranks {left}; requests {sorted(self.where)[:5]}")
+
+
+Shape = tuple[int, int, int, int, int]  # (n, P, a, horizon, end)
+
+
+def _values(shapes: np.ndarray, t: np.ndarray, block_size: int) -> np.ndarray:
+    """U contributed by `shapes` (rows of n, P, a, horizon, end) at each time in `t`."""
+    if not len(shapes):
+        return np.zeros(len(t))
+    n, p, a, h, end = (shapes[:, i : i + 1] for i in range(5))
+    tt = t[None, :]
+    vals = n + (p + n * np.minimum(tt - a, h)) / block_size
+    return np.where(tt < end, vals, 0.0).sum(axis=0)  # type: ignore[no-any-return]
+
+
+class Timeline:
+    """U(t) of one decode worker at its cohorts' breakpoints, for one scheduling round."""
+
+    def __init__(self, block_size: int, now: int, capacity: float, delay: int, shapes: list[Shape]) -> None:
+        self.block_size = block_size
+        self.now = now
+        self.capacity = capacity
+        self.delay = delay
+        self.shapes = np.array(shapes, dtype=np.float64).reshape(-1, 5)
+        self.points = np.maximum(now, self.shapes[:, 4] - 1) if len(shapes) else np.array([float(now)])
+        self.usage = _values(self.shapes, self.points, block_size)
+
+    @property
+    def peak(self) -> float:
+        return float(self.usage.max())
+
+    def pending(self, n: int, kv_tokens: int, horizon: int) -> Shape:
+        """A cohort reserved now that starts decoding within the start delay."""
+        return (n, kv_tokens, self.now, horizon, self.now + self.delay + horizon)
+
+    def running(self, n: int, kv_tokens: int, horizon: int, started: int) -> Shape:
+        """Members decoding since step `started` (an extension re-reserves one this way)."""
+        return (n, kv_tokens, started, horizon, started + horizon)
+
+    def peak_with(self, add: list[Shape], remove: list[Shape] | None = None) -> float:
+        """Peak of U with `add` admitted and `remove` gone: O(cohorts) per shape."""
+        bs = self.block_size
+        added = np.array(add, dtype=np.float64).reshape(-1, 5)
+        removed = np.array(remove or [], dtype=np.float64).reshape(-1, 5)
+        own = np.maximum(self.now, added[:, 4] - 1)  # each added shape's own breakpoint
+        usage = self.usage + _values(added, self.points, bs) - _values(removed, self.points, bs)
+        own_usage = _values(self.shapes, own, bs) + _values(added, own, bs) - _values(removed, own, bs)
+        return float(max(usage.max(), own_usage.max() if len(own_usage) else 0.0))
+
+    def fits(self, add: list[Shape], remove: list[Shape] | None = None) -> bool:
+        return self.peak_with(add, remove) <= self.capacity
+
+    def admit(self, shape: Shape, remove: Shape | None = None) -> None:
+        """Fold an admitted shape in (and `remove` out): O(cohorts)."""
+        bs = self.block_size
+        row = np.array([shape], dtype=np.float64)
+        gone = np.array([remove] if remove else [], dtype=np.float64).reshape(-1, 5)
+        own = np.array([max(self.now, shape[4] - 1)], dtype=np.float64)
+        own_usage = _values(self.shapes, own, bs) + _values(row, own, bs) - _values(gone, own, bs)
+        self.usage = np.concatenate([self.usage + _values(row, self.points, bs) - _values(gone, self.points, bs), own_usage])
+        self.points = np.concatenate([self.points, own])
+        self.shapes = np.concatenate([self.shapes, row] + ([gone * np.array([-1, -1, 1, 1, 1])] if remove else []))
+
+    def drop(self, shape: Shape) -> None:
+        """Take a shape out (a victim preempted): O(cohorts)."""
+        row = np.array([shape], dtype=np.float64) * np.array([-1, -1, 1, 1, 1])
+        self.usage = self.usage + _values(row, self.points, self.block_size)
+        self.shapes = np.concatenate([self.shapes, row])

@@ -1,0 +1,495 @@
+"""The `ecoserve` policy across a prefill and a decode pool (DESIGN §4.1).
+
+The paper is not public in full; where it is silent these definitions are ours (DESIGN §4.1
+states them), and so are the constants below.
+
+Each scheduling round, in this order (KVC holders first, so KVC is released earliest):
+
+1. **Transfers.** Prompts done on a prefill worker move to the decode worker that holds their
+   reservation at once, most KV first (`ordering`). Without `exact_allocation` the reservation
+   is made only now, when the KV exists, and a prompt may wait for decode memory.
+2. **Misprediction.** A decoding request within `extend_ahead` tokens of its reservation is
+   extended by one bucket if its worker's timeline allows. Once it has used its reservation up
+   (so it was under-predicted, not merely close), victims on that worker are preempted, loosest TPOT slack first, then longest predicted remaining, then cheapest to
+   move, each by swap or recompute, whichever `CostModel` says is cheaper.
+3. **Resumes.** Preempted requests return to their worker, swapped ones (holding host KVC)
+   first, then by KV size, when the timeline has room again. While one waits, no new cohort
+   is admitted to its worker.
+4. **Admission.** Requests wait in one queue per RL bucket. The most urgent bucket head (TTFT
+   deadline, then shorter prompt; oldest first without `ordering`) picks the bucket; the
+   bucket's oldest requests form a cohort that fits the prefill worker's token budget, and the
+   whole cohort is reserved on one decode worker in one timeline check (`ledger.Timeline`),
+   then dispatched to prefill together. A cohort that fits nowhere is halved until it fits;
+   when even its head does not, admission stops (no bypass, so no bucket starves).
+
+Mechanisms can be switched off for ablations: `pipelining` (admit on the exact sum of
+reservations instead of the timeline), `rl_buckets` (one queue, cohorts of one, the raw
+prediction as horizon), `ordering` (FCFS everywhere), `exact_allocation` (reserve at transfer
+time instead of before prefill). A decode worker's batch is capped so that its predicted step
+time meets the TPOT SLO when a decode cost model is given (`tpot_cap`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ecoserve.coordinator.ledger import Shape, Timeline
+from ecoserve.coordinator.policy import (
+    BasePolicy, Decisions, DispatchPrefill, Extend, FIFOQueue, PreemptDecode, Reserve, ResumeDecode,
+    SchedulerState, StartTransfer, WorkerView,
+)
+from ecoserve.coordinator.request import Request, RequestStatus
+from ecoserve.predictor.buckets import BucketScheme
+from ecoserve.predictor.predictors import Predictor, PredictionQuery, make_predictor
+
+PREEMPT_MODES = ("auto", "swap", "recompute")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Latency fits the policy uses: decode step (TPOT cap) and swap-versus-recompute.
+
+    decode step ms = decode[0] + decode[1] * context tokens + decode[2] * batch size;
+    recompute ms = prefill[0] + prefill[1] * L + prefill[2] * L^2 for L tokens (DistServe's
+    fit shapes); swap ms = 2 * L * kv_bytes_per_token / swap_bytes_per_s (out, then in).
+    """
+
+    decode: tuple[float, float, float] | None = None
+    prefill: tuple[float, float, float] = (10.0, 0.5, 0.0)  # CPU-scale default for a ~100M model
+    kv_bytes_per_token: float = 64 * 1024
+    swap_bytes_per_s: float = 8e9
+
+    def decode_ms(self, batch: int, context_tokens: float) -> float:
+        if self.decode is None:
+            return 0.0
+        a, b, c = self.decode
+        return a + b * context_tokens + c * batch
+
+    def recompute_ms(self, tokens: int) -> float:
+        a, b, c = self.prefill
+        return a + b * tokens + c * tokens * tokens
+
+    def swap_ms(self, tokens: int) -> float:
+        return 2e3 * tokens * self.kv_bytes_per_token / self.swap_bytes_per_s
+
+
+@dataclass(frozen=True)
+class EcoServeConfig:
+    predictor: str = "histogram"
+    predictor_options: dict[str, float] = field(default_factory=dict)
+    buckets: BucketScheme = field(default_factory=BucketScheme)
+    margin: float = 0.05  # share of each decode pool the timeline keeps free
+    start_delay: int = 32  # decode steps a reserved cohort may take to start (widened as observed)
+    queue_factor: float = 2.0  # prompt tokens queued per prefill worker, in token budgets
+    max_cohort: int = 64
+    extend_ahead: int = 4  # tokens before the reservation ends at which to extend it
+    max_victims: int = 4  # preemptions one extension may cause per round
+    preempt_mode: str = "auto"  # "auto" (cost model), or force "swap" / "recompute"
+    slo_tpot_ms: float | None = None  # for the TPOT cap when a request brings none
+    costs: CostModel = field(default_factory=CostModel)
+    pipelining: bool = True
+    rl_buckets: bool = True
+    ordering: bool = True
+    exact_allocation: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+        if self.start_delay < 0:
+            raise ValueError(f"start_delay must be >= 0 decode steps, got {self.start_delay}")
+        if self.queue_factor <= 0:
+            raise ValueError(f"queue_factor must be > 0, got {self.queue_factor}")
+        if self.max_cohort < 1 or self.max_victims < 1 or self.extend_ahead < 0:
+            raise ValueError(
+                f"need max_cohort >= 1, max_victims >= 1, extend_ahead >= 0; got {self.max_cohort}, "
+                f"{self.max_victims}, {self.extend_ahead}"
+            )
+        if self.preempt_mode not in PREEMPT_MODES:
+            raise ValueError(f"preempt_mode must be one of {PREEMPT_MODES}, got {self.preempt_mode!r}")
+
+
+class BucketQueues(FIFOQueue):
+    """One FIFO queue per predicted horizon (the RL bucket bound), plus arrival order overall."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buckets: dict[int, dict[str, Request]] = {}
+
+    def push(self, req: Request) -> None:
+        assert req.predicted_tokens is not None, "on_admit predicts before the request is queued"
+        super().push(req)
+        self.buckets.setdefault(req.predicted_tokens, {})[req.request_id] = req
+
+    def remove(self, request_id: str) -> bool:
+        req = self._items.get(request_id)
+        if req is None:
+            return False
+        super().remove(request_id)
+        assert req.predicted_tokens is not None
+        queue = self.buckets[req.predicted_tokens]
+        del queue[request_id]
+        if not queue:
+            del self.buckets[req.predicted_tokens]
+        return True
+
+    def lengths(self) -> dict[str, int]:
+        return {str(b): len(q) for b, q in sorted(self.buckets.items())}
+
+
+class _Cursor:
+    """Walks one bucket queue in order during a round (the queue itself does not change)."""
+
+    def __init__(self, items: Iterator[Request]) -> None:
+        self.items = items
+        self.buffer: list[Request] = []
+
+    def peek(self, i: int = 0) -> Request | None:
+        while len(self.buffer) <= i:
+            nxt = next(self.items, None)
+            if nxt is None:
+                return None
+            self.buffer.append(nxt)
+        return self.buffer[i]
+
+    @property
+    def head(self) -> Request | None:
+        return self.peek(0)
+
+    def pop(self) -> Request:
+        head = self.peek(0)
+        assert head is not None
+        return self.buffer.pop(0)
+
+
+class EcoServePolicy(BasePolicy):
+    name = "ecoserve"
+    needs_roles: tuple[frozenset[str], ...] = (frozenset({"prefill", "decode"}),)
+
+    def __init__(self, config: EcoServeConfig | None = None, predictor: Predictor | None = None) -> None:
+        self.config = config or EcoServeConfig()
+        c = self.config
+        self.predictor = predictor or make_predictor(c.predictor, c.buckets, **c.predictor_options)
+        self.extend_ahead = c.extend_ahead
+        self.start_delay = c.start_delay
+
+    # --- admission hooks -------------------------------------------------------------------------
+
+    def new_queue(self) -> FIFOQueue:
+        return BucketQueues()
+
+    def on_admit(self, req: Request) -> None:
+        pred = self.predictor.predict(PredictionQuery(req.num_prompt_tokens, req.max_tokens, req.true_length))
+        req.raw_prediction = pred.length
+        req.predicted_tokens = pred.bucket if self.config.rl_buckets else pred.length
+
+    def on_finish(self, req: Request) -> None:
+        self.predictor.observe(req.num_prompt_tokens, max(1, len(req.output_token_ids)))
+
+    # --- one round -------------------------------------------------------------------------------
+
+    def schedule(self, state: SchedulerState) -> Decisions:
+        out = Decisions()
+        decoders = {w.rank: w for w in state.alive("decode")}
+        prefillers = state.alive("prefill")
+        if not decoders or not prefillers:
+            return out
+        round_ = _Round(self, state, decoders)
+        self._transfers(state, round_, out)
+        blocked = self._mispredictions(state, round_, out)
+        blocked |= self._resumes(state, round_, out)
+        self._admit(state, prefillers, round_, blocked, out)
+        return out
+
+    def _transfers(self, state: SchedulerState, r: _Round, out: Decisions) -> None:
+        queue = list(state.kv_waiting)
+        if self.config.ordering:
+            queue.sort(key=lambda q: -q.num_prompt_tokens)
+        for req in queue:
+            assert req.prefill_rank is not None and req.predicted_tokens is not None
+            if req.decode_rank is None:  # exact allocation off: reserve now that the KV exists
+                h = req.predicted_tokens
+                w = r.place([(req.request_id, req.num_prompt_tokens)], h, req.slo_tpot_ms, physical=True)
+                if w is None:
+                    break  # FCFS among prompts waiting for decode memory
+                out.reservations.append(Reserve(w.rank, h, ((req.request_id, req.num_prompt_tokens),)))
+                rank = w.rank
+            else:
+                rank = req.decode_rank
+                if rank not in r.decoders:
+                    continue  # its worker is lost: the lifecycle fails the request
+            w = r.decoders[rank]
+            out.transfers.append(StartTransfer(req.request_id, req.prefill_rank, rank, w.blocks_for(req.num_prompt_tokens)))
+
+    def _mispredictions(self, state: SchedulerState, r: _Round, out: Decisions) -> set[int]:
+        """Extend requests close to their reservation; preempt victims where that does not fit.
+        Returns the ranks where an extension still waits (no new cohort goes there)."""
+        blocked: set[int] = set()
+        victims_taken: set[str] = set()
+        reqs = list(state.near_limit.values())
+        if self.config.ordering:
+            reqs.sort(key=lambda q: -(q.num_prompt_tokens + len(q.output_token_ids)))
+        for req in reqs:
+            if req.request_id in victims_taken or req.status is not RequestStatus.DECODING or req.resuming:
+                continue
+            assert req.decode_rank is not None and req.predicted_tokens is not None
+            if req.predicted_tokens >= req.max_tokens or req.decode_rank not in r.decoders:
+                continue
+            new_total = self._next_horizon(req.predicted_tokens, req.max_tokens)
+            old = state.ledger.member_shape(req.request_id, r.decoders[req.decode_rank].decode_steps)
+            if old is None:
+                continue
+            n, kv, a, h, end = old
+            new = (1, kv, a, h + new_total - req.predicted_tokens, a + h + new_total - req.predicted_tokens)
+            tl = r.timeline(req.decode_rank)
+            grow = r.blocks_delta(req, new_total)
+            for _ in range(self.config.max_victims + 1):
+                if r.fits(req.decode_rank, [new], [old], 0, exact=grow):
+                    out.extensions.append(Extend(req.request_id, new_total))
+                    tl.admit(new, remove=old)
+                    r.exact[req.decode_rank] += grow
+                    break
+                if len(req.output_token_ids) < req.predicted_tokens:
+                    break  # not exhausted yet: it may still end within its prediction; extend later
+                victim = self._victim(state, req.decode_rank, victims_taken, r)
+                if victim is None:
+                    blocked.add(req.decode_rank)
+                    break
+                victims_taken.add(victim.request_id)
+                shape = state.ledger.member_shape(victim.request_id, tl.now)
+                assert shape is not None
+                tl.drop(shape)
+                r.exact[req.decode_rank] -= r.exact_blocks_of(victim)
+                out.preemptions.append(PreemptDecode(victim.request_id, self._mode(victim)))
+                if victim is req:
+                    break
+            else:
+                blocked.add(req.decode_rank)
+        return blocked
+
+    def _next_horizon(self, current: int, max_tokens: int) -> int:
+        bounds = self.config.buckets.bounds
+        nxt = next((b for b in bounds if b > current), current * 2)
+        return min(max_tokens, nxt)
+
+    def _victim(self, state: SchedulerState, rank: int, taken: set[str], r: _Round) -> Request | None:
+        led = state.ledger.ranks.get(rank)
+        if led is None:
+            return None
+        best: tuple[float, float, float] | None = None
+        chosen: Request | None = None
+        for cohort in led.cohorts.values():
+            for rid in cohort.members:
+                req = state.requests.get(rid)
+                if req is None or rid in taken or rid in cohort.pending or req.status is not RequestStatus.DECODING:
+                    continue
+                key = (-self._tpot_slack_ms(req, state.now), -self._remaining(req), self._kv_tokens(req))
+                if best is None or key < best:
+                    best, chosen = key, req
+        return chosen
+
+    def _tpot_slack_ms(self, req: Request, now: float) -> float:
+        slo = req.slo_tpot_ms or self.config.slo_tpot_ms
+        first = req.first_time(RequestStatus.TRANSFERRING) or req.first_time(RequestStatus.DECODING)
+        if slo is None or first is None:
+            return math.inf
+        return slo * max(1, len(req.output_token_ids) - 1) - (now - first) * 1e3
+
+    @staticmethod
+    def _remaining(req: Request) -> int:
+        return max(0, (req.predicted_tokens or req.max_tokens) - len(req.output_token_ids))
+
+    @staticmethod
+    def _kv_tokens(req: Request) -> int:
+        return req.num_prompt_tokens + len(req.output_token_ids)
+
+    def _mode(self, req: Request) -> str:
+        if self.config.preempt_mode != "auto":
+            return self.config.preempt_mode
+        tokens = self._kv_tokens(req)
+        costs = self.config.costs
+        return "swap" if costs.swap_ms(tokens) <= costs.recompute_ms(tokens) else "recompute"
+
+    def _resumes(self, state: SchedulerState, r: _Round, out: Decisions) -> set[int]:
+        blocked: set[int] = set()
+        reqs = list(state.preempted.values())
+        if self.config.ordering:
+            reqs.sort(key=lambda q: (q.preempt_mode != "swap", -self._kv_tokens(q)))
+        for req in reqs:
+            rank = req.decode_rank
+            if rank is None or rank not in r.decoders or rank in blocked:
+                continue
+            assert req.predicted_tokens is not None
+            produced = len(req.output_token_ids)
+            total = req.predicted_tokens if req.predicted_tokens > produced else self._next_horizon(produced, req.max_tokens)
+            h = max(1, total - produced)
+            tokens = self._kv_tokens(req)
+            w = r.decoders[rank]
+            swap_in = w.blocks_for(tokens) if req.preempt_mode == "swap" else 0
+            if r.fits(rank, [r.timeline(rank).pending(1, tokens, h)], [], 1, exact=w.blocks_for(tokens + h), physical=swap_in):
+                r.commit(rank, r.timeline(rank).pending(1, tokens, h), w.blocks_for(tokens + h), swap_in)
+                out.resumes.append(ResumeDecode(req.request_id, total))
+            else:
+                blocked.add(rank)
+        return blocked
+
+    def _admit(
+        self, state: SchedulerState, prefillers: list[WorkerView], r: _Round, blocked: set[int], out: Decisions
+    ) -> None:
+        c = self.config
+        queue = state.waiting
+        assert isinstance(queue, BucketQueues)
+        room = {w.rank: c.queue_factor * w.token_budget - w.queued_prefill_tokens for w in prefillers}
+        idle = {w.rank: w.queued_prefill_tokens == 0 for w in prefillers}
+        avail = {w.rank: w.available_blocks for w in prefillers}
+        cursors: dict[int, _Cursor] = {}
+        r.blocked = blocked
+        while True:
+            pw = max(prefillers, key=lambda w: (room[w.rank] / w.token_budget, -w.rank))
+            if room[pw.rank] <= 0 and not idle[pw.rank]:
+                return
+            bucket = self._next_bucket(queue, cursors)
+            if bucket is None:
+                return
+            cur = cursors[bucket]
+            group: list[Request] = []
+            tokens = 0
+            head = cur.head
+            while head is not None and len(group) < (c.max_cohort if c.rl_buckets else 1):
+                p = head.num_prompt_tokens
+                if group and (tokens + p > room[pw.rank] or pw.blocks_for(tokens + p) + len(group) > avail[pw.rank]):
+                    break
+                group.append(head)
+                tokens += p
+                head = cur.peek(len(group))
+            if pw.blocks_for(group[0].num_prompt_tokens) > avail[pw.rank]:
+                return  # the prefill worker's pool is full: wait for it to send KV on
+            placed = self._reserve(group, bucket, r, out)
+            if placed == 0:
+                return  # the most urgent cohort fits nowhere: no bypass
+            for req in group[:placed]:
+                cur.pop()
+                out.prefills.append(DispatchPrefill(req.request_id, pw.rank, decode_locally=False))
+                room[pw.rank] -= req.num_prompt_tokens
+                avail[pw.rank] -= pw.blocks_for(req.num_prompt_tokens)
+            idle[pw.rank] = False
+
+    def _reserve(self, group: list[Request], horizon: int, r: _Round, out: Decisions) -> int:
+        """Reserve for the longest prefix of `group` that fits on one decode worker (halving)."""
+        if not self.config.exact_allocation:
+            return len(group)  # reserved at transfer time instead
+        slo = min((q.slo_tpot_ms for q in group if q.slo_tpot_ms), default=None)
+        n = len(group)
+        while n >= 1:
+            members = [(q.request_id, q.num_prompt_tokens) for q in group[:n]]
+            w = r.place(members, horizon, slo)
+            if w is not None:
+                out.reservations.append(Reserve(w.rank, horizon, tuple(members)))
+                return n
+            n //= 2
+        return 0
+
+    def _next_bucket(self, queue: BucketQueues, cursors: dict[int, _Cursor]) -> int | None:
+        best: tuple[float, ...] | None = None
+        chosen = None
+        for bucket, items in queue.buckets.items():
+            cur = cursors.get(bucket)
+            if cur is None:
+                cur = cursors[bucket] = _Cursor(iter(items.values()))
+            head = cur.head
+            if head is None:
+                continue
+            key = (head.ttft_deadline, head.num_prompt_tokens, head.arrival) if self.config.ordering else (head.arrival,)
+            if best is None or key < best:
+                best, chosen = key, bucket
+        return chosen
+
+
+class _Round:
+    """Per-round working state: each decode worker's timeline, built on first use."""
+
+    def __init__(self, policy: EcoServePolicy, state: SchedulerState, decoders: dict[int, WorkerView]) -> None:
+        self.policy = policy
+        self.state = state
+        self.decoders = decoders
+        self.timelines: dict[int, Timeline] = {}
+        self.exact = {rank: state.ledger.ranks[rank].reserved_blocks if rank in state.ledger.ranks else 0 for rank in decoders}
+        self.members = {rank: state.ledger.ranks[rank].members if rank in state.ledger.ranks else 0 for rank in decoders}
+        self.physical = {rank: w.available_blocks for rank, w in decoders.items()}
+        self.blocked: set[int] = set()
+
+    def timeline(self, rank: int) -> Timeline:
+        tl = self.timelines.get(rank)
+        if tl is None:
+            w = self.decoders[rank]
+            cap = w.num_blocks * (1 - self.policy.config.margin)
+            tl = self.timelines[rank] = self.state.ledger.timeline(rank, w.block_size, w.decode_steps, cap)
+        return tl
+
+    def fits(
+        self, rank: int, add: list[Shape], remove: list[Shape], new_members: int, exact: int = 0, physical: int = 0,
+        slo: float | None = None,
+    ) -> bool:
+        cfg = self.policy.config
+        w = self.decoders[rank]
+        if physical > self.physical[rank]:
+            return False
+        if cfg.pipelining:
+            peak = self.timeline(rank).peak_with(add, remove)
+            if peak > self.timeline(rank).capacity:
+                return False
+        else:
+            if self.exact[rank] + exact > w.num_blocks:
+                return False
+            peak = self.exact[rank] + exact
+        return self._tpot_ok(rank, new_members, peak, slo)
+
+    def _tpot_ok(self, rank: int, new_members: int, peak_blocks: float, slo: float | None) -> bool:
+        cfg = self.policy.config
+        slo = slo or cfg.slo_tpot_ms
+        if cfg.costs.decode is None or slo is None or new_members == 0:
+            return True
+        batch = self.members[rank] + new_members
+        return cfg.costs.decode_ms(batch, peak_blocks * self.decoders[rank].block_size) <= slo
+
+    def commit(self, rank: int, shape: Shape, exact: int, physical: int = 0) -> None:
+        self.timeline(rank).admit(shape)
+        self.exact[rank] += exact
+        self.members[rank] += shape[0]
+        self.physical[rank] -= physical
+
+    def place(
+        self, members: list[tuple[str, int]], horizon: int, slo: float | None, physical: bool = False
+    ) -> WorkerView | None:
+        """The decode worker where the cohort fits with the lowest resulting peak; commit it."""
+        best: tuple[float, int] | None = None
+        chosen: WorkerView | None = None
+        tokens = sum(t for _, t in members)
+        for rank, w in self.decoders.items():
+            if rank in self.blocked:
+                continue
+            shape = self.timeline(rank).pending(len(members), tokens, horizon)
+            exact = sum(w.blocks_for(t + horizon) for _, t in members)
+            need = w.blocks_for(tokens) + len(members) if physical else 0
+            if not self.fits(rank, [shape], [], len(members), exact, need, slo):
+                continue
+            load = (self.timeline(rank).peak_with([shape]) if self.policy.config.pipelining else self.exact[rank] + exact)
+            key = (load / w.num_blocks, rank)
+            if best is None or key < best:
+                best, chosen = key, w
+        if chosen is not None:
+            shape = self.timeline(chosen.rank).pending(len(members), tokens, horizon)
+            exact = sum(chosen.blocks_for(t + horizon) for _, t in members)
+            self.commit(chosen.rank, shape, exact, chosen.blocks_for(tokens) + len(members) if physical else 0)
+        return chosen
+
+    def blocks_delta(self, req: Request, new_total: int) -> int:
+        w = self.decoders[req.decode_rank]  # type: ignore[index]
+        kv = req.num_prompt_tokens
+        return w.blocks_for(kv + new_total) - w.blocks_for(kv + (req.predicted_tokens or 0))
+
+    def exact_blocks_of(self, req: Request) -> int:
+        w = self.decoders[req.decode_rank]  # type: ignore[index]
+        return w.blocks_for(req.num_prompt_tokens + (req.predicted_tokens or 0))
+
