@@ -46,12 +46,17 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV pool: block size, and a block count, or a share of the GPU's free memory
-    (after the weights are loaded), or a memory size — the first of these that is set."""
+    (after the weights are loaded), or a memory size — the first of these that is set.
+
+    `num_host_blocks` sizes the host-memory swap space (blocks shaped like the device's) where
+    a request preempted by swap keeps its KV; 0 means none, and such a preemption recomputes.
+    """
 
     block_size: int = 16
     num_blocks: int | None = None
     gpu_memory_fraction: float | None = None  # CUDA only
     kv_cache_gib: float = 1.0
+    num_host_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -62,6 +67,10 @@ class CacheConfig:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.gpu_memory_fraction is not None and not 0 < self.gpu_memory_fraction < 1:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1) or None, got {self.gpu_memory_fraction}")
+        if isinstance(self.num_host_blocks, bool) or not isinstance(self.num_host_blocks, int) or self.num_host_blocks < 0:
+            raise ValueError(
+                f"num_host_blocks must be an integer >= 0 (0: no host swap space), got {self.num_host_blocks!r}"
+            )
 
 
 @dataclass(frozen=True)

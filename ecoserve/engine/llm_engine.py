@@ -1,4 +1,11 @@
-"""The offline engine: add requests, then step (schedule -> execute -> update) until done."""
+"""The offline engine: add requests, then step (schedule -> execute -> update) until done.
+
+Beyond the local batcher's own choices, the engine takes orders meant for a coordinator:
+`preempt` parks a decoding request (its KV swapped to host memory, or dropped to be
+recomputed), `resume` brings it back, `set_reservation` caps the KV blocks a request may hold
+(FCFSScheduler.held lists those waiting at their cap), and `release` ends a request in any
+state, freeing its device and host blocks.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +19,14 @@ from ecoserve.envs import num_threads
 from ecoserve.engine.model_runner import ModelRunner, StepInputs, kv_cache_shape
 from ecoserve.engine.sampling_params import SamplingParams
 from ecoserve.engine.scheduler import FCFSScheduler
-from ecoserve.engine.sequence import FinishReason, Sequence
-from ecoserve.kv_cache import BlockPool, BlockTable
+from ecoserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from ecoserve.kv_cache import BlockPool, BlockTable, HostSwapSpace, OutOfBlocksError
 from ecoserve.model.loader import load_model
 from ecoserve.model.registry import resolve_model
 from ecoserve.model.sampling import sample
+
+
+PREEMPT_MODES = ("swap", "recompute")
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,8 @@ class LLMEngine:
         num_blocks = config.cache.num_blocks or self._blocks_for_memory(self._kv_bytes(config), block_size)
         self.pool = BlockPool(num_blocks, block_size)
         self.runner = ModelRunner(model, self.spec, num_blocks, block_size, self.dtype)
+        host_blocks = config.cache.num_host_blocks
+        self.swap_space = HostSwapSpace(self.runner.kv_cache, host_blocks) if host_blocks else None
         sched = config.scheduler
         self.scheduler = FCFSScheduler(self.pool, sched.max_num_seqs, sched.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
@@ -158,3 +170,104 @@ class LLMEngine:
 
     def pop_finished(self, request_id: str) -> Sequence:
         return self.sequences.pop(request_id)
+
+    # --- orders from a coordinator: preempt, resume, reserve, release ----------------------
+
+    def preempt(self, request_id: str, mode: str) -> str:
+        """Park a decoding request; returns the mode actually used.
+
+        "swap" copies the blocks holding its computed tokens to the host swap space, frees its
+        device blocks and keeps its progress; with no swap space, or too few free host blocks,
+        it falls back to "recompute" (the swap space left as it was). "recompute" frees its
+        device blocks and resets its progress, to re-prefill prompt + outputs on resume.
+        Only a running request whose prompt is fully computed can be preempted. A preemption
+        ordered here is not listed in `last_preempted` (that reports the batcher's own).
+        """
+        if mode not in PREEMPT_MODES:
+            raise ValueError(f"preempt mode must be one of {PREEMPT_MODES}, got {mode!r}")
+        seq = self._sequence(request_id)
+        if seq.status is not SequenceStatus.RUNNING or seq not in self.scheduler.running:
+            state = seq.status.value if seq.status is not SequenceStatus.RUNNING else "detached from the batcher"
+        elif seq.num_computed_tokens < len(seq.prompt_token_ids):
+            state = "still prefilling its prompt"
+        else:
+            state = ""
+        if state:
+            raise ValueError(
+                f"request {request_id!r} is {state}; only a running request whose prompt is fully computed "
+                "(decoding) can be preempted"
+            )
+        if mode == "swap" and not self._swap_out(seq):
+            mode = "recompute"
+        if mode == "recompute":
+            seq.num_computed_tokens = 0
+        self.scheduler.park(seq)  # frees the device blocks
+        seq.preempt_mode = mode
+        seq.num_preemptions += 1
+        return mode
+
+    def _swap_out(self, seq: Sequence) -> bool:
+        """Copy the blocks holding `seq`'s computed tokens to host; False, changing nothing, if
+        there is no swap space or it lacks room."""
+        if self.swap_space is None:
+            return False
+        used = seq.block_table.blocks[: self.pool.blocks_for_tokens(seq.num_computed_tokens)]
+        try:
+            seq.host_blocks = self.swap_space.swap_out(self.runner.kv_cache, used)
+        except OutOfBlocksError:
+            return False
+        return True
+
+    def resume(self, request_id: str) -> bool:
+        """Schedule a parked request again; True once it is back in the batcher's queues.
+
+        A swapped request needs device blocks for its computed tokens: if the pool has too few
+        free, this returns False and nothing changes (try again when blocks free up); else its
+        KV is copied back, its host blocks freed, and it rejoins the running in arrival (FCFS)
+        order, decoding from where it stopped. A recomputed one goes to the front of the waiting
+        queue and re-prefills its prompt and outputs through the normal admission path.
+        """
+        seq = self._sequence(request_id)
+        if seq.status is not SequenceStatus.PARKED:
+            raise ValueError(f"request {request_id!r} is {seq.status.value}; only a parked request can be resumed")
+        if seq.preempt_mode == "swap":
+            assert self.swap_space is not None
+            need = len(seq.host_blocks)
+            if need > self.pool.num_free:
+                return False
+            seq.block_table.ensure_capacity(seq.num_computed_tokens, self.pool)
+            self.swap_space.swap_in(seq.host_blocks, self.runner.kv_cache, seq.block_table.blocks[:need])
+            seq.host_blocks = []
+        self.scheduler.unpark(seq)
+        seq.preempt_mode = None
+        return True
+
+    def set_reservation(self, request_id: str, tokens: int | None) -> None:
+        """Cap the request's device KV at `pool.blocks_for_tokens(tokens)` blocks (None: no cap).
+
+        `tokens` must be at least the tokens it already has (prompt + outputs), else ValueError.
+        A running request at its cap is held (listed in `scheduler.held` after each step, and
+        given no token) until the cap is raised; raising it lets it go on at the next step.
+        """
+        self.scheduler.set_reservation(self._sequence(request_id), tokens)
+
+    def release(self, request_id: str) -> Sequence | None:
+        """End a request whatever its state (waiting, running, held, parked, swapped or
+        finished): forget it, free its device blocks and host swap blocks, mark it FINISHED
+        (a finished one keeps its finish reason). Returns it, or None for an unknown id."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.abort(seq)
+        if seq.host_blocks:
+            assert self.swap_space is not None
+            self.swap_space.free(seq.host_blocks)
+            seq.host_blocks = []
+        seq.preempt_mode = None
+        return seq
+
+    def _sequence(self, request_id: str) -> Sequence:
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            raise ValueError(f"unknown request id {request_id!r}: not queued, running or parked on this engine")
+        return seq

@@ -3,6 +3,21 @@
 Each step: every running sequence that is decoding gets one token; the remaining token budget
 goes to prefill chunks, oldest request first. When the KV pool runs dry the most recently
 arrived running sequence is preempted by recompute (its blocks freed, its progress reset).
+
+Two controls belong to the coordinator rather than to this batcher:
+
+- Reservations. A sequence with `reserved_tokens` set never holds more than
+  `pool.blocks_for_tokens(reserved_tokens)` blocks, i.e. KV for at most `cap` =
+  that many blocks * block_size tokens. A chunk is cut short at `cap`; a sequence with no
+  room left at all is *held*: it gets nothing this step, keeps its blocks, and its request id
+  is listed in `held` (rebuilt by every `schedule()`) until its reservation is raised. Since
+  sampling needs no KV for the sampled token, a decoding sequence is held once it has
+  `num_computed_tokens == cap` and `num_tokens == cap + 1`. A held sequence never preempts
+  others to grow (it does not try to grow), though it may still be the victim when an older
+  sequence needs blocks.
+- Parking. `park` takes a sequence out of scheduling altogether (status PARKED) and frees its
+  device blocks; `unpark` puts it back. The engine saves or drops its KV around these calls
+  (LLMEngine.preempt / resume).
 """
 
 from __future__ import annotations
@@ -39,6 +54,8 @@ class FCFSScheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # arrival order
+        self.parked: dict[str, Sequence] = {}  # by request id; neither running nor waiting
+        self.held: list[str] = []  # request ids held back by their reservation in the last schedule()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -56,36 +73,118 @@ class FCFSScheduler:
         self.running.remove(seq)
 
     def abort(self, seq: Sequence) -> None:
-        """Remove a waiting or running sequence and free its blocks."""
+        """Remove a waiting, running or parked sequence and free its device blocks (host swap
+        blocks are the engine's: use LLMEngine.release for a sequence that may hold some)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.parked.pop(seq.request_id, None)
         seq.block_table.release(self.pool)
         seq.status = SequenceStatus.FINISHED
 
+    def park(self, seq: Sequence) -> None:
+        """Stop scheduling a running or waiting sequence and free its device blocks (status
+        PARKED). The caller first saves whatever KV it means to keep, and sets
+        `num_computed_tokens` to match what `unpark` will find."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        else:
+            raise ValueError(
+                f"request {seq.request_id!r} is {seq.status.value} and not queued here; only a running "
+                "or waiting sequence can be parked"
+            )
+        seq.block_table.release(self.pool)
+        seq.status = SequenceStatus.PARKED
+        self.parked[seq.request_id] = seq
+
+    def unpark(self, seq: Sequence) -> None:
+        """Schedule a parked sequence again. With nothing computed it goes to the front of the
+        waiting queue and re-prefills prompt + outputs; with its computed KV back in its blocks
+        (swapped in) it rejoins the running in arrival order."""
+        if self.parked.get(seq.request_id) is not seq:
+            raise ValueError(
+                f"request {seq.request_id!r} is {seq.status.value}, not parked; only a parked sequence "
+                "can be unparked"
+            )
+        if seq.num_computed_tokens == 0:
+            del self.parked[seq.request_id]
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+        elif seq.block_table.capacity >= seq.num_computed_tokens:
+            del self.parked[seq.request_id]
+            self.add_running(seq)
+        else:
+            raise ValueError(
+                f"request {seq.request_id!r} has {seq.num_computed_tokens} computed tokens but blocks for only "
+                f"{seq.block_table.capacity}; swap its KV in first, or reset num_computed_tokens to recompute"
+            )
+
+    def set_reservation(self, seq: Sequence, tokens: int | None) -> None:
+        """Cap `seq`'s device KV at `pool.blocks_for_tokens(tokens)` blocks; None lifts the cap.
+
+        The reservation must cover every token the sequence already has (prompt + outputs), so
+        that the step it is waiting for fits; a smaller one is refused and changes nothing.
+        """
+        if seq.status is SequenceStatus.FINISHED:
+            raise ValueError(f"request {seq.request_id!r} is finished; there is nothing to reserve for")
+        if tokens is not None:
+            if isinstance(tokens, bool) or not isinstance(tokens, int):
+                raise ValueError(
+                    f"a reservation is a number of tokens (int) or None for no limit, got {tokens!r}"
+                )
+            if tokens < seq.num_tokens:
+                raise ValueError(
+                    f"reservation of {tokens} tokens for request {seq.request_id!r} is below the {seq.num_tokens} "
+                    f"tokens it already has ({len(seq.prompt_token_ids)} prompt + {len(seq.output_token_ids)} "
+                    f"generated); reserve at least {seq.num_tokens}, or None for no limit"
+                )
+        seq.reserved_tokens = tokens
+
     def has_unfinished(self) -> bool:
+        """Whether any sequence is queued for steps (parked ones are not, until unparked)."""
         return bool(self.waiting or self.running)
+
+    def _room(self, seq: Sequence) -> int:
+        """Tokens `seq` may still compute: its uncomputed ones, capped by its reservation."""
+        if seq.reserved_tokens is None:
+            return seq.num_uncomputed
+        cap = self.pool.blocks_for_tokens(seq.reserved_tokens) * self.pool.block_size
+        return max(0, min(seq.num_uncomputed, cap - seq.num_computed_tokens))
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         decodes: list[ScheduledChunk] = []
         prefills: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
+        self.held = []
         # 1. Running sequences, oldest first: decodes and unfinished prefill chunks.
         for seq in list(self.running):
-            if seq not in self.running or budget == 0:
+            if seq not in self.running:
                 continue  # preempted by an older sequence this step
-            n = min(seq.num_uncomputed, budget)
+            room = self._room(seq)
+            if room == 0:
+                self.held.append(seq.request_id)  # at its reservation: wait for a raise
+                continue
+            if budget == 0:
+                continue
+            n = min(room, budget)
             if not self._reserve(seq, n, preempted):
                 continue
             budget -= n
             chunk = ScheduledChunk(seq, n)
-            (decodes if n == 1 and seq.output_token_ids else prefills).append(chunk)
+            # A decode is the one last token; a 1-token chunk of a longer recompute is a prefill.
+            is_decode = n == 1 and seq.num_uncomputed == 1 and seq.output_token_ids
+            (decodes if is_decode else prefills).append(chunk)
         # 2. Waiting sequences, FCFS, while budget, slots and blocks last. No preemption for these.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
+            n = min(self._room(seq), budget)
+            if n == 0:  # a reservation below what it must recompute: only a direct edit does this
+                self.held.append(seq.request_id)
+                break
             if seq.block_table.blocks_needed(seq.num_computed_tokens + n) > self.pool.num_free:
                 break
             seq.block_table.ensure_capacity(seq.num_computed_tokens + n, self.pool)

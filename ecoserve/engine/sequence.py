@@ -13,6 +13,9 @@ from ecoserve.kv_cache import BlockTable
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to recompute
     RUNNING = "running"  # holds KV blocks; prefilling or decoding
+    # Preempted by order of the coordinator (LLMEngine.preempt): holds no device blocks, is in
+    # neither the running nor the waiting queue, and waits for LLMEngine.resume.
+    PARKED = "parked"
     FINISHED = "finished"
 
 
@@ -23,7 +26,13 @@ class FinishReason(enum.Enum):
 
 @dataclass
 class Sequence:
-    """Progress is counted in tokens: `num_computed_tokens` of `num_tokens` have KV in the cache."""
+    """Progress is counted in tokens: `num_computed_tokens` of `num_tokens` have KV in the cache.
+
+    `reserved_tokens` caps the device KV the sequence may hold at
+    `blocks_for_tokens(reserved_tokens)` blocks (None: no cap); the scheduler holds it back
+    rather than grow past that (FCFSScheduler.held). While it is parked with `preempt_mode`
+    "swap", its computed KV waits in the host swap space blocks `host_blocks`, in order.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -35,6 +44,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    reserved_tokens: int | None = None
+    host_blocks: list[int] = field(default_factory=list)
+    preempt_mode: str | None = None  # "swap" or "recompute" while PARKED, else None
 
     @property
     def num_tokens(self) -> int:

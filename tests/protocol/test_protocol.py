@@ -56,8 +56,12 @@ SAMPLES = [
     p.SendKV(request_id="a", dst_rank=1, seq_no=0, deadline_s=30.0),
     p.ReceiveKV(
         request_id="a", src_rank=0, seq_no=0, deadline_s=30.0, prompt_token_ids=[1, 2], first_token=5, max_tokens=4,
-        temperature=0.0, top_p=1.0, top_k=-1, seed=1, stop_token_ids=[2], ignore_eos=False,
+        temperature=0.0, top_p=1.0, top_k=-1, seed=1, stop_token_ids=[2], ignore_eos=False, reserve_tokens=40,
     ),
+    p.ExtendReservation(request_id="a", reserve_tokens=72),
+    p.Preempt(request_id="a", mode="swap"),
+    p.Resume(request_id="a", reserve_tokens=None),
+    p.Preempted(rank=1, request_id="a", mode="recompute", free_blocks=9),
     p.AbortWork(request_id="a"),
     p.QueryStats(),
     p.Shutdown(),
