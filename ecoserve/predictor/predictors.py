@@ -3,6 +3,7 @@
 
 - `oracle`: the true length (simulations and upper bounds); it needs `true_length`.
 - `oracle-noisy`: the true length times a log-normal error exp(N(0, sigma^2)), seeded.
+- `fixed`: the same `length` for every request (tests; forcing under- or over-prediction).
 - `histogram`: per prompt-length bin (powers of two), a chosen quantile of the output lengths
   observed so far in that bin; a bin with fewer than `min_samples` falls back to all bins,
   and with nothing observed yet, to `max_tokens` (the safe side for a reservation).
@@ -83,6 +84,19 @@ class NoisyOraclePredictor(_Base):
         return self._make(query.true_length * math.exp(self.rng.gauss(0.0, self.sigma)), query.max_tokens)
 
 
+class FixedPredictor(_Base):
+    name = "fixed"
+
+    def __init__(self, length: float = 128, buckets: BucketScheme | None = None) -> None:
+        super().__init__(buckets)
+        if not length >= 1 or length != int(length):
+            raise ValueError(f"the fixed predictor's length must be a whole number >= 1, got {length}")
+        self.length = int(length)
+
+    def predict(self, query: PredictionQuery) -> Prediction:
+        return self._make(self.length, query.max_tokens)
+
+
 class HistogramPredictor(_Base):
     name = "histogram"
 
@@ -122,11 +136,14 @@ class HistogramPredictor(_Base):
 
 
 PREDICTORS: dict[str, type[_Base]] = {
-    p.name: p for p in (OraclePredictor, NoisyOraclePredictor, HistogramPredictor)
+    p.name: p for p in (OraclePredictor, NoisyOraclePredictor, FixedPredictor, HistogramPredictor)
 }
 
 
 def make_predictor(name: str, buckets: BucketScheme | None = None, **kwargs: float) -> Predictor:
     if name not in PREDICTORS:
         raise ValueError(f"unknown predictor {name!r}; choose one of {sorted(PREDICTORS)}")
-    return PREDICTORS[name](buckets=buckets, **kwargs)  # type: ignore[arg-type]
+    try:
+        return PREDICTORS[name](buckets=buckets, **kwargs)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"predictor {name!r} does not take options {sorted(kwargs)}") from None

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from ecoserve.predictor.buckets import BucketScheme
-from ecoserve.predictor.predictors import HistogramPredictor, PredictionQuery, make_predictor
+from ecoserve.predictor.predictors import HistogramPredictor, Prediction, PredictionQuery, make_predictor
 
 
 def test_default_buckets_are_width_32_to_512_then_doubling() -> None:
@@ -77,7 +77,7 @@ def test_histogram_forgets_beyond_its_window() -> None:
 
 
 def test_unknown_predictor_and_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"unknown predictor 'gpt'; choose one of \['histogram', 'oracle', 'oracle-noisy'\]"):
+    with pytest.raises(ValueError, match=r"unknown predictor 'gpt'; choose one of \['fixed', 'histogram', 'oracle', 'oracle-noisy'\]"):
         make_predictor("gpt")
     with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\]"):
         HistogramPredictor(quantile=0)
@@ -88,3 +88,13 @@ def test_unknown_predictor_and_bad_settings_are_refused() -> None:
 def test_predictors_import_no_torch() -> None:
     code = "import sys, ecoserve.predictor.predictors; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fixed_predictor_predicts_its_length_clipped_and_bucketed() -> None:
+    pred = make_predictor("fixed", length=40)
+    assert pred.predict(PredictionQuery(prompt_len=5, max_tokens=1000)) == Prediction(40, 64)
+    assert pred.predict(PredictionQuery(prompt_len=5, max_tokens=30)) == Prediction(30, 30)
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        make_predictor("fixed", length=0)
+    with pytest.raises(ValueError, match="does not take options"):
+        make_predictor("fixed", sigma=1.0)

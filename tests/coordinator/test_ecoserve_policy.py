@@ -1,0 +1,235 @@
+"""The ecoserve policy: the timeline, pipelining against exact allocation, and property-based
+runs of every policy on the fake cluster (fake clock, fake workers, real lifecycle)."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ecoserve.coordinator.ledger import ReservationLedger, Timeline
+from ecoserve.coordinator.policies import make_policy
+from ecoserve.coordinator.policies.ecoserve import BucketQueues, EcoServeConfig, EcoServePolicy
+from ecoserve.coordinator.policy import SchedulerState, WorkerView
+from ecoserve.coordinator.request import Request, RequestStatus
+from ecoserve.predictor.buckets import BucketScheme
+from ecoserve.sim.fake_cluster import FakeCluster, WorkerSpec
+
+BS = 16
+
+
+def _request(rid: str, prompt: int, max_tokens: int, true_len: int | None = None) -> Request:
+    req = Request(
+        request_id=rid, client=b"c", client_request_id=rid, prompt_token_ids=[1] * prompt, max_tokens=max_tokens,
+        temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=[], ignore_eos=False, stream=False,
+    )
+    req.true_length = true_len
+    return req
+
+
+def _blocks(tokens: int) -> int:
+    return -(-tokens // BS)
+
+
+# --- the timeline ------------------------------------------------------------------------------------
+
+
+def test_timeline_peak_is_at_a_cohort_end() -> None:
+    # Two started cohorts: 2 x (32 KV tokens, 64 more) ending at step 64, and 1 x (16, 200) ending at 200.
+    tl = Timeline(BS, now=0, capacity=100, delay=0, shapes=[(2, 64, 0, 64, 64), (1, 16, 0, 200, 200)])
+    # Just before step 64: 2 + (64 + 2*63)/16 + 1 + (16 + 63)/16; just before 200: 1 + (16 + 199)/16.
+    assert tl.peak == pytest.approx(max(2 + 190 / 16 + 1 + 79 / 16, 1 + 215 / 16))
+
+
+def test_pipelining_admits_a_guest_that_exact_allocation_refuses_and_the_timeline_proves_it_safe() -> None:
+    """A host decoding since step 0 with 1,200 tokens to go holds little now; a guest with a long
+    prompt and a short predicted output fits in the space the host will need only later."""
+    host_prompt, host_h, guest_prompt, guest_h, pool, delay = 16, 1200, 400, 64, 100, 32
+    assert _blocks(host_prompt + host_h) + _blocks(guest_prompt + guest_h) > pool  # exact allocation: no
+    admitted = {}
+    for pipelining in (False, True):
+        ledger = ReservationLedger(start_delay=delay)
+        ledger.add(1, BS, host_h, [("host", host_prompt)], step=0)
+        ledger.started("host", 0)
+        policy = EcoServePolicy(EcoServeConfig(
+            predictor="oracle", margin=0.0, pipelining=pipelining, start_delay=delay,
+            buckets=BucketScheme(bounds=(64, 1200)),
+        ))
+        queue = BucketQueues()
+        guest = _request("guest", guest_prompt, max_tokens=64, true_len=60)
+        policy.on_admit(guest)
+        assert guest.predicted_tokens == guest_h
+        queue.push(guest)
+        workers = {0: WorkerView(0, "prefill", 100, BS, 512, 100), 1: WorkerView(1, "decode", pool, BS, 512, 99)}
+        state = SchedulerState(0.0, queue, deque(), workers, ledger)
+        decisions = policy.schedule(state)
+        admitted[pipelining] = [r.members for r in decisions.reservations]
+    assert admitted[False] == []
+    assert admitted[True] == [(("guest", guest_prompt),)]
+    # The proof: whenever in the start window the guest begins, actual block use (ceil per
+    # request) stays within the pool at every step until both end.
+    for start in range(delay + 1):
+        for t in range(host_h + 1):
+            host = _blocks(host_prompt + min(t, host_h))
+            g = _blocks(guest_prompt + min(t - start, guest_h)) if start <= t < start + guest_h else 0
+            assert host + g <= pool, (start, t)
+
+
+def test_cohort_check_equals_members_checked_alone() -> None:
+    tl = Timeline(BS, now=10, capacity=1e9, delay=8, shapes=[(3, 300, 0, 128, 140), (1, 50, 5, 512, 520)])
+    cohort = tl.pending(4, 4 * 100, 64)
+    singles = [tl.pending(1, 100, 64)] * 4
+    assert tl.peak_with([cohort]) == pytest.approx(tl.peak_with(singles))
+
+
+def test_bad_policy_configuration_is_refused_with_what_is_allowed() -> None:
+    with pytest.raises(ValueError, match=r"margin must be in \[0, 1\)"):
+        make_policy("ecoserve", margin=1.0)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        make_policy("ecoserve", buckets=[64, 32])
+    with pytest.raises(ValueError, match="unknown predictor 'psychic'"):
+        make_policy("ecoserve", predictor="psychic")
+    with pytest.raises(ValueError, match="unknown ecoserve option"):
+        make_policy("ecoserve", pipelinin=False)
+    with pytest.raises(ValueError, match="preempt_mode"):
+        make_policy("ecoserve", preempt_mode="teleport")
+    with pytest.raises(ValueError, match="takes no options"):
+        make_policy("distserve", predictor="histogram")
+
+
+# --- property-based runs on the fake cluster ---------------------------------------------------------
+
+POLICIES = ("ecoserve", "distserve", "vllm", "orca")
+
+
+def _cluster(name: str, options: dict, pool: int, host_blocks: int) -> FakeCluster:
+    policy = make_policy(name, **options)
+    if name in ("vllm", "orca"):
+        specs = [WorkerSpec("mixed", pool), WorkerSpec("mixed", pool)]
+    else:
+        specs = [WorkerSpec("prefill", pool), WorkerSpec("decode", pool, host_blocks=host_blocks),
+                 WorkerSpec("decode", pool, host_blocks=host_blocks)]
+    return FakeCluster(policy, specs)
+
+
+def _run(cluster: FakeCluster, arrivals: list[tuple[int, int, int, int]], aborts: set[int], check) -> dict[str, int]:
+    """Feed `arrivals` ((tick, prompt, true length, max_tokens)); abort the i-th request of
+    `aborts` a few ticks after it arrives; call `check` every tick; run until idle."""
+    pending = sorted(arrivals)
+    ids: list[str] = []
+    abort_at: dict[int, str] = {}
+    tick = 0
+    while pending or abort_at:
+        while pending and pending[0][0] <= tick:
+            _, prompt, true_len, max_tokens = pending.pop(0)
+            rid = cluster.submit(prompt, true_len, max_tokens)
+            if len(ids) in aborts:
+                abort_at[tick + 1 + len(ids) % 7] = rid
+            ids.append(rid)
+        rid = abort_at.pop(tick, None)
+        if rid is not None:
+            cluster.lifecycle.abort_client_request(b"c", rid)
+        cluster.step()
+        check(cluster)
+        tick += 1
+    while not cluster.idle():
+        cluster.step()
+        check(cluster)
+        assert cluster.tick < 200_000
+    counts = cluster.terminal_events()
+    assert sorted(counts) == sorted(ids), "every accepted request gets a terminal event"
+    assert set(counts.values()) == {1} if ids else True, "exactly one terminal event per request"
+    cluster.assert_no_leaks()
+    return counts
+
+
+def _invariants(cluster: FakeCluster) -> None:
+    for w in cluster.workers.values():
+        assert w.pool.num_used <= w.pool.num_blocks
+        assert w.host_free >= 0
+        assert not w.violations, w.violations[:3]
+    # Reserved >= used for every decoding request that has not overrun its prediction.
+    lc = cluster.lifecycle
+    for rid, cohort in list(lc.ledger.where.items()):
+        req = lc.requests[rid]
+        seq = cluster.workers[cohort.rank].running.get(rid)
+        if seq is None or req.predicted_tokens is None or len(req.output_token_ids) > req.predicted_tokens:
+            continue
+        tokens = lc.ledger.reservation_tokens(rid)
+        assert tokens is not None and len(seq.blocks) <= _blocks(tokens), (rid, len(seq.blocks), tokens)
+
+
+arrival = st.tuples(
+    st.integers(0, 60), st.integers(1, 300), st.integers(1, 400), st.integers(1, 400),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(POLICIES),
+    arrivals=st.lists(arrival, min_size=0, max_size=60),
+    sigma=st.floats(0.0, 1.5),
+    margin=st.floats(0.0, 0.5),
+    pool=st.integers(48, 160),
+    host_blocks=st.integers(0, 64),
+    aborts=st.sets(st.integers(0, 59), max_size=6),
+    ablate=st.sets(st.sampled_from(["pipelining", "rl_buckets", "ordering", "exact_allocation"]), max_size=2),
+)
+def test_every_policy_keeps_capacity_one_terminal_event_and_no_leaks(
+    name: str, arrivals: list, sigma: float, margin: float, pool: int, host_blocks: int, aborts: set[int], ablate: set[str],
+) -> None:
+    max_len = pool * BS // 2  # every request fits a pool on its own
+    arrivals = [(t, min(p, max_len // 2), tl, min(m, max_len // 2)) for t, p, tl, m in arrivals]
+    options: dict = {}
+    if name == "ecoserve":
+        options = {"predictor": "oracle-noisy", "predictor_options": {"sigma": sigma}, "margin": margin}
+        options.update({k: False for k in ablate})
+    cluster = _cluster(name, options, pool, host_blocks)
+    _run(cluster, arrivals, aborts, _invariants)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrivals=st.lists(arrival, min_size=1, max_size=80), pool=st.integers(48, 160), margin=st.floats(0.0, 0.3))
+def test_ecoserve_with_perfect_predictions_and_pipelining_never_preempts(arrivals: list, pool: int, margin: float) -> None:
+    max_len = pool * BS // 2
+    arrivals = [(t, min(p, max_len // 2), tl, min(m, max_len // 2)) for t, p, tl, m in arrivals]
+    cluster = _cluster("ecoserve", {"predictor": "oracle", "margin": margin}, pool, 0)
+    _run(cluster, arrivals, set(), _invariants)
+    counters = cluster.lifecycle.counters
+    assert counters["preemptions"] == 0 and counters["preemptions_local"] == 0, counters
+
+
+def test_under_prediction_preempts_by_swap_and_by_recompute_and_every_request_completes() -> None:
+    """Predict 8 tokens for everything: requests overrun, get extended while there is room,
+    and victims are preempted (swap while host space lasts, recompute after), then resume."""
+    rng = random.Random(3)
+    for mode in ("swap", "recompute", "auto"):
+        options = {"predictor": "fixed", "predictor_options": {"length": 8}, "margin": 0.0, "preempt_mode": mode}
+        cluster = _cluster("ecoserve", options, pool=64, host_blocks=24)
+        arrivals = [(rng.randint(0, 20), rng.randint(16, 120), rng.randint(40, 300), 320) for _ in range(40)]
+        _run(cluster, arrivals, set(), _invariants)
+        c = cluster.lifecycle.counters
+        assert c["extensions"] > 0 and c["preemptions"] > 0, c
+        if mode == "swap":
+            assert c["preemptions_swap"] > 0
+        if mode == "recompute":
+            assert c["preemptions_recompute"] > 0 and c["preemptions_swap"] == 0
+        lengths = {m.request_id: len(m.token_ids) for m in cluster.client_messages if hasattr(m, "token_ids")}
+        assert all(n == min(cluster.true_lengths[r], 320) for r, n in lengths.items())
+
+
+def test_stats_expose_buckets_reservations_and_prediction_error() -> None:
+    cluster = _cluster("ecoserve", {"predictor": "oracle-noisy", "predictor_options": {"sigma": 0.5}}, 96, 16)
+    for i in range(30):
+        cluster.submit(20 + i, 10 + 5 * i, 256)
+    cluster.step()
+    stats = cluster.lifecycle.stats()
+    assert any(k.startswith("queue_bucket.") for k in stats)
+    assert stats["worker.1.reserved_blocks"] + stats["worker.2.reserved_blocks"] > 0
+    cluster.run_until_idle()
+    stats = cluster.lifecycle.stats()
+    assert stats["predicted"] == 30 and stats["prediction_mean_abs_error"] > 0
+    assert math.isfinite(stats["prediction_mean_abs_error"])
