@@ -5,6 +5,7 @@
     ecoserve bench engine --model M --num-requests N --out FILE.json
     ecoserve serve --model M --prefill P --decode D [--mixed K] --policy distserve --port 5555
     ecoserve bench kv-transfer --prompt-lens 512 4096 --out FILE.json
+    ecoserve bench scheduler --queued 1000,10000,100000 --running 1000 --out FILE.json
     ecoserve demo
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -65,7 +66,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ecoserve.model.registry import resolve_model
 
     spec = ClusterSpec(args.prefill, args.decode, args.mixed)
-    check_cluster(make_policy(args.policy), set(spec.roles()))
+    options = policy_options(args)
+    check_cluster(make_policy(args.policy, **options), set(spec.roles()))
     engine = EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
         cache=CacheConfig(
@@ -75,12 +77,36 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
     )
     coord = CoordinatorConfig(
-        host=args.host, port=args.port, policy=args.policy, heartbeat_timeout_s=args.heartbeat_timeout,
+        host=args.host, port=args.port, policy=args.policy, policy_options=options,
+        heartbeat_timeout_s=args.heartbeat_timeout,
         transfer_deadline_s=args.transfer_deadline, drain_timeout_s=args.drain_timeout,
     )
     folder = resolve_model(args.model)  # prepares a built-in model once, before any worker starts
     ready = Path(args.ready_file) if args.ready_file else None
     return run_async(run_cluster(spec, engine, coord, folder, args.threads_per_worker, ready))
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    """`key=value`: the value as JSON when it parses (numbers, true/false, lists), else a string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"an option must look like key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def policy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """make_policy's options from --predictor, --predictor-option and --policy-option."""
+    options = dict(_parse_option(o) for o in args.policy_option or [])
+    if args.predictor is not None:
+        options["predictor"] = args.predictor
+    if args.predictor_option:
+        options["predictor_options"] = dict(_parse_option(o) for o in args.predictor_option)
+    return options
 
 
 def _cmd_bench_coordinator(args: argparse.Namespace) -> int:
@@ -93,6 +119,12 @@ def _cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
     from ecoserve.bench.kv_transfer import run_kv_transfer_benchmark
 
     return run_kv_transfer_benchmark(args)
+
+
+def _cmd_bench_scheduler(args: argparse.Namespace) -> int:
+    from ecoserve.bench.scheduler import run_scheduler_benchmark
+
+    return run_scheduler_benchmark(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -149,12 +181,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_coordinator_arguments(crd)
     crd.set_defaults(func=_cmd_bench_coordinator)
 
+    sch = bench.add_parser("scheduler", help="one scheduling round's decision time per policy, no sockets")
+    from ecoserve.bench.scheduler import add_arguments as add_scheduler_arguments
+
+    add_scheduler_arguments(sch)
+    sch.set_defaults(func=_cmd_bench_scheduler)
+
     serve = sub.add_parser("serve", help="serve with a coordinator and prefill/decode (or mixed) workers on this machine")
     _add_model_args(serve)
     serve.add_argument("--prefill", type=int, default=1, help="prefill workers (0 with --decode 0 for mixed only)")
     serve.add_argument("--decode", type=int, default=1, help="decode workers")
     serve.add_argument("--mixed", type=int, default=0, help="mixed workers (prefill and decode in one, colocated)")
-    serve.add_argument("--policy", default="distserve", help="distserve (P/D or mixed workers), vllm or orca (mixed workers)")
+    serve.add_argument(
+        "--policy", default="distserve",
+        help="ecoserve or distserve (prefill + decode workers; distserve also mixed), vllm or orca (mixed workers)",
+    )
+    serve.add_argument(
+        "--predictor", default=None,
+        help="response-length predictor for --policy ecoserve: histogram (default), fixed; oracle and oracle-noisy "
+        "know true lengths only for ignore_eos requests",
+    )
+    serve.add_argument("--predictor-option", action="append", metavar="KEY=VALUE", help="e.g. quantile=0.9, length=64")
+    serve.add_argument(
+        "--policy-option", action="append", metavar="KEY=VALUE",
+        help="ecoserve knobs, e.g. margin=0.1, pipelining=false, rl_buckets=false, ordering=false, "
+        "exact_allocation=false, preempt_mode=swap, buckets=[32,64,128]",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="client address to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=5555, help="client port; 0 picks a free one")
     serve.add_argument("--block-size", type=int, default=16)

@@ -7,6 +7,7 @@ add their own sub-configs here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
@@ -133,6 +134,7 @@ class CoordinatorConfig:
     control_host: str = "127.0.0.1"
     control_port: int = 0  # 0: pick a free port
     policy: str = "distserve"
+    policy_options: dict[str, Any] = field(default_factory=dict)  # make_policy's knobs (ecoserve)
     secret: str = ""
     heartbeat_timeout_s: float = 30.0  # a worker silent this long is declared lost
     transfer_deadline_s: float = 60.0

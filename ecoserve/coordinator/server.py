@@ -55,7 +55,7 @@ class Coordinator:
         self.client_addr = ""
         self.control_addr = ""
         self.lifecycle = Lifecycle(
-            policy or make_policy(config.policy), self.registry, self.codec, self._to_client, self._to_worker, config
+            policy or make_policy(config.policy, **config.policy_options), self.registry, self.codec, self._to_client, self._to_worker, config
         )
         self.clients: dict[bytes, int] = {}  # routing id -> client number, after Hello
         self._stats_waiters: list[tuple[bytes, set[int], dict[str, float], float]] = []
@@ -212,7 +212,10 @@ class Coordinator:
             return
         req.arrival = t0
         req.events[0] = type(req.events[0])(req.status, t0)
-        lc.admit(req)
+        try:
+            lc.admit(req)
+        except ValueError as exc:  # the policy could not predict its length (nothing was queued)
+            self._to_client(client, p.ErrorReply(msg.request_id, "bad_request", str(exc)))
 
     def _limits(self) -> Limits:
         info = next(iter(self.registry.info.values()))

@@ -42,6 +42,9 @@ class Predictor(Protocol):
     def observe(self, prompt_len: int, output_len: int) -> None: ...
 
 
+_KNOWN_LENGTHS = "simulations, or in a live server requests with ignore_eos and no stop tokens"
+
+
 class _Base:
     name = ""
 
@@ -64,7 +67,7 @@ class OraclePredictor(_Base):
 
     def predict(self, query: PredictionQuery) -> Prediction:
         if query.true_length is None:
-            raise ValueError("the oracle predictor needs each request's true length (simulations only)")
+            raise ValueError(f"the oracle predictor needs each request's true length: {_KNOWN_LENGTHS}")
         return self._make(query.true_length, query.max_tokens)
 
 
@@ -80,7 +83,7 @@ class NoisyOraclePredictor(_Base):
 
     def predict(self, query: PredictionQuery) -> Prediction:
         if query.true_length is None:
-            raise ValueError("the oracle-noisy predictor needs each request's true length (simulations only)")
+            raise ValueError(f"the oracle-noisy predictor needs each request's true length: {_KNOWN_LENGTHS}")
         return self._make(query.true_length * math.exp(self.rng.gauss(0.0, self.sigma)), query.max_tokens)
 
 

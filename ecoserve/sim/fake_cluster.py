@@ -239,10 +239,10 @@ class FakeWorker:
     def _decode_step(self) -> None:
         for q in (self.to_resume, self.local_waiting):  # back in when their KV fits again
             while q and self._grow(q[0], q[0].kv_tokens):
-                seq = q.popleft()
-                self.host_free += seq.host_blocks
-                seq.host_blocks, seq.mode = 0, None
-                self.running[seq.rid] = seq
+                back = q.popleft()
+                self.host_free += back.host_blocks
+                back.host_blocks, back.mode = 0, None
+                self.running[back.rid] = back
         ids, tokens, reasons, preempted = [], [], [], []
         for rid in list(self.running):
             seq = self.running.get(rid)
@@ -381,7 +381,6 @@ class FakeCluster:
         """Per client request id: how many terminal messages the client got."""
         counts: dict[str, int] = {}
         for msg in self.client_messages:
-            if isinstance(msg, (p.RequestFinished, p.ErrorReply)):
-                rid = msg.request_id
-                counts[rid] = counts.get(rid, 0) + 1
+            if isinstance(msg, (p.RequestFinished, p.ErrorReply)) and msg.request_id is not None:
+                counts[msg.request_id] = counts.get(msg.request_id, 0) + 1
         return counts

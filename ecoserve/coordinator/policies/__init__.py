@@ -39,5 +39,6 @@ def make_policy(name: str, **options: Any) -> Policy:
         bad = sorted(set(costs) - {f.name for f in dataclasses.fields(CostModel)})
         if bad:
             raise ValueError(f"unknown cost model field(s) {bad}; allowed: decode, prefill, kv_bytes_per_token, swap_bytes_per_s")
-        opts["costs"] = CostModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in costs.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in costs.items()}
+        opts["costs"] = CostModel(**values)
     return EcoServePolicy(EcoServeConfig(**opts))
