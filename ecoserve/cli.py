@@ -72,7 +72,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
         cache=CacheConfig(
             block_size=args.block_size, num_blocks=args.num_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
-            kv_cache_gib=args.kv_cache_gib,
+            kv_cache_gib=args.kv_cache_gib, num_host_blocks=args.num_host_blocks,
         ),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
     )
@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: from --kv-cache-gib)")
     serve.add_argument("--gpu-memory-fraction", type=float, default=None, help="KV pool = this share of free GPU memory (CUDA)")
     serve.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV pool size per worker (when neither of the above)")
+    serve.add_argument(
+        "--num-host-blocks", type=int, default=0,
+        help="host-memory swap space per worker, in KV blocks (0: none; a swap preemption then recomputes)",
+    )
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--max-num-seqs", type=int, default=256)
     serve.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per step (prefill budget)")

@@ -31,6 +31,7 @@ class WorkerView:
     num_running: int = 0
     alive: bool = True
     decode_steps: int = 0  # decode steps it has reported (the reservation timeline's clock)
+    kv_bytes_per_token: int = 0  # K and V over all layers (0: unknown)
 
     @property
     def available_blocks(self) -> int:

@@ -16,6 +16,9 @@ class ExpectedRank:
     role: str
 
 
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
+
+
 class WorkerRegistry:
     def __init__(self, expected: list[ExpectedRank], secret: str, heartbeat_timeout_s: float) -> None:
         self.expected = {e.rank: e.role for e in expected}
@@ -52,6 +55,7 @@ class WorkerRegistry:
         self.views[msg.rank] = WorkerView(
             rank=msg.rank, role=msg.role, num_blocks=msg.num_blocks, block_size=msg.block_size,
             token_budget=msg.max_num_batched_tokens, free_blocks=msg.num_blocks,
+            kv_bytes_per_token=2 * msg.num_layers * msg.num_kv_heads * msg.head_dim * _DTYPE_BYTES.get(msg.dtype, 4),
         )
         self.last_seen[msg.rank] = time.monotonic()
         return None

@@ -5,6 +5,11 @@ The `mixed` role is this worker also taking whole requests (RunPrefill with deco
 prefill and decode share one pool and one batch, as in colocated (vLLM-style) serving.
 When the pool runs dry the local scheduler preempts the newest request by recompute; it
 resumes on this worker by re-prefilling its prompt and the tokens it already produced.
+
+Under a reserving policy (`ecoserve`) the coordinator also gives each request a reservation
+(`ReceiveKV.reserve_tokens`, raised by `ExtendReservation`): the request never holds more KV
+than that, and waits at its cap until extended. `Preempt` parks a request, its KV swapped to
+the host swap space (`--num-host-blocks`) or dropped to recompute, and `Resume` brings it back.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ class DecodeWorker(Worker):
         self.to_receive: deque[p.ReceiveKV] = deque()  # waiting for free blocks, in arrival order
         self.receiving: dict[str, Sequence] = {}  # receive posted; KV lands in seq.block_table
         self.aborted: set[str] = set()  # aborted before its transfer ended: free when it does
+        self.caps: dict[str, int] = {}  # extensions that arrived before the KV did
+        self.to_resume: deque[str] = deque()  # resumes waiting for device blocks (swap-in)
+        self.all_held = False  # the last step gave no token because every request sat at its cap
 
     def handle_work(self, msg: Any) -> None:
         if isinstance(msg, p.ReceiveKV):
@@ -31,6 +39,12 @@ class DecodeWorker(Worker):
             self._post_receives()
         elif isinstance(msg, p.RunPrefill) and msg.decode_locally and self.config.role == "mixed":
             self.engine.scheduler.add(self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg)))
+        elif isinstance(msg, p.ExtendReservation):
+            self._extend(msg.request_id, msg.reserve_tokens)
+        elif isinstance(msg, p.Preempt):
+            self._preempt(msg.request_id, msg.mode)
+        elif isinstance(msg, p.Resume):
+            self._resume(msg.request_id, msg.reserve_tokens)
         else:
             raise ValueError(f"a {self.config.role} worker does not take {type(msg).__name__}")
 
@@ -47,12 +61,60 @@ class DecodeWorker(Worker):
             seq.block_table.ensure_capacity(len(msg.prompt_token_ids), self.pool)
             seq.output_token_ids.append(msg.first_token)
             seq.num_computed_tokens = len(msg.prompt_token_ids)
+            seq.reserved_tokens = msg.reserve_tokens
             plan = TransferPlan(msg.request_id, msg.src_rank, self.rank, msg.seq_no, len(msg.prompt_token_ids))
             self.transfers.recv(plan, list(seq.block_table.blocks), deadline_s=msg.deadline_s)
             self.receiving[msg.request_id] = seq
 
     def has_work(self) -> bool:
-        return self.engine.has_unfinished()
+        return self.engine.has_unfinished() and not self.all_held
+
+    # --- reservations and preemption by order of the coordinator --------------------------------
+
+    def _extend(self, rid: str, tokens: int) -> None:
+        seq = self.engine.sequences.get(rid) or self.receiving.get(rid)
+        if seq is None:
+            if any(m.request_id == rid for m in self.to_receive):
+                self.caps[rid] = tokens
+            return  # finished meanwhile
+        if rid in self.receiving:
+            seq.reserved_tokens = tokens
+        else:
+            self.engine.set_reservation(rid, tokens)
+        self.all_held = False
+
+    def _preempt(self, rid: str, mode: str) -> None:
+        eng = self.engine
+        seq = eng.sequences.get(rid)
+        if seq is None:
+            return  # it finished before the order came: the coordinator has its last token
+        try:
+            used = eng.preempt(rid, mode)
+        except ValueError:
+            # Dropped by the local batcher a moment ago and waiting to recompute (or re-prefilling):
+            # park it as it is, to recompute.
+            seq.num_computed_tokens = 0
+            eng.scheduler.park(seq)
+            seq.preempt_mode = used = "recompute"
+            seq.num_preemptions += 1
+        self.channel.send(p.Preempted(rank=self.rank, request_id=rid, mode=used, free_blocks=self.pool.num_free))
+        self.all_held = False
+
+    def _resume(self, rid: str, tokens: int | None) -> None:
+        if rid not in self.engine.sequences:
+            return
+        self.engine.set_reservation(rid, tokens)
+        self.to_resume.append(rid)
+        self._resume_waiting()
+
+    def _resume_waiting(self) -> None:
+        """Swap-ins wait for device blocks in arrival order; recomputes go straight back."""
+        while self.to_resume:
+            rid = self.to_resume[0]
+            if rid in self.engine.sequences and not self.engine.resume(rid):
+                return
+            self.to_resume.popleft()
+            self.all_held = False
 
     def poll_transfers(self) -> None:
         for update in self.transfers.poll():
@@ -71,6 +133,9 @@ class DecodeWorker(Worker):
             if update.state is TransferState.DONE:
                 self.engine.sequences[rid] = seq
                 self.engine.scheduler.add_running(seq)
+                if rid in self.caps:
+                    seq.reserved_tokens = self.caps.pop(rid)
+                self.all_held = False
             self.report_transfer(update)
         if self.to_receive:
             self._post_receives()
@@ -94,6 +159,7 @@ class DecodeWorker(Worker):
             tokens.append(out.new_token_id)
             reasons.append(reason)
         preempted = [s.request_id for s in eng.last_preempted]
+        self.all_held = not outs and bool(eng.scheduler.held)
         if ids or preempted:
             self.channel.send(
                 p.TokenEvents(
@@ -103,14 +169,18 @@ class DecodeWorker(Worker):
             )
         if self.to_receive:
             self._post_receives()
+        if self.to_resume:
+            self._resume_waiting()
 
     def abort(self, request_id: str) -> None:
         eng = self.engine
         if request_id in self.receiving or any(m.request_id == request_id for m in self.to_receive):
             self.aborted.add(request_id)  # the sender is committed to this transfer: finish it, then free
             return
-        if request_id in eng.sequences:
-            eng.scheduler.abort(eng.sequences.pop(request_id))
+        eng.release(request_id)  # whatever its state here: running, held, parked, swapped
+        self.caps.pop(request_id, None)
+        if request_id in self.to_resume:
+            self.to_resume.remove(request_id)
         self.release(request_id)
 
     def stats(self) -> dict[str, int]:
@@ -119,4 +189,8 @@ class DecodeWorker(Worker):
             "queued_receives": len(self.to_receive),
             "running": len(self.engine.scheduler.running),
             "waiting": len(self.engine.scheduler.waiting),
+            "held_at_reservation": len(self.engine.scheduler.held),
+            "parked": len(self.engine.scheduler.parked),
+            "reserved_tokens": sum(s.reserved_tokens or 0 for s in self.engine.sequences.values()),
+            "swap_free_blocks": self.engine.swap_space.num_free if self.engine.swap_space else 0,
         }

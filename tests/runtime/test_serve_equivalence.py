@@ -3,7 +3,10 @@
 Sixteen concurrent requests of different prompt and output lengths, on 1 prefill + 1 decode,
 2 + 2, and 1 mixed worker; tiny-llama and SmolLM2-135M. The pools are small enough that
 requests queue for KV, so the runtime's waiting paths are exercised, not just the happy one.
-A separate test forces preemption by recompute on the decode worker.
+A separate test forces preemption by recompute on the decode worker. Under `--policy
+ecoserve` the tokens are the same too, and a forced under-prediction run preempts by swap and
+by recompute for real (KV copied to the host swap space and back, or dropped and recomputed)
+and still returns exactly the reference tokens, with every block and reservation released.
 """
 
 from __future__ import annotations
@@ -162,3 +165,30 @@ def test_a_policy_without_the_workers_it_needs_is_refused_at_start() -> None:
     )
     assert out.returncode == 2
     assert "policy 'vllm' needs mixed workers; this cluster has ['decode', 'prefill'] (start it with --mixed K)" in out.stderr
+
+
+def test_ecoserve_greedy_matches_offline_and_transformers_on_smollm2(cluster) -> None:  # type: ignore[no-untyped-def]
+    model = "smollm2-135m"
+    reference(model)
+    with cluster(model, 1, 1, 0, "--policy", "ecoserve", "--num-blocks", "64", "--max-num-batched-tokens", "256") as addr:
+        stats = check(addr, model)
+    assert stats["predicted"] == 16 and stats["preemptions"] == 0
+
+
+def test_forced_under_prediction_preempts_by_swap_and_recompute_and_keeps_tokens_exact(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Every request predicted to produce 4 tokens (buckets 4, 8, 16, 32): all of them overrun,
+    extensions run out of room on a 24-block decode pool, and victims are preempted; the swap
+    space holds 6 blocks, so swaps succeed until it is full and then fall back to recompute."""
+    model = "tiny-llama"
+    reference(model)
+    options = (
+        "--policy", "ecoserve", "--predictor", "fixed", "--predictor-option", "length=4",
+        "--policy-option", "buckets=[4,8,16,32]", "--policy-option", "margin=0", "--policy-option", "preempt_mode=swap",
+        "--num-blocks", "24", "--num-host-blocks", "6", "--max-num-batched-tokens", "64",
+    )
+    with cluster(model, 1, 1, 0, *options) as addr:
+        stats = check(addr, model)
+    print({k: v for k, v in stats.items() if "preempt" in k or "extension" in k})
+    assert stats["under_predicted"] == sum(1 for m in (24, 8, 17, 30, 12, 1, 20, 16, 25, 9, 32, 14, 2, 28, 19, 11) if m > 4)
+    assert stats["extensions"] > 0
+    assert stats["preemptions_swap"] >= 1 and stats["preemptions_recompute"] >= 1, stats

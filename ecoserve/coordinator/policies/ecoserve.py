@@ -53,7 +53,8 @@ class CostModel:
 
     decode step ms = decode[0] + decode[1] * context tokens + decode[2] * batch size;
     recompute ms = prefill[0] + prefill[1] * L + prefill[2] * L^2 for L tokens (DistServe's
-    fit shapes); swap ms = 2 * L * kv_bytes_per_token / swap_bytes_per_s (out, then in).
+    fit shapes); swap ms = 2 * L * kv_bytes_per_token / swap_bytes_per_s (out, then in), with
+    the worker's own KV bytes per token when it reported its model at registration.
     """
 
     decode: tuple[float, float, float] | None = None
@@ -71,8 +72,9 @@ class CostModel:
         a, b, c = self.prefill
         return a + b * tokens + c * tokens * tokens
 
-    def swap_ms(self, tokens: int) -> float:
-        return 2e3 * tokens * self.kv_bytes_per_token / self.swap_bytes_per_s
+    def swap_ms(self, tokens: int, kv_bytes_per_token: float | None = None) -> float:
+        per_token = kv_bytes_per_token or self.kv_bytes_per_token
+        return 2e3 * tokens * per_token / self.swap_bytes_per_s
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,8 @@ class EcoServePolicy(BasePolicy):
                 assert shape is not None
                 tl.drop(shape)
                 r.exact[req.decode_rank] -= r.exact_blocks_of(victim)
-                out.preemptions.append(PreemptDecode(victim.request_id, self._mode(victim)))
+                mode = self._mode(victim, r.decoders[req.decode_rank])
+                out.preemptions.append(PreemptDecode(victim.request_id, mode))
                 if victim is req:
                     break
             else:
@@ -304,12 +307,13 @@ class EcoServePolicy(BasePolicy):
     def _kv_tokens(req: Request) -> int:
         return req.num_prompt_tokens + len(req.output_token_ids)
 
-    def _mode(self, req: Request) -> str:
+    def _mode(self, req: Request, w: WorkerView) -> str:
         if self.config.preempt_mode != "auto":
             return self.config.preempt_mode
         tokens = self._kv_tokens(req)
         costs = self.config.costs
-        return "swap" if costs.swap_ms(tokens) <= costs.recompute_ms(tokens) else "recompute"
+        swap = costs.swap_ms(tokens, w.kv_bytes_per_token or None)
+        return "swap" if swap <= costs.recompute_ms(tokens) else "recompute"
 
     def _resumes(self, state: SchedulerState, r: _Round, out: Decisions) -> set[int]:
         blocked: set[int] = set()
