@@ -26,6 +26,7 @@ workers enforce physical capacity, and the policy's extension/preemption path re
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from dataclasses import dataclass, field
 
@@ -48,7 +49,9 @@ class Cohort:
         """(n, P, a, horizon, end) of the usage bound at step `now`."""
         a = self.first_start if self.first_start is not None else now
         base = now + delay if self.pending else (self.last_start if self.last_start is not None else now)
-        return len(self.members), self.prompt_tokens, a, self.horizon, base + self.horizon
+        # Members still here past their predicted end hold their whole reservation (they wait
+        # at the cap for an extension or a preemption) for at least this step.
+        return len(self.members), self.prompt_tokens, a, self.horizon, max(base + self.horizon, now + 1)
 
 
 @dataclass
@@ -57,8 +60,15 @@ class RankLedger:
     block_size: int
     cohorts: dict[int, Cohort] = field(default_factory=dict)
     reserved_blocks: int = 0  # sum over members of blocks(kv at start + horizon): exact allocation
+    plateau_tokens: int = 0  # sum over members of KV at start + horizon
     members: int = 0
     max_delay_seen: int = 0
+
+    @property
+    def linear_blocks(self) -> float:
+        """Sum over cohorts of their shape's maximum, n + (P + n * horizon) / block_size: an
+        upper bound of U(t) at every t, so a candidate that fits under it needs no timeline."""
+        return self.members + self.plateau_tokens / self.block_size
 
 
 class ReservationLedger:
@@ -95,6 +105,7 @@ class ReservationLedger:
             cohort.pending.add(rid)
             cohort.prompt_tokens += tokens
             led.reserved_blocks += -(-(tokens + horizon) // block_size)
+            led.plateau_tokens += tokens + horizon
             self.where[rid] = cohort
         led.members += len(members)
         led.cohorts[cohort.cohort_id] = cohort
@@ -121,6 +132,7 @@ class ReservationLedger:
         cohort.pending.discard(rid)
         cohort.prompt_tokens -= tokens
         led.reserved_blocks -= -(-(tokens + cohort.horizon) // led.block_size)
+        led.plateau_tokens -= tokens + cohort.horizon
         led.members -= 1
         if not cohort.members:
             del led.cohorts[cohort.cohort_id]
@@ -148,10 +160,11 @@ class ReservationLedger:
         cohort = self.where.get(rid)
         return None if cohort is None else cohort.members[rid] + cohort.horizon
 
-    def timeline(self, rank: int, block_size: int, now: int, capacity: float) -> Timeline:
+    def timeline(self, rank: int, block_size: int, now: int, capacity: float, extra: list[Shape] = ()) -> Timeline:  # type: ignore[assignment]
         led = self.rank(rank, block_size)
         delay = self.delay(rank)
         shapes = [c.shape(now, delay) for c in led.cohorts.values()]
+        shapes.extend(extra)
         return Timeline(block_size, now, capacity, delay, shapes)
 
     def assert_empty(self) -> None:
@@ -161,6 +174,17 @@ class ReservationLedger:
 
 
 Shape = tuple[int, int, int, int, int]  # (n, P, a, horizon, end)
+
+
+def pending_shape(now: int, delay: int, n: int, kv_tokens: int, horizon: int) -> Shape:
+    """A cohort reserved at `now` that starts decoding within `delay` steps."""
+    return (n, kv_tokens, now, horizon, now + delay + horizon)
+
+
+def shape_max(shape: Shape, block_size: int) -> float:
+    """The most blocks the shape's bound ever reaches (its plateau)."""
+    n, p, _, h, _ = shape
+    return n + (p + n * h) / block_size
 
 
 def _values(shapes: np.ndarray, t: np.ndarray, block_size: int) -> np.ndarray:
@@ -174,7 +198,14 @@ def _values(shapes: np.ndarray, t: np.ndarray, block_size: int) -> np.ndarray:
 
 
 class Timeline:
-    """U(t) of one decode worker at its cohorts' breakpoints, for one scheduling round."""
+    """U(t) of one decode worker at its cohorts' breakpoints, for one scheduling round.
+
+    Breakpoints are kept sorted with prefix and suffix maxima of U, so the usual check of one
+    candidate is O(log cohorts): U only grows between breakpoints and the candidate only grows
+    until it ends, so if max(U before its end) + its own peak and max(U after its end) are
+    within capacity, it fits. Only a candidate that bound does not clear is evaluated exactly,
+    in O(cohorts).
+    """
 
     def __init__(self, block_size: int, now: int, capacity: float, delay: int, shapes: list[Shape]) -> None:
         self.block_size = block_size
@@ -182,47 +213,80 @@ class Timeline:
         self.capacity = capacity
         self.delay = delay
         self.shapes = np.array(shapes, dtype=np.float64).reshape(-1, 5)
-        self.points = np.maximum(now, self.shapes[:, 4] - 1) if len(shapes) else np.array([float(now)])
+        points = np.maximum(now, self.shapes[:, 4] - 1) if len(shapes) else np.array([float(now)])
+        self.points = np.sort(points)
         self.usage = _values(self.shapes, self.points, block_size)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._pts: list[float] = self.points.tolist()
+        self._prefix: list[float] = np.maximum.accumulate(self.usage).tolist()
+        self._suffix: list[float] = np.maximum.accumulate(self.usage[::-1])[::-1].tolist()
 
     @property
     def peak(self) -> float:
-        return float(self.usage.max())
+        return self._prefix[-1]
 
     def pending(self, n: int, kv_tokens: int, horizon: int) -> Shape:
-        """A cohort reserved now that starts decoding within the start delay."""
-        return (n, kv_tokens, self.now, horizon, self.now + self.delay + horizon)
+        return pending_shape(self.now, self.delay, n, kv_tokens, horizon)
 
-    def running(self, n: int, kv_tokens: int, horizon: int, started: int) -> Shape:
-        """Members decoding since step `started` (an extension re-reserves one this way)."""
-        return (n, kv_tokens, started, horizon, started + horizon)
+    def fits_one(self, shape: Shape, capacity: float | None = None) -> bool:
+        """Whether U plus `shape` stays within capacity; O(log cohorts) when clearly so."""
+        cap = self.capacity if capacity is None else capacity
+        n, p, a, h, end = shape
+        last = max(self.now, end - 1)
+        own_peak = n + (p + n * min(last - a, h)) / self.block_size
+        j = bisect.bisect_left(self._pts, last)
+        k = len(self._pts)
+        before = self._prefix[min(j, k - 1)]
+        after = self._suffix[j + 1] if j + 1 < k else 0.0
+        if before + own_peak <= cap and after <= cap:
+            return True
+        return self.peak_with([shape]) <= cap
 
     def peak_with(self, add: list[Shape], remove: list[Shape] | None = None) -> float:
-        """Peak of U with `add` admitted and `remove` gone: O(cohorts) per shape."""
+        """Peak of U with `add` admitted and `remove` gone, exactly: O(cohorts) per shape."""
         bs = self.block_size
         added = np.array(add, dtype=np.float64).reshape(-1, 5)
-        removed = np.array(remove or [], dtype=np.float64).reshape(-1, 5)
+        usage = self.usage + _values(added, self.points, bs)
         own = np.maximum(self.now, added[:, 4] - 1)  # each added shape's own breakpoint
-        usage = self.usage + _values(added, self.points, bs) - _values(removed, self.points, bs)
-        own_usage = _values(self.shapes, own, bs) + _values(added, own, bs) - _values(removed, own, bs)
+        own_usage = _values(self.shapes, own, bs) + _values(added, own, bs)
+        if remove:
+            removed = np.array(remove, dtype=np.float64).reshape(-1, 5)
+            usage -= _values(removed, self.points, bs)
+            own_usage -= _values(removed, own, bs)
         return float(max(usage.max(), own_usage.max() if len(own_usage) else 0.0))
 
     def fits(self, add: list[Shape], remove: list[Shape] | None = None) -> bool:
+        if len(add) == 1 and not remove:
+            return self.fits_one(add[0])
         return self.peak_with(add, remove) <= self.capacity
 
     def admit(self, shape: Shape, remove: Shape | None = None) -> None:
         """Fold an admitted shape in (and `remove` out): O(cohorts)."""
         bs = self.block_size
         row = np.array([shape], dtype=np.float64)
-        gone = np.array([remove] if remove else [], dtype=np.float64).reshape(-1, 5)
         own = np.array([max(self.now, shape[4] - 1)], dtype=np.float64)
-        own_usage = _values(self.shapes, own, bs) + _values(row, own, bs) - _values(gone, own, bs)
-        self.usage = np.concatenate([self.usage + _values(row, self.points, bs) - _values(gone, self.points, bs), own_usage])
-        self.points = np.concatenate([self.points, own])
-        self.shapes = np.concatenate([self.shapes, row] + ([gone * np.array([-1, -1, 1, 1, 1])] if remove else []))
+        own_usage = _values(self.shapes, own, bs) + _values(row, own, bs)
+        usage = self.usage + _values(row, self.points, bs)
+        rows = [self.shapes, row]
+        if remove:
+            gone = np.array([remove], dtype=np.float64) * _NEGATE
+            own_usage += _values(gone, own, bs)
+            usage += _values(gone, self.points, bs)
+            rows.append(gone)
+        i = int(np.searchsorted(self.points, own[0]))
+        self.points = np.insert(self.points, i, own[0])
+        self.usage = np.insert(usage, i, own_usage[0])
+        self.shapes = np.concatenate(rows)
+        self._refresh()
 
     def drop(self, shape: Shape) -> None:
         """Take a shape out (a victim preempted): O(cohorts)."""
-        row = np.array([shape], dtype=np.float64) * np.array([-1, -1, 1, 1, 1])
+        row = np.array([shape], dtype=np.float64) * _NEGATE
         self.usage = self.usage + _values(row, self.points, self.block_size)
         self.shapes = np.concatenate([self.shapes, row])
+        self._refresh()
+
+
+_NEGATE = np.array([-1.0, -1.0, 1.0, 1.0, 1.0])  # f is linear in (n, P): negated rows subtract

@@ -39,12 +39,16 @@ class DecodeWorker(Worker):
             self._post_receives()
         elif isinstance(msg, p.RunPrefill) and msg.decode_locally and self.config.role == "mixed":
             self.engine.scheduler.add(self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg)))
-        elif isinstance(msg, p.ExtendReservation):
-            self._extend(msg.request_id, msg.reserve_tokens)
-        elif isinstance(msg, p.Preempt):
-            self._preempt(msg.request_id, msg.mode)
-        elif isinstance(msg, p.Resume):
-            self._resume(msg.request_id, msg.reserve_tokens)
+        elif isinstance(msg, (p.ExtendReservation, p.Preempt, p.Resume)):
+            try:
+                if isinstance(msg, p.ExtendReservation):
+                    self._extend(msg.request_id, msg.reserve_tokens)
+                elif isinstance(msg, p.Preempt):
+                    self._preempt(msg.request_id, msg.mode)
+                else:
+                    self._resume(msg.request_id, msg.reserve_tokens)
+            except ValueError as exc:  # an order this request cannot take: fail it, not the worker
+                self.channel.send(p.WorkerFailed(rank=self.rank, request_id=msg.request_id, message=str(exc)))
         else:
             raise ValueError(f"a {self.config.role} worker does not take {type(msg).__name__}")
 
@@ -88,11 +92,13 @@ class DecodeWorker(Worker):
         seq = eng.sequences.get(rid)
         if seq is None:
             return  # it finished before the order came: the coordinator has its last token
-        try:
+        if mode not in ("swap", "recompute"):
+            raise ValueError(f"preempt mode must be 'swap' or 'recompute', got {mode!r}")
+        if seq in eng.scheduler.running and seq.num_computed_tokens >= len(seq.prompt_token_ids):
             used = eng.preempt(rid, mode)
-        except ValueError:
-            # Dropped by the local batcher a moment ago and waiting to recompute (or re-prefilling):
-            # park it as it is, to recompute.
+        else:
+            # Dropped by the local batcher a moment ago and waiting to recompute (or re-prefilling
+            # after that): park it as it is, to recompute. A parked one raises in park().
             seq.num_computed_tokens = 0
             eng.scheduler.park(seq)
             seq.preempt_mode = used = "recompute"
@@ -159,7 +165,7 @@ class DecodeWorker(Worker):
             tokens.append(out.new_token_id)
             reasons.append(reason)
         preempted = [s.request_id for s in eng.last_preempted]
-        self.all_held = not outs and bool(eng.scheduler.held)
+        self.all_held = eng.last_num_scheduled_tokens == 0 and bool(eng.scheduler.held)
         if ids or preempted:
             self.channel.send(
                 p.TokenEvents(

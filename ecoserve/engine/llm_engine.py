@@ -75,6 +75,10 @@ class LLMEngine:
         self.scheduler = FCFSScheduler(self.pool, sched.max_num_seqs, sched.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
         self.last_preempted: list[Sequence] = []
+        # Tokens the last step computed; 0 when it scheduled nothing (every queued request held
+        # at its reservation, or waiting for blocks). A step can compute tokens yet return no
+        # output: a prefill chunk that does not reach the end of its sequence samples nothing.
+        self.last_num_scheduled_tokens = 0
         self._arrivals = itertools.count()
 
     def _kv_bytes(self, config: EngineConfig) -> int:
@@ -125,10 +129,12 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[StepOutput]:
-        """One step; `self.last_preempted` then holds the sequences it preempted."""
+        """One step; `self.last_preempted` then holds the sequences it preempted, and
+        `self.last_num_scheduled_tokens` the tokens it computed."""
         out = self.scheduler.schedule()
         self.last_preempted = list(self.scheduler.preempted_log)
         self.scheduler.preempted_log.clear()
+        self.last_num_scheduled_tokens = sum(c.num_new_tokens for c in out.prefills + out.decodes)
         if out.empty:
             return []
         inputs = self.runner.prepare(out.prefills, out.decodes)

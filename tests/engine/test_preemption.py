@@ -268,12 +268,14 @@ def test_reservation_holds_at_its_cap_and_a_raise_releases_it(
     assert r3.num_computed_tokens == 12 and len(r3.output_token_ids) == 10
     # 4. Only a held request is left: steps do nothing, yet it is unfinished.
     assert engine.step() == [] and engine.scheduler.held == ["r3"] and engine.has_unfinished()
+    assert engine.last_num_scheduled_tokens == 0
     # 5. A recompute of a reserved request re-prefills only up to its cap, samples nothing,
     #    and is held again.
     assert engine.preempt("r3", "recompute") == "recompute"
     assert engine.resume("r3") is True
     assert engine.step() == [] and r3.num_computed_tokens == 12 and len(r3.block_table.blocks) == 3
-    assert engine.step() == [] and engine.scheduler.held == ["r3"]
+    assert engine.last_num_scheduled_tokens == 12  # work done, though no output
+    assert engine.step() == [] and engine.scheduler.held == ["r3"] and engine.last_num_scheduled_tokens == 0
     # 6. No limit: it finishes with the reference tokens.
     engine.set_reservation("r3", None)
     while engine.has_unfinished():

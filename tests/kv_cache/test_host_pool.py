@@ -63,3 +63,16 @@ def test_bad_arguments_are_refused() -> None:
     assert space.swap_out(kv, []) == [] and space.num_free == 2
     space.free(host)
     space.pool.assert_no_leaks()
+
+
+@pytest.mark.gpu
+def test_round_trip_from_a_cuda_kv_uses_pinned_host_memory() -> None:
+    kv = device_kv().to("cuda")
+    space = HostSwapSpace(kv, num_blocks=4)
+    assert space.kv.is_pinned() and space.kv.device.type == "cpu"
+    saved = kv[:, :, [3, 8]].clone()
+    host = space.swap_out(kv, [3, 8])
+    kv[:, :, [3, 8]] = 0.0
+    space.swap_in(host, kv, [1, 6])
+    assert torch.equal(kv[:, :, [1, 6]], saved)
+    space.pool.assert_no_leaks()

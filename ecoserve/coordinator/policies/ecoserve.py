@@ -17,7 +17,8 @@ Each scheduling round, in this order (KVC holders first, so KVC is released earl
    is admitted to its worker.
 4. **Admission.** Requests wait in one queue per RL bucket. The most urgent bucket head (TTFT
    deadline, then shorter prompt; oldest first without `ordering`) picks the bucket; the
-   bucket's oldest requests form a cohort that fits the prefill worker's token budget, and the
+   bucket's oldest requests form a cohort that fits the room left in the prefill worker's queue
+   (`queue_factor` token budgets; a longer prompt goes only to an idle worker), and the
    whole cohort is reserved on one decode worker in one timeline check (`ledger.Timeline`),
    then dispatched to prefill together. A cohort that fits nowhere is halved until it fits;
    when even its head does not, admission stops (no bypass, so no bucket starves).
@@ -35,7 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ecoserve.coordinator.ledger import Shape, Timeline
+from ecoserve.coordinator.ledger import Shape, Timeline, pending_shape, shape_max
 from ecoserve.coordinator.policy import (
     BasePolicy, Decisions, DispatchPrefill, Extend, FIFOQueue, PreemptDecode, Reserve, ResumeDecode,
     SchedulerState, StartTransfer, WorkerView,
@@ -244,31 +245,30 @@ class EcoServePolicy(BasePolicy):
                 continue
             n, kv, a, h, end = old
             new = (1, kv, a, h + new_total - req.predicted_tokens, a + h + new_total - req.predicted_tokens)
-            tl = r.timeline(req.decode_rank)
+            rank = req.decode_rank
+            now = r.decoders[rank].decode_steps
             grow = r.blocks_delta(req, new_total)
             for _ in range(self.config.max_victims + 1):
-                if r.fits(req.decode_rank, [new], [old], 0, exact=grow):
+                if r.fits(rank, [new], [old], 0, exact=grow):
                     out.extensions.append(Extend(req.request_id, new_total))
-                    tl.admit(new, remove=old)
-                    r.exact[req.decode_rank] += grow
+                    r.commit(rank, new, grow, remove=old)
                     break
                 if len(req.output_token_ids) < req.predicted_tokens:
                     break  # not exhausted yet: it may still end within its prediction; extend later
-                victim = self._victim(state, req.decode_rank, victims_taken, r)
+                victim = self._victim(state, rank, victims_taken, r)
                 if victim is None:
-                    blocked.add(req.decode_rank)
+                    blocked.add(rank)
                     break
                 victims_taken.add(victim.request_id)
-                shape = state.ledger.member_shape(victim.request_id, tl.now)
+                shape = state.ledger.member_shape(victim.request_id, now)
                 assert shape is not None
-                tl.drop(shape)
-                r.exact[req.decode_rank] -= r.exact_blocks_of(victim)
-                mode = self._mode(victim, r.decoders[req.decode_rank])
+                r.drop(rank, shape, r.exact_blocks_of(victim))
+                mode = self._mode(victim, r.decoders[rank])
                 out.preemptions.append(PreemptDecode(victim.request_id, mode))
                 if victim is req:
                     break
             else:
-                blocked.add(req.decode_rank)
+                blocked.add(rank)
         return blocked
 
     def _next_horizon(self, current: int, max_tokens: int) -> int:
@@ -331,8 +331,9 @@ class EcoServePolicy(BasePolicy):
             tokens = self._kv_tokens(req)
             w = r.decoders[rank]
             swap_in = w.blocks_for(tokens) if req.preempt_mode == "swap" else 0
-            if r.fits(rank, [r.timeline(rank).pending(1, tokens, h)], [], 1, exact=w.blocks_for(tokens + h), physical=swap_in):
-                r.commit(rank, r.timeline(rank).pending(1, tokens, h), w.blocks_for(tokens + h), swap_in)
+            shape = r.pending(rank, 1, tokens, h)
+            if r.fits(rank, [shape], [], 1, exact=w.blocks_for(tokens + h), physical=swap_in):
+                r.commit(rank, shape, w.blocks_for(tokens + h), swap_in)
                 out.resumes.append(ResumeDecode(req.request_id, total))
             else:
                 blocked.add(rank)
@@ -369,6 +370,8 @@ class EcoServePolicy(BasePolicy):
                 head = cur.peek(len(group))
             if pw.blocks_for(group[0].num_prompt_tokens) > avail[pw.rank]:
                 return  # the prefill worker's pool is full: wait for it to send KV on
+            if group[0].num_prompt_tokens > room[pw.rank] and not idle[pw.rank]:
+                return  # a prompt longer than the room left waits for an idle prefill worker
             placed = self._reserve(group, bucket, r, out)
             if placed == 0:
                 return  # the most urgent cohort fits nowhere: no bypass
@@ -411,25 +414,39 @@ class EcoServePolicy(BasePolicy):
 
 
 class _Round:
-    """Per-round working state: each decode worker's timeline, built on first use."""
+    """Per-round working state. A decode worker's timeline is built only when a check needs it:
+    while the sum of every cohort's plateau (`RankLedger.linear_blocks`, an upper bound of U at
+    all times) plus the candidate's stays within capacity, the candidate fits in O(1)."""
 
     def __init__(self, policy: EcoServePolicy, state: SchedulerState, decoders: dict[int, WorkerView]) -> None:
         self.policy = policy
         self.state = state
         self.decoders = decoders
         self.timelines: dict[int, Timeline] = {}
-        self.exact = {rank: state.ledger.ranks[rank].reserved_blocks if rank in state.ledger.ranks else 0 for rank in decoders}
-        self.members = {rank: state.ledger.ranks[rank].members if rank in state.ledger.ranks else 0 for rank in decoders}
-        self.physical = {rank: w.available_blocks for rank, w in decoders.items()}
+        self.added: dict[int, list[Shape]] = {}  # committed this round before the timeline was built
+        ranks = state.ledger.ranks
+        self.exact = {r: ranks[r].reserved_blocks if r in ranks else 0 for r in decoders}
+        self.linear = {r: ranks[r].linear_blocks if r in ranks else 0.0 for r in decoders}
+        self.members = {r: ranks[r].members if r in ranks else 0 for r in decoders}
+        self.physical = {r: w.available_blocks for r, w in decoders.items()}
+        self.capacity = {r: w.num_blocks * (1 - policy.config.margin) for r, w in decoders.items()}
         self.blocked: set[int] = set()
 
     def timeline(self, rank: int) -> Timeline:
         tl = self.timelines.get(rank)
         if tl is None:
             w = self.decoders[rank]
-            cap = w.num_blocks * (1 - self.policy.config.margin)
-            tl = self.timelines[rank] = self.state.ledger.timeline(rank, w.block_size, w.decode_steps, cap)
+            extra = self.added.pop(rank, [])
+            tl = self.state.ledger.timeline(rank, w.block_size, w.decode_steps, self.capacity[rank], extra)
+            self.timelines[rank] = tl
         return tl
+
+    def pending(self, rank: int, n: int, kv_tokens: int, horizon: int) -> Shape:
+        return pending_shape(self.decoders[rank].decode_steps, self.state.ledger.delay(rank), n, kv_tokens, horizon)
+
+    def _plateau(self, rank: int, add: list[Shape], remove: list[Shape]) -> float:
+        bs = self.decoders[rank].block_size
+        return self.linear[rank] + sum(shape_max(x, bs) for x in add) - sum(shape_max(x, bs) for x in remove)
 
     def fits(
         self, rank: int, add: list[Shape], remove: list[Shape], new_members: int, exact: int = 0, physical: int = 0,
@@ -440,53 +457,69 @@ class _Round:
         if physical > self.physical[rank]:
             return False
         if cfg.pipelining:
-            peak = self.timeline(rank).peak_with(add, remove)
-            if peak > self.timeline(rank).capacity:
-                return False
+            bound = self._plateau(rank, add, remove)
+            if bound <= self.capacity[rank]:
+                peak = bound  # fits whatever the timeline says
+            else:
+                tl = self.timeline(rank)
+                if not tl.fits(add, remove):
+                    return False
+                peak = tl.peak_with(add, remove) if self._tpot_capped(new_members, slo) else 0.0
         else:
             if self.exact[rank] + exact > w.num_blocks:
                 return False
             peak = self.exact[rank] + exact
         return self._tpot_ok(rank, new_members, peak, slo)
 
-    def _tpot_ok(self, rank: int, new_members: int, peak_blocks: float, slo: float | None) -> bool:
+    def _tpot_capped(self, new_members: int, slo: float | None) -> bool:
         cfg = self.policy.config
-        slo = slo or cfg.slo_tpot_ms
-        if cfg.costs.decode is None or slo is None or new_members == 0:
-            return True
-        batch = self.members[rank] + new_members
-        return cfg.costs.decode_ms(batch, peak_blocks * self.decoders[rank].block_size) <= slo
+        return cfg.costs.decode is not None and (slo or cfg.slo_tpot_ms) is not None and new_members > 0
 
-    def commit(self, rank: int, shape: Shape, exact: int, physical: int = 0) -> None:
-        self.timeline(rank).admit(shape)
+    def _tpot_ok(self, rank: int, new_members: int, peak_blocks: float, slo: float | None) -> bool:
+        if not self._tpot_capped(new_members, slo):
+            return True
+        slo = slo or self.policy.config.slo_tpot_ms
+        assert slo is not None
+        batch = self.members[rank] + new_members
+        return self.policy.config.costs.decode_ms(batch, peak_blocks * self.decoders[rank].block_size) <= slo
+
+    def commit(self, rank: int, shape: Shape, exact: int, physical: int = 0, remove: Shape | None = None) -> None:
+        self.linear[rank] = self._plateau(rank, [shape], [remove] if remove else [])
+        if remove is not None:
+            self.timeline(rank).admit(shape, remove=remove)
+        elif rank in self.timelines:
+            self.timelines[rank].admit(shape)
+        else:
+            self.added.setdefault(rank, []).append(shape)
         self.exact[rank] += exact
-        self.members[rank] += shape[0]
+        self.members[rank] += shape[0] - (remove[0] if remove else 0)
         self.physical[rank] -= physical
+
+    def drop(self, rank: int, shape: Shape, exact: int) -> None:
+        """A victim's reservation leaves the worker."""
+        self.linear[rank] = self._plateau(rank, [], [shape])
+        self.timeline(rank).drop(shape)
+        self.exact[rank] -= exact
+        self.members[rank] -= shape[0]
+
+    def load(self, rank: int) -> float:
+        w = self.decoders[rank]
+        return (self.linear[rank] if self.policy.config.pipelining else self.exact[rank]) / w.num_blocks
 
     def place(
         self, members: list[tuple[str, int]], horizon: int, slo: float | None, physical: bool = False
     ) -> WorkerView | None:
-        """The decode worker where the cohort fits with the lowest resulting peak; commit it."""
-        best: tuple[float, int] | None = None
-        chosen: WorkerView | None = None
+        """The least-loaded decode worker where the cohort fits (first fit in load order); commit it."""
         tokens = sum(t for _, t in members)
-        for rank, w in self.decoders.items():
-            if rank in self.blocked:
-                continue
-            shape = self.timeline(rank).pending(len(members), tokens, horizon)
+        for rank in sorted((r for r in self.decoders if r not in self.blocked), key=lambda r: (self.load(r), r)):
+            w = self.decoders[rank]
+            shape = self.pending(rank, len(members), tokens, horizon)
             exact = sum(w.blocks_for(t + horizon) for _, t in members)
             need = w.blocks_for(tokens) + len(members) if physical else 0
-            if not self.fits(rank, [shape], [], len(members), exact, need, slo):
-                continue
-            load = (self.timeline(rank).peak_with([shape]) if self.policy.config.pipelining else self.exact[rank] + exact)
-            key = (load / w.num_blocks, rank)
-            if best is None or key < best:
-                best, chosen = key, w
-        if chosen is not None:
-            shape = self.timeline(chosen.rank).pending(len(members), tokens, horizon)
-            exact = sum(chosen.blocks_for(t + horizon) for _, t in members)
-            self.commit(chosen.rank, shape, exact, chosen.blocks_for(tokens) + len(members) if physical else 0)
-        return chosen
+            if self.fits(rank, [shape], [], len(members), exact, need, slo):
+                self.commit(rank, shape, exact, need)
+                return w
+        return None
 
     def blocks_delta(self, req: Request, new_total: int) -> int:
         w = self.decoders[req.decode_rank]  # type: ignore[index]
@@ -496,4 +529,3 @@ class _Round:
     def exact_blocks_of(self, req: Request) -> int:
         w = self.decoders[req.decode_rank]  # type: ignore[index]
         return w.blocks_for(req.num_prompt_tokens + (req.predicted_tokens or 0))
-
