@@ -55,3 +55,21 @@ def test_bench_engine_writes_json(tmp_path: Path) -> None:
     assert summary["ratio"] == pytest.approx(summary["ecoserve_output_tok_s"] / summary["transformers_output_tok_s"])
     assert len(doc["workload"]["output_lens"]) == 6 and max(doc["workload"]["output_lens"]) <= 8
     assert "ratio vs transformers" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--policy-option", "buckets=[64,32]"), "bucket bounds must be strictly increasing, got [64, 32]"),
+        (("--policy-option", "margin=1"), "margin must be in [0, 1), got 1"),
+        (("--predictor", "psychic"), "unknown predictor 'psychic'; choose one of ['fixed', 'histogram', 'oracle', 'oracle-noisy']"),
+        (("--policy-option", "pipelinin=false"), "unknown ecoserve option(s) ['pipelinin']"),
+        (("--prefill", "0", "--decode", "0", "--mixed", "1"), "policy 'ecoserve' needs decode+prefill workers"),
+    ],
+    ids=["buckets", "margin", "predictor", "option", "roles"],
+)
+def test_bad_ecoserve_configuration_is_refused_at_start(args: tuple[str, ...], message: str) -> None:
+    """Checked before any worker starts: exit status 2 and a message naming what is allowed."""
+    proc = run_cli("serve", "--model", "tiny-llama", "--policy", "ecoserve", "--port", "0", *args, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
