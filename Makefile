@@ -10,7 +10,7 @@ STAMP := $(VENV)/.ecoserve-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test bench-engine clean
+.PHONY: setup demo test bench-engine clean system-tools
 
 setup: $(STAMP)
 
@@ -26,8 +26,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/ecoserve demo
 
-test: $(STAMP)
+test: $(STAMP) system-tools
 	$(PY) -m pytest -q
+
+# iproute2 (`ip netns`) for the two-hosts-on-one-machine test; installed when we are root and
+# it is missing, else that one test is skipped and says why.
+system-tools:
+	@command -v ip >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null 2>&1 \
+		|| { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null 2>&1; } \
+		|| echo "note: iproute2 is not installed; the two-host test will be skipped"; }
 
 bench-engine: $(STAMP)
 	$(VENV)/bin/ecoserve bench engine --model smollm2-135m --num-requests 64 --out out/bench_engine.json
