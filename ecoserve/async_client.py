@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 
 from ecoserve import protocol
-from ecoserve.client_types import SLO, Completion, Delta, RequestError, check_timeout, make_add_request
+from ecoserve.client_types import SLO, Completion, Delta, RequestError, ServerInfo, check_timeout, make_add_request
 from ecoserve.engine.sampling_params import SamplingParams
 
 __all__ = ["AsyncClient", "AsyncStream"]
@@ -136,6 +136,7 @@ class AsyncClient:
         self.address = address
         self.client_name = client_name
         self.server_name: str | None = None
+        self.server_info: ServerInfo | None = None  # set by the handshake
         self._connect_timeout = timeout
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
@@ -282,6 +283,7 @@ class AsyncClient:
             ctx.term()
             raise
         self.server_name = reply.server_name
+        self.server_info = ServerInfo.from_message(reply)
         self._ctx, self._sock = ctx, sock
         self._receiver = asyncio.get_running_loop().create_task(self._receive(sock))
 

@@ -4,8 +4,10 @@
     ecoserve model prepare NAME | ecoserve model list
     ecoserve bench engine --model M --num-requests N --out FILE.json
     ecoserve serve --model M --prefill P --decode D [--mixed K] --policy distserve --port 5555
+    ecoserve serve --engine sim [--sim-profile NAME|PATH] [--sim-time-scale X] --prefill 8 --decode 8
     ecoserve bench kv-transfer --prompt-lens 512 4096 --out FILE.json
     ecoserve bench scheduler --queued 1000,10000,100000 --running 1000 --out FILE.json
+    ecoserve bench serve --addr ADDR --workload azure-conv --num-requests N --rate R --out FILE.json
     ecoserve demo
 """
 
@@ -56,20 +58,17 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
     return run_engine_benchmark(args)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+def _engine_and_coordinator(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The EngineConfig every worker gets and the CoordinatorConfig, from serve/launch options."""
     from ecoserve.config import CacheConfig, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig
-    from ecoserve.coordinator.policies import make_policy
-    from ecoserve.coordinator.policy import check_cluster
-    from ecoserve.launcher import ClusterSpec, run_async, run_cluster
-    from ecoserve.model.registry import resolve_model
 
-    spec = ClusterSpec(args.prefill, args.decode, args.mixed)
-    options = policy_options(args)
-    check_cluster(make_policy(args.policy, **options), set(spec.roles()))
+    if args.model is None:  # the sim engine reads only a vocabulary and a tokenizer: the tiny model's
+        args.model = "tiny-llama" if args.engine == "sim" else "smollm2-135m"
     engine = EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
+        model=ModelConfig(
+            model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+            engine=args.engine, sim_profile=args.sim_profile, sim_time_scale=args.sim_time_scale,
+        ),
         cache=CacheConfig(
             block_size=args.block_size, num_blocks=args.num_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
             kv_cache_gib=args.kv_cache_gib, num_host_blocks=args.num_host_blocks,
@@ -77,13 +76,39 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
     )
     coord = CoordinatorConfig(
-        host=args.host, port=args.port, policy=args.policy, policy_options=options,
+        host=args.host, port=args.port, policy=args.policy, policy_options=policy_options(args),
         heartbeat_timeout_s=args.heartbeat_timeout,
         transfer_deadline_s=args.transfer_deadline, drain_timeout_s=args.drain_timeout,
     )
+    return engine, coord
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ecoserve.coordinator.policies import make_policy
+    from ecoserve.coordinator.policy import check_cluster
+    from ecoserve.launcher import ClusterSpec, run_async, run_cluster
+    from ecoserve.model.registry import resolve_model
+
+    spec = ClusterSpec(_count(args.prefill, 1), _count(args.decode, 1), _count(args.mixed, 0))
+    engine, coord = _engine_and_coordinator(args)
+    check_cluster(make_policy(args.policy, **coord.policy_options), set(spec.roles()))
     folder = resolve_model(args.model)  # prepares a built-in model once, before any worker starts
     ready = Path(args.ready_file) if args.ready_file else None
     return run_async(run_cluster(spec, engine, coord, folder, args.threads_per_worker, ready))
+
+
+def _count(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from ecoserve.multinode import run_launch
+
+    args.prefill, args.decode, args.mixed = (_count(v, 0) for v in (args.prefill, args.decode, args.mixed))
+    engine, coord = _engine_and_coordinator(args)
+    return run_launch(args, engine, coord)
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -115,6 +140,12 @@ def _cmd_bench_coordinator(args: argparse.Namespace) -> int:
     return run_coordinator_benchmark(args)
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from ecoserve.bench.serve import run_serve_benchmark
+
+    return run_serve_benchmark(args)
+
+
 def _cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
     from ecoserve.bench.kv_transfer import run_kv_transfer_benchmark
 
@@ -128,9 +159,9 @@ def _cmd_bench_scheduler(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ecoserve.bench.demo import run_offline_demo
+    from ecoserve.bench.cluster_demo import main_entry
 
-    return run_offline_demo(args)
+    return main_entry(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,55 +212,93 @@ def build_parser() -> argparse.ArgumentParser:
     add_coordinator_arguments(crd)
     crd.set_defaults(func=_cmd_bench_coordinator)
 
+    bsv = bench.add_parser("serve", help="open-loop load on a running server: latency, SLO attainment, goodput")
+    from ecoserve.bench.serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(bsv)
+    bsv.set_defaults(func=_cmd_bench_serve)
+
     sch = bench.add_parser("scheduler", help="one scheduling round's decision time per policy, no sockets")
     from ecoserve.bench.scheduler import add_arguments as add_scheduler_arguments
 
     add_scheduler_arguments(sch)
     sch.set_defaults(func=_cmd_bench_scheduler)
 
-    serve = sub.add_parser("serve", help="serve with a coordinator and prefill/decode (or mixed) workers on this machine")
-    _add_model_args(serve)
-    serve.add_argument("--prefill", type=int, default=1, help="prefill workers (0 with --decode 0 for mixed only)")
-    serve.add_argument("--decode", type=int, default=1, help="decode workers")
-    serve.add_argument("--mixed", type=int, default=0, help="mixed workers (prefill and decode in one, colocated)")
-    serve.add_argument(
+    # What `serve` (one machine) and `launch` (one node of several) share.
+    serving = argparse.ArgumentParser(add_help=False)
+    _add_model_args(serving)
+    serving.set_defaults(model=None)  # smollm2-135m; tiny-llama with --engine sim
+    serving.add_argument(
+        "--engine", default="model", choices=["model", "sim"],
+        help="model (default) runs the weights; sim is a load-test tool: workers model step times from "
+        "--sim-profile and emit deterministic tokens, with the real coordinator, KV pool and KV transfer",
+    )
+    serving.add_argument(
+        "--sim-profile", default="opt-13b-tp1", metavar="NAME|PATH",
+        help="--engine sim: a DistServe A100 latency profile (opt-13b-tp1/2/4, opt-66b-tp2/3/4/8, or vllm-<those>) "
+        "or a profile JSON file; the KV pool holds its measured capacity unless --num-blocks is given",
+    )
+    serving.add_argument(
+        "--sim-time-scale", type=float, default=1.0, help="--engine sim: multiply modelled step times (0: no waiting)"
+    )
+    # Counts default to None: `serve` reads None as 1 prefill + 1 decode, `launch` as none on this node.
+    serving.add_argument("--prefill", type=int, default=None, help="prefill workers (serve: default 1; 0 with --decode 0 for mixed only)")
+    serving.add_argument("--decode", type=int, default=None, help="decode workers (serve: default 1)")
+    serving.add_argument("--mixed", type=int, default=None, help="mixed workers (prefill and decode in one, colocated)")
+    serving.add_argument(
         "--policy", default="distserve",
         help="ecoserve or distserve (prefill + decode workers; distserve also mixed), vllm or orca (mixed workers)",
     )
-    serve.add_argument(
+    serving.add_argument(
         "--predictor", default=None,
         help="response-length predictor for --policy ecoserve: histogram (default), fixed; oracle and oracle-noisy "
         "know true lengths only for ignore_eos requests",
     )
-    serve.add_argument("--predictor-option", action="append", metavar="KEY=VALUE", help="e.g. quantile=0.9, length=64")
-    serve.add_argument(
+    serving.add_argument("--predictor-option", action="append", metavar="KEY=VALUE", help="e.g. quantile=0.9, length=64")
+    serving.add_argument(
         "--policy-option", action="append", metavar="KEY=VALUE",
         help="ecoserve knobs, e.g. margin=0.1, pipelining=false, rl_buckets=false, ordering=false, "
         "exact_allocation=false, preempt_mode=swap, buckets=[32,64,128]",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="client address to bind (default: this machine only)")
-    serve.add_argument("--port", type=int, default=5555, help="client port; 0 picks a free one")
-    serve.add_argument("--block-size", type=int, default=16)
-    serve.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: from --kv-cache-gib)")
-    serve.add_argument("--gpu-memory-fraction", type=float, default=None, help="KV pool = this share of free GPU memory (CUDA)")
-    serve.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV pool size per worker (when neither of the above)")
-    serve.add_argument(
+    serving.add_argument("--host", default="127.0.0.1", help="client address to bind (default: this machine only)")
+    serving.add_argument("--port", type=int, default=5555, help="client port; 0 picks a free one")
+    serving.add_argument("--block-size", type=int, default=16)
+    serving.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: from --kv-cache-gib)")
+    serving.add_argument("--gpu-memory-fraction", type=float, default=None, help="KV pool = this share of free GPU memory (CUDA)")
+    serving.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV pool size per worker (when neither of the above)")
+    serving.add_argument(
         "--num-host-blocks", type=int, default=0,
         help="host-memory swap space per worker, in KV blocks (0: none; a swap preemption then recomputes)",
     )
-    serve.add_argument("--max-model-len", type=int, default=None)
-    serve.add_argument("--max-num-seqs", type=int, default=256)
-    serve.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per step (prefill budget)")
-    serve.add_argument("--threads-per-worker", type=int, default=None, help="torch threads per worker (default: cores / workers)")
-    serve.add_argument("--heartbeat-timeout", type=float, default=30.0, help="seconds of silence before a worker is lost")
-    serve.add_argument("--transfer-deadline", type=float, default=60.0, help="seconds a KV transfer may take")
-    serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on shutdown")
-    serve.add_argument("--ready-file", default=None, help="write the client address here once every worker is up")
+    serving.add_argument("--max-model-len", type=int, default=None)
+    serving.add_argument("--max-num-seqs", type=int, default=256)
+    serving.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per step (prefill budget)")
+    serving.add_argument("--threads-per-worker", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    serving.add_argument("--heartbeat-timeout", type=float, default=30.0, help="seconds of silence before a worker is lost")
+    serving.add_argument("--transfer-deadline", type=float, default=60.0, help="seconds a KV transfer may take")
+    serving.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on shutdown")
+    serving.add_argument("--ready-file", default=None, help="write the client address here once every worker is up")
+    serve = sub.add_parser(
+        "serve", parents=[serving], help="serve with a coordinator and prefill/decode (or mixed) workers on this machine"
+    )
     serve.set_defaults(func=_cmd_serve)
 
-    demo = sub.add_parser("demo", help="the main job: serve a small real workload with the default model")
+    launch = sub.add_parser(
+        "launch", parents=[serving],
+        help="run this node's part of a cluster spread over several machines (start it once per node)",
+    )
+    from ecoserve.multinode import add_arguments as add_launch_arguments
+
+    add_launch_arguments(launch)
+    launch.set_defaults(func=_cmd_launch)
+
+    demo = sub.add_parser(
+        "demo", help="the main job: a local 1 prefill + 1 decode cluster serving a slice of a real trace"
+    )
     _add_model_args(demo)
-    demo.add_argument("--num-requests", type=int, default=24)
+    from ecoserve.bench.cluster_demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -22,10 +22,10 @@ from collections.abc import Coroutine, Generator, Sequence
 from typing import Any, TypeVar, Union
 
 from ecoserve.async_client import AsyncClient, AsyncStream
-from ecoserve.client_types import SLO, Completion, Delta, RequestError
+from ecoserve.client_types import SLO, Completion, Delta, RequestError, ServerInfo
 from ecoserve.engine.sampling_params import SamplingParams
 
-__all__ = ["AsyncClient", "AsyncStream", "Client", "Completion", "Delta", "RequestError", "SLO", "Stream"]
+__all__ = ["AsyncClient", "AsyncStream", "Client", "Completion", "Delta", "RequestError", "SLO", "ServerInfo", "Stream"]
 
 _T = TypeVar("_T")
 _END = object()  # the pump's "the stream ended normally"
@@ -128,6 +128,11 @@ class Client:
     @property
     def server_name(self) -> str | None:
         return self._client.server_name
+
+    @property
+    def server_info(self) -> ServerInfo | None:
+        """The model and the request limits the server announced in the handshake."""
+        return self._client.server_info
 
     def generate(
         self,

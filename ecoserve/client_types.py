@@ -65,6 +65,27 @@ class Completion:
         return cls(**dataclasses.asdict(message))
 
 
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the server said about itself in the handshake (`HelloReply`).
+
+    The limits are 0 when the client connected before every worker had registered.
+    """
+
+    server_name: str
+    model_id: str
+    vocab_size: int  # prompt token ids must be in [0, vocab_size)
+    max_model_len: int  # prompt + max_tokens may not exceed this
+    max_prompt_tokens: int  # the longest prompt accepted
+    max_request_tokens: int  # prompt + max_tokens must also fit one worker's whole KV pool
+
+    @classmethod
+    def from_message(cls, message: protocol.HelloReply) -> ServerInfo:
+        fields = dataclasses.asdict(message)
+        del fields["protocol_version"]
+        return cls(**fields)
+
+
 class RequestError(Exception):
     """The server refused or failed a request.
 

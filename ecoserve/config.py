@@ -11,6 +11,7 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
+ENGINES = ("model", "sim")
 
 
 @dataclass(frozen=True)
@@ -32,16 +33,38 @@ class ModelConfig:
     device: str = "auto"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     seed: int = 0
+    # "model" runs the weights. "sim" is a load-test tool (ecoserve/engine/sim.py): it keeps the
+    # engine, the KV pool and KV transfer but models step times from `sim_profile` (a name in
+    # ecoserve.sim.latency or a profile JSON file), scaled by `sim_time_scale` (0: no waiting),
+    # and emits deterministic tokens; `model` then only gives the vocabulary and context length.
+    engine: str = "model"
+    sim_profile: str = "opt-13b-tp1"
+    sim_time_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must be a built-in model name or a folder path, got an empty string")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.dtype not in DTYPES + ("auto",):
             raise ValueError(f"dtype must be one of {DTYPES + ('auto',)}, got {self.dtype!r}")
         if self.device not in DEVICES + ("auto",):
             raise ValueError(f"device must be one of {DEVICES + ('auto',)}, got {self.device!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2 or None, got {self.max_model_len}")
+        if self.engine == "sim":
+            self._check_sim()
+
+    def _check_sim(self) -> None:
+        from ecoserve.sim.latency import load_profile
+
+        load_profile(self.sim_profile)  # ValueError listing the profiles there are
+        if not (isinstance(self.sim_time_scale, (int, float)) and 0 <= self.sim_time_scale < float("inf")):
+            raise ValueError(f"sim_time_scale must be a finite number >= 0 (0: no waiting), got {self.sim_time_scale!r}")
+        if self.device not in ("auto", "cpu"):
+            raise ValueError(f"the sim engine runs on the CPU: device must be 'auto' or 'cpu', got {self.device!r}")
+        if self.dtype not in ("auto", "float32"):
+            raise ValueError(f"the sim engine keeps its KV in float32: dtype must be 'auto' or 'float32', got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,17 @@ class GetStats:
 
 @dataclass(frozen=True)
 class HelloReply:
+    """The handshake's answer, with what a client needs to size requests (e.g. to build prompts
+    of token ids for a trace that has only lengths). The limits are 0 while no worker has
+    registered yet (the server is still starting)."""
+
     protocol_version: int
     server_name: str
+    model_id: str  # the served model, as the workers registered it ("" while none has)
+    vocab_size: int  # prompt token ids must be in [0, vocab_size)
+    max_model_len: int  # prompt + max_tokens may not exceed this
+    max_prompt_tokens: int  # the longest prompt accepted
+    max_request_tokens: int  # prompt + max_tokens must also fit one worker's whole KV pool
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from ecoserve import protocol
-from ecoserve.client import SLO, AsyncClient, Client, Completion, Delta, RequestError
+from ecoserve.client import SLO, AsyncClient, Client, Completion, Delta, RequestError, ServerInfo
 from ecoserve.engine.sampling_params import SamplingParams
 
 Handler = Callable[[protocol.Message], list[protocol.Message]]
@@ -39,7 +39,7 @@ class FakeServer:
 
     def __init__(self, handler: Handler = echo, hello: protocol.Message | None = None) -> None:
         self.handler = handler
-        self.hello = hello or protocol.HelloReply(protocol.PROTOCOL_VERSION, "fake")
+        self.hello = hello or protocol.HelloReply(protocol.PROTOCOL_VERSION, "fake", "fake-model", 1000, 512, 511, 512)
         self.received: list[protocol.Message] = []
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -133,6 +133,7 @@ def test_handshake_and_generate(make_server: Callable[..., FakeServer]) -> None:
     async def main() -> Completion:
         async with AsyncClient(server.address, client_name="tester") as client:
             assert client.server_name == "fake"
+            assert client.server_info == ServerInfo("fake", "fake-model", 1000, 512, 511, 512)
             params = SamplingParams(max_tokens=7, temperature=0, seed=3)
             return await client.generate("hello", params, slo=SLO(ttft_ms=200))
 

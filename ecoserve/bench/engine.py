@@ -24,6 +24,7 @@ from ecoserve.bench.memory import copy_bandwidth_gbs, weight_bytes_per_decode_st
 from ecoserve.bench.report import print_table, write_json
 from ecoserve.data.sharegpt import sharegpt_requests
 from ecoserve.engine.llm import LLM
+from ecoserve.engine.model_runner import ModelRunner
 from ecoserve.engine.sampling_params import SamplingParams
 
 
@@ -114,13 +115,20 @@ class FloorRound:
         return self.floor_ms / self.step_ms
 
 
+def _weight_bytes(llm: LLM) -> int:
+    runner = llm.engine.runner
+    if not isinstance(runner, ModelRunner):
+        raise ValueError("bench engine measures the model; the sim engine has none")
+    return weight_bytes_per_decode_step(runner.model)
+
+
 def floor_rounds(llm: LLM, rounds: int = 5) -> list[FloorRound]:
     """Pairs each batch-1 step timing with a copy-bandwidth reading taken just before it.
 
     On a shared machine the bandwidth a neighbour leaves us drifts by tens of percent within
     minutes; pairing keeps each floor / step ratio about one moment.
     """
-    weight_bytes = weight_bytes_per_decode_step(llm.engine.runner.model)
+    weight_bytes = _weight_bytes(llm)
     out = []
     for _ in range(rounds):
         gbs = copy_bandwidth_gbs(repeats=3, device=llm.engine.device)
@@ -137,7 +145,7 @@ def run_engine_benchmark(args: argparse.Namespace) -> int:
     ours_s = run_ecoserve(llm, work)
     ours_tps = work.output_tokens / ours_s
     rounds = floor_rounds(llm)
-    weight_bytes = weight_bytes_per_decode_step(llm.engine.runner.model)
+    weight_bytes = _weight_bytes(llm)
     median_round = sorted(rounds, key=lambda r: r.fraction)[len(rounds) // 2]
     step_ms, bandwidth, floor_ms = median_round.step_ms, median_round.copy_gbs, median_round.floor_ms
     hf_s = None

@@ -178,7 +178,7 @@ class Coordinator:
                 self._to_client(client, p.ErrorReply(None, "version", text))
                 return
             self.clients.setdefault(client, len(self.clients))
-            self._to_client(client, p.HelloReply(p.PROTOCOL_VERSION, "ecoserve"))
+            self._to_client(client, self._hello_reply())
             return
         if client not in self.clients:
             self._to_client(client, p.ErrorReply(None, "bad_request", "send Hello first (protocol handshake)"))
@@ -216,6 +216,16 @@ class Coordinator:
             lc.admit(req)
         except ValueError as exc:  # the policy could not predict its length (nothing was queued)
             self._to_client(client, p.ErrorReply(msg.request_id, "bad_request", str(exc)))
+
+    def _hello_reply(self) -> p.HelloReply:
+        if not self.ready:  # the limits come from the workers: none known until all registered
+            return p.HelloReply(p.PROTOCOL_VERSION, "ecoserve", "", 0, 0, 0, 0)
+        limits = self._limits()
+        pool_tokens = limits.max_request_blocks * limits.block_size
+        return p.HelloReply(
+            p.PROTOCOL_VERSION, "ecoserve", next(iter(self.registry.info.values())).model_id, limits.vocab_size,
+            limits.max_model_len, limits.max_prompt_tokens, min(limits.max_model_len, pool_tokens),
+        )
 
     def _limits(self) -> Limits:
         info = next(iter(self.registry.info.values()))

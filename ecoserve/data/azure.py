@@ -6,6 +6,7 @@ import csv
 import io
 from datetime import datetime
 from importlib import resources
+from pathlib import Path
 from typing import Iterator
 
 from ecoserve.data.workload import WorkloadRequest, check_limit
@@ -17,11 +18,17 @@ TRACE_FILES: dict[str, str] = {
 _COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
 
-def load_azure_trace(kind: str = "conv", limit: int | None = None) -> list[WorkloadRequest]:
+def load_azure_trace(
+    kind: str = "conv", limit: int | None = None, path: str | Path | None = None
+) -> list[WorkloadRequest]:
     """The first `limit` rows (all when None) of the `kind` trace, with arrivals in seconds
-    after the first row. Prompt text is not part of the trace, so `prompt` is None."""
+    after the first row. Prompt text is not part of the trace, so `prompt` is None.
+
+    `path` reads a CSV in the same format (TIMESTAMP,ContextTokens,GeneratedTokens) instead of
+    the bundled file; `kind` is then ignored.
+    """
     check_limit(limit)
-    rows = _read_rows(kind)
+    rows = _read_rows(kind, path)
     requests: list[WorkloadRequest] = []
     t0_ns: int | None = None
     for row in rows:
@@ -58,12 +65,17 @@ def parse_timestamp_ns(text: str) -> int:
     return seconds * 1_000_000_000 + int(frac[:9].ljust(9, "0") or "0")
 
 
-def _read_rows(kind: str) -> Iterator[list[str]]:
-    if kind not in TRACE_FILES:
+def _read_rows(kind: str, path: str | Path | None = None) -> Iterator[list[str]]:
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"trace file {path} does not exist (expected an Azure-format CSV)")
+        name, text = str(path), Path(path).read_text(encoding="utf-8")
+    elif kind not in TRACE_FILES:
         allowed = ", ".join(repr(k) for k in TRACE_FILES)
         raise ValueError(f"unknown Azure trace kind {kind!r}; allowed: {allowed}")
-    name = TRACE_FILES[kind]
-    text = resources.files("ecoserve.data").joinpath("traces", name).read_text(encoding="utf-8")
+    else:
+        name = TRACE_FILES[kind]
+        text = resources.files("ecoserve.data").joinpath("traces", name).read_text(encoding="utf-8")
     reader = csv.reader(io.StringIO(text))
     header = tuple(next(reader, ()))
     if header != _COLUMNS:

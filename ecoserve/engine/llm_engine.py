@@ -5,6 +5,9 @@ Beyond the local batcher's own choices, the engine takes orders meant for a coor
 recomputed), `resume` brings it back, `set_reservation` caps the KV blocks a request may hold
 (FCFSScheduler.held lists those waiting at their cap), and `release` ends a request in any
 state, freeing its device and host blocks.
+
+With `ModelConfig.engine == "sim"` the runner is engine.sim.SimRunner (a load-test tool: no
+weights, modelled step times, deterministic tokens); everything else here is unchanged.
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ import torch
 
 from ecoserve.config import EngineConfig
 from ecoserve.envs import num_threads
-from ecoserve.engine.model_runner import ModelRunner, StepInputs, kv_cache_shape
+from ecoserve.engine.model_runner import ModelRunner, Runner, StepInputs, kv_cache_shape
 from ecoserve.engine.sampling_params import SamplingParams
 from ecoserve.engine.scheduler import FCFSScheduler
 from ecoserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from ecoserve.engine.sim import SimRunner, sim_num_blocks, sim_spec
 from ecoserve.kv_cache import BlockPool, BlockTable, HostSwapSpace, OutOfBlocksError
 from ecoserve.model.loader import load_model
 from ecoserve.model.registry import resolve_model
 from ecoserve.model.sampling import sample
+from ecoserve.sim.latency import load_profile
 
 
 PREEMPT_MODES = ("swap", "recompute")
@@ -57,18 +62,31 @@ class LLMEngine:
         if threads:
             torch.set_num_threads(threads)
         self.folder = resolve_model(config.model.model)
-        self.device = resolve_device(config.model.device)
+        # The sim engine (engine/sim.py, a load-test tool) models the model: no weights.
+        self.sim_profile = load_profile(config.model.sim_profile) if config.model.engine == "sim" else None
+        self.device = "cpu" if self.sim_profile else resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
-        self.spec, model = load_model(self.folder, self.dtype, self.device)
+        self.model_id = config.model.model
+        model = None
+        if self.sim_profile:
+            self.model_id = f"{config.model.model} (sim {self.sim_profile.name})"
+            self.spec = sim_spec(self.folder, self.model_id)
+        else:
+            self.spec, model = load_model(self.folder, self.dtype, self.device)
         # Sliding-window attention is not implemented: within the window it equals full attention,
         # so a Mistral-style model is served up to its window and no further.
         limits = [self.spec.max_position_embeddings, self.spec.sliding_window or self.spec.max_position_embeddings]
         self.max_model_len = min(config.model.max_model_len or limits[0], *limits)
         block_size = config.cache.block_size
-        num_blocks = config.cache.num_blocks or self._blocks_for_memory(self._kv_bytes(config), block_size)
+        num_blocks = config.cache.num_blocks or self._default_num_blocks(config, block_size)
         self.pool = BlockPool(num_blocks, block_size)
-        self.runner = ModelRunner(model, self.spec, num_blocks, block_size, self.dtype)
+        self.runner: Runner
+        if model is not None:
+            self.runner = ModelRunner(model, self.spec, num_blocks, block_size, self.dtype)
+        else:
+            assert self.sim_profile is not None
+            self.runner = SimRunner(self.spec, num_blocks, block_size, self.sim_profile, config.model.sim_time_scale)
         host_blocks = config.cache.num_host_blocks
         self.swap_space = HostSwapSpace(self.runner.kv_cache, host_blocks) if host_blocks else None
         sched = config.scheduler
@@ -89,6 +107,11 @@ class LLMEngine:
             raise ValueError("gpu_memory_fraction sizes the KV pool on CUDA only; on CPU give num_blocks or kv_cache_gib")
         free, _ = torch.cuda.mem_get_info()
         return int(free * fraction)
+
+    def _default_num_blocks(self, config: EngineConfig, block_size: int) -> int:
+        """The sim engine holds its profile's measured KV capacity; else the memory setting's."""
+        sim_blocks = sim_num_blocks(self.sim_profile, block_size) if self.sim_profile else None
+        return sim_blocks or self._blocks_for_memory(self._kv_bytes(config), block_size)
 
     def _blocks_for_memory(self, num_bytes: int, block_size: int) -> int:
         per_block = torch.Size(kv_cache_shape(self.spec, 1, block_size)).numel() * self.dtype.itemsize

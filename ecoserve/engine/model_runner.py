@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -26,6 +27,16 @@ class StepInputs:
 def kv_cache_shape(spec: ModelSpec, num_blocks: int, block_size: int) -> tuple[int, ...]:
     """[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
     return (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+
+
+class Runner(Protocol):
+    """What LLMEngine needs of a runner: ModelRunner below, or engine.sim.SimRunner."""
+
+    kv_cache: torch.Tensor  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+
+    def prepare(self, prefills: list[ScheduledChunk], decodes: list[ScheduledChunk]) -> StepInputs: ...
+
+    def execute(self, inputs: StepInputs) -> torch.Tensor: ...
 
 
 class ModelRunner:

@@ -119,7 +119,7 @@ class Worker:
                 num_blocks=self.pool.num_blocks,
                 block_size=self.pool.block_size,
                 max_num_batched_tokens=self.config.engine.scheduler.max_num_batched_tokens,
-                model_id=self.config.engine.model.model,
+                model_id=eng.model_id,  # names the sim profile too: no sim worker pairs with a real one
                 dtype=str(eng.dtype).removeprefix("torch."),
                 num_layers=eng.spec.num_layers,
                 num_kv_heads=eng.spec.num_kv_heads,

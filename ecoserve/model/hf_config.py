@@ -90,7 +90,7 @@ def load_model_spec(folder: str | Path, model_id: str | None = None) -> ModelSpe
         attention_bias=_attention_bias(config),
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
         bos_token_id=_optional_int(getattr(config, "bos_token_id", None)),
-        eos_token_ids=_eos_token_ids(folder, getattr(config, "eos_token_id", None)),
+        eos_token_ids=eos_token_ids(folder, getattr(config, "eos_token_id", None)),
         dtype=_weights_dtype(folder, config),
         sliding_window=_sliding_window(config, max_positions),
     )
@@ -169,7 +169,7 @@ def _as_ids(value: Any) -> list[int]:
     return [int(value)]
 
 
-def _eos_token_ids(folder: Path, config_eos: Any) -> tuple[int, ...]:
+def eos_token_ids(folder: Path, config_eos: Any) -> tuple[int, ...]:
     # Chat models often list extra stop tokens (e.g. <|eot_id|>) only in generation_config.json.
     ids = _as_ids(config_eos)
     gen_path = folder / "generation_config.json"

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ecoserve.data.azure import load_azure_trace, parse_timestamp_ns
@@ -52,3 +54,25 @@ def test_unknown_kind_lists_the_allowed_ones() -> None:
 def test_bad_limit_is_rejected() -> None:
     with pytest.raises(ValueError, match="limit"):
         load_azure_trace("conv", limit=-5)
+
+
+def test_a_trace_file_in_the_same_format_is_read_from_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "mine.csv"
+    path.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2024-01-01 00:00:00,10,5\n2024-01-01 00:00:01.5,20,7\n"
+    )
+    trace = load_azure_trace(path=path)
+    assert [(r.arrival_s, r.prompt_len, r.output_len) for r in trace] == [(0.0, 10, 5), (1.5, 20, 7)]
+
+
+def test_a_missing_trace_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.csv does not exist"):
+        load_azure_trace(path=tmp_path / "nope.csv")
+
+
+def test_a_trace_file_with_other_columns_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.csv"
+    path.write_text("time,prompt,output\n1,2,3\n")
+    with pytest.raises(ValueError, match="expected header TIMESTAMP,ContextTokens,GeneratedTokens"):
+        load_azure_trace(path=path)

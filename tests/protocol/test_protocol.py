@@ -26,7 +26,10 @@ SAMPLES = [
     ),
     p.AbortRequest(request_id="r1"),
     p.GetStats(),
-    p.HelloReply(protocol_version=p.PROTOCOL_VERSION, server_name="ecoserve"),
+    p.HelloReply(
+        protocol_version=p.PROTOCOL_VERSION, server_name="ecoserve", model_id="tiny-llama", vocab_size=49152,
+        max_model_len=2048, max_prompt_tokens=2047, max_request_tokens=2048,
+    ),
     p.TokenDelta(request_id="r1", index=0, token_ids=[5, 6], text=" Paris"),
     p.RequestFinished(
         request_id="r1", token_ids=[5, 6, 2], text=" Paris.", finish_reason="stop", num_prompt_tokens=4, ttft_ms=12.5, tpot_ms=3.0, e2e_ms=18.5,

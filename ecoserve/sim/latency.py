@@ -1,0 +1,122 @@
+"""Step-time models of one worker, in DistServe's form, from the bundled profiles.
+
+    prefill step (ms) = a + b·Σl + c·Σl²       over the prompt lengths l of the batch
+    decode step (ms)  = a + b·Σctx + c·batch   (one (a, b, c) below `large_batch_threshold`
+                                                requests, another at or above it)
+
+A profile is named `<model>-tp<N>` (DistServe's fits of its own engine, e.g. `opt-13b-tp1`) or
+`vllm-<model>-tp<N>` (its fits of the vLLM baseline), or is a JSON file holding one profile:
+`{"prefill": [a, b, c], "decoding_smallbs": [a, b, c], "decoding_largebs": [a, b, c],
+"decoding_large_small_bs_threshold": 95, "max_num_tokens": 66144}` (the last key optional).
+`max_num_tokens` is the KV capacity DistServe measured for that model and degree (pipeline
+degree 1). No torch here: the coordinator, the CLI and the simulator use it too.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PROFILE = "opt-13b-tp1"
+_FITS = {"": "distserve-profiler-a100-80g.distserve.json", "vllm-": "distserve-profiler-a100-80g.vllm.json"}
+_CAPACITY_FILE = "distserve-max_num_tokens.csv"
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    """Step-time coefficients of one model on one tensor-parallel group, in milliseconds."""
+
+    name: str
+    prefill: tuple[float, float, float]  # (a, b, c): a + b·Σl + c·Σl²
+    decode_small: tuple[float, float, float]  # (a, b, c): a + b·Σctx + c·batch, batch < threshold
+    decode_large: tuple[float, float, float]  # the same, batch >= threshold
+    large_batch_threshold: int
+    max_num_tokens: int | None = None  # KV capacity in tokens, when the source gives one
+
+    def prefill_ms(self, sum_len: int, sum_len_sq: int) -> float:
+        """A prefill batch with Σl = `sum_len` and Σl² = `sum_len_sq`; 0 for an empty one."""
+        if sum_len == 0:
+            return 0.0
+        a, b, c = self.prefill
+        return a + b * sum_len + c * sum_len_sq
+
+    def decode_ms(self, batch: int, sum_context: int) -> float:
+        """A decode step over `batch` requests holding `sum_context` tokens; 0 for an empty one."""
+        if batch == 0:
+            return 0.0
+        a, b, c = self.decode_large if batch >= self.large_batch_threshold else self.decode_small
+        return a + b * sum_context + c * batch
+
+
+def profile_names() -> list[str]:
+    """Every bundled profile name."""
+    return sorted(_bundled())
+
+
+def load_profile(name_or_path: str) -> LatencyProfile:
+    """A bundled profile by name, or a profile JSON file; ValueError naming what is allowed."""
+    bundled = _bundled()
+    if name_or_path in bundled:
+        return bundled[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"latency profile {path} is not valid JSON: {exc}") from None
+        return _profile(path.stem, raw, raw.get("max_num_tokens") if isinstance(raw, dict) else None, str(path))
+    raise ValueError(
+        f"unknown latency profile {name_or_path!r}: give one of {', '.join(profile_names())} "
+        "or the path of a .json file with prefill, decoding_smallbs, decoding_largebs and "
+        "decoding_large_small_bs_threshold"
+    )
+
+
+@lru_cache(maxsize=1)
+def _bundled() -> dict[str, LatencyProfile]:
+    folder = resources.files("ecoserve.data").joinpath("profiles")
+    capacity: dict[tuple[str, int], int] = {}
+    for row in csv.DictReader(io.StringIO(folder.joinpath(_CAPACITY_FILE).read_text(encoding="utf-8"))):
+        if int(row["pp"]) == 1:
+            capacity[(row["model"], int(row["tp"]))] = int(row["max_num_tokens"])
+    out: dict[str, LatencyProfile] = {}
+    for prefix, filename in _FITS.items():
+        fits: dict[str, dict[str, Any]] = json.loads(folder.joinpath(filename).read_text(encoding="utf-8"))
+        for model, by_tp in fits.items():
+            for tp, raw in by_tp.items():
+                name = f"{prefix}{model.rsplit('/', 1)[-1]}-tp{tp}"
+                out[name] = _profile(name, raw, capacity.get((model, int(tp))), f"{filename} [{model}][{tp}]")
+    return out
+
+
+def _profile(name: str, raw: Any, max_num_tokens: Any, source: str) -> LatencyProfile:
+    keys = ("prefill", "decoding_smallbs", "decoding_largebs")
+    if not isinstance(raw, dict) or any(k not in raw for k in keys + ("decoding_large_small_bs_threshold",)):
+        raise ValueError(
+            f"latency profile {source} must be a JSON object with {', '.join(keys)} (each [a, b, c]) and "
+            "decoding_large_small_bs_threshold"
+        )
+    coeffs = []
+    for key in keys:
+        value = raw[key]
+        if not (isinstance(value, list) and len(value) == 3 and all(_finite(v) for v in value)):
+            raise ValueError(f"latency profile {source}: {key} must be three finite numbers [a, b, c], got {value!r}")
+        coeffs.append((float(value[0]), float(value[1]), float(value[2])))
+    threshold = raw["decoding_large_small_bs_threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+        raise ValueError(f"latency profile {source}: decoding_large_small_bs_threshold must be an integer >= 1")
+    if max_num_tokens is not None and (isinstance(max_num_tokens, bool) or not isinstance(max_num_tokens, int)
+                                       or max_num_tokens < 1):
+        raise ValueError(f"latency profile {source}: max_num_tokens must be an integer >= 1 or absent")
+    return LatencyProfile(name, coeffs[0], coeffs[1], coeffs[2], threshold, max_num_tokens)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
