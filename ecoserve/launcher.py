@@ -115,6 +115,16 @@ async def run_cluster(
         )
         for rank, role in enumerate(roles)
     ]
+    layout = "ranks: " + ", ".join(f"{r}={role}" for r, role in enumerate(roles))
+    return await serve_until_stopped(coord, procs, coord_config, layout, ready_file)
+
+
+async def serve_until_stopped(
+    coord: Coordinator, procs: list[subprocess.Popen[bytes]], coord_config: CoordinatorConfig, layout: str,
+    ready_file: Path | None, linger_s: float = 0.2,
+) -> int:
+    """Run the coordinator until SIGINT/SIGTERM with this machine's worker processes `procs`
+    (ranks 0 .. len(procs)-1): wait for every rank to register, announce, watch, drain, stop."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -124,15 +134,14 @@ async def run_cluster(
     try:
         code = await _startup(coord, procs, stop)
         if code == 0:
-            print(f"EcoServe ready at {coord.client_addr}  (policy {coord_config.policy}; ranks: "
-                  + ", ".join(f"{r}={role}" for r, role in enumerate(roles)) + ")", flush=True)
+            print(f"EcoServe ready at {coord.client_addr}  (policy {coord_config.policy}; {layout})", flush=True)
             if ready_file is not None:
                 ready_file.write_text(coord.client_addr)
             await _watch(coord, procs, stop)
             await coord.drain(coord_config.drain_timeout_s)
     finally:
         coord.stop()
-        await asyncio.sleep(0.2)  # let Shutdown frames leave
+        await asyncio.sleep(linger_s)  # let Shutdown frames leave
         serve_task.cancel()
         await asyncio.gather(serve_task, return_exceptions=True)
         _reap(procs)

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from ecoserve.config import CoordinatorConfig, EngineConfig, WorkerConfig
@@ -136,13 +137,11 @@ def _wait_keys(store: Any, keys: list[str], timeout_s: float) -> list[str]:
 async def _run_master(
     node: NodeArgs, store: Any, engine: EngineConfig, coord_config: CoordinatorConfig, args: argparse.Namespace
 ) -> int:
-    from pathlib import Path
-
     from ecoserve.coordinator.policies import make_policy
     from ecoserve.coordinator.policy import check_cluster
     from ecoserve.coordinator.server import Coordinator
     from ecoserve.coordinator.workers import ExpectedRank
-    from ecoserve.launcher import _reap, _startup, _watch
+    from ecoserve.launcher import serve_until_stopped
     from ecoserve.model.registry import resolve_model
 
     keys = [f"node/{i}" for i in range(node.nnodes)]
@@ -168,29 +167,10 @@ async def _run_master(
     local = ranks[0]
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, len(local)))
     procs = [_start(rank, roles, plan, engine, coord_config, threads) for rank in local]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    serve_task = asyncio.create_task(coord.serve())
-    code = 0
-    try:
-        code = await _startup(coord, procs, stop)  # node 0's ranks are 0 .. len(local)-1
-        if code == 0:
-            layout = "; ".join(f"node {i}: " + ", ".join(f"{r}={roles[r]}" for r in rs) for i, rs in enumerate(ranks))
-            print(f"EcoServe ready at {coord.client_addr}  (policy {coord_config.policy}; {layout})", flush=True)
-            if args.ready_file:
-                Path(args.ready_file).write_text(coord.client_addr)
-            await _watch(coord, procs, stop)
-            await coord.drain(coord_config.drain_timeout_s)
-    finally:
-        coord.stop()
-        await asyncio.sleep(0.5)  # let Shutdown frames reach every node
-        serve_task.cancel()
-        await asyncio.gather(serve_task, return_exceptions=True)
-        _reap(procs)
-        coord.close()
-    return code
+    layout = "; ".join(f"node {i}: " + ", ".join(f"{r}={roles[r]}" for r in rs) for i, rs in enumerate(ranks))
+    ready = Path(args.ready_file) if args.ready_file else None
+    # Node 0's ranks are 0 .. len(local)-1; the linger lets Shutdown reach the other nodes.
+    return await serve_until_stopped(coord, procs, coord_config, layout, ready, linger_s=0.5)
 
 
 def _start(
