@@ -18,7 +18,7 @@ from typing import Any, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: HelloReply limits; Preempt/Resume/ExtendReservation/Preempted; ReceiveKV.reserve_tokens
 MAX_FRAME_BYTES = 16 * 2**20  # a 1M-token prompt of ids fits; anything larger is refused
 MAX_INT = 2**63 - 1
 

@@ -77,7 +77,7 @@ async def _chat(addr: str) -> None:
 
         assert client.server_info is not None
         tok = AutoTokenizer.from_pretrained(str(resolve_model(client.server_info.model_id or "smollm2-135m")))
-        prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
+        prompt = str(tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True))
         print(f"user: {QUESTION}\nassistant: ", end="", flush=True)
         async for delta in client.stream(prompt, SamplingParams(max_tokens=96, temperature=0)):
             print(delta.text, end="", flush=True)
