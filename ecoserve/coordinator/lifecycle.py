@@ -6,6 +6,7 @@ client, and every block a worker held for it is confirmed released (`releasing` 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from typing import Any, Callable
@@ -19,6 +20,8 @@ from ecoserve.coordinator.policy import Decisions, Policy, SchedulerState, Worke
 from ecoserve.coordinator.request import Request, RequestStatus as S
 from ecoserve.coordinator.workers import WorkerRegistry
 from ecoserve.kv_transfer.planner import TransferPlanner
+
+log = logging.getLogger(__name__)
 
 ToClient = Callable[[bytes, Any], None]
 ToWorker = Callable[[int, Any], None]
@@ -142,6 +145,10 @@ class Lifecycle:
             self.to_worker(req.decode_rank, p.Preempt(req.request_id, pre.mode))
         for ext in decisions.extensions:
             req = self.requests[ext.request_id]
+            if req.request_id not in self.ledger.where:  # a policy bug; the request keeps its old cap
+                log.error("policy %s extended %s, which holds no reservation (%s); ignored",
+                          self.policy.name, req.request_id, req.status.name)
+                continue
             assert req.decode_rank is not None and req.predicted_tokens is not None
             view = self.registry.views[req.decode_rank]
             cohort = self.ledger.where[req.request_id]

@@ -233,3 +233,32 @@ def test_stats_expose_buckets_reservations_and_prediction_error() -> None:
     stats = cluster.lifecycle.stats()
     assert stats["predicted"] == 30 and stats["prediction_mean_abs_error"] > 0
     assert math.isfinite(stats["prediction_mean_abs_error"])
+
+
+def test_a_request_extended_in_a_round_is_not_also_that_round_s_victim() -> None:
+    """Two requests on one decode worker exhaust their reservations together; there is room to
+    extend one. The other's extension then needs a victim, and it must not be the request just
+    extended (that would preempt and extend the same request in one round)."""
+    ledger = ReservationLedger(start_delay=0)
+    policy = EcoServePolicy(EcoServeConfig(predictor="fixed", predictor_options={"length": 32}, margin=0.0,
+                                           buckets=BucketScheme(bounds=(32, 64, 128))))
+    requests = {}
+    for rid in ("a", "b"):
+        req = _request(rid, 64, max_tokens=128)
+        policy.on_admit(req)
+        for status in (RequestStatus.PREFILLING, RequestStatus.TRANSFERRING, RequestStatus.DECODING):
+            req.transition(status)
+        req.decode_rank, req.prefill_rank, req.decode_start_step = 1, 0, 0
+        req.output_token_ids = [1] * 32  # used its reservation up
+        requests[rid] = req
+    ledger.add(1, BS, 32, [("a", 64), ("b", 64)], step=0)
+    ledger.started("a", 0)
+    ledger.started("b", 0)
+    # 14 blocks: each holds 6 now; extending one to 64 tokens needs 2 more; two extensions do not fit.
+    workers = {0: WorkerView(0, "prefill", 100, BS, 512, 100), 1: WorkerView(1, "decode", 15, BS, 512, 3)}
+    workers[1].decode_steps = 31
+    state = SchedulerState(0.0, BucketQueues(), deque(), workers, ledger, dict(requests), {}, requests)
+    d = policy.schedule(state)
+    extended = {e.request_id for e in d.extensions}
+    preempted = {p.request_id for p in d.preemptions}
+    assert extended and not extended & preempted, (d.extensions, d.preemptions)

@@ -229,7 +229,7 @@ class EcoServePolicy(BasePolicy):
         """Extend requests close to their reservation; preempt victims where that does not fit.
         Returns the ranks where an extension still waits (no new cohort goes there)."""
         blocked: set[int] = set()
-        victims_taken: set[str] = set()
+        victims_taken: set[str] = set()  # preempted or extended this round: not victims (again)
         reqs = list(state.near_limit.values())
         if self.config.ordering:
             reqs.sort(key=lambda q: -(q.num_prompt_tokens + len(q.output_token_ids)))
@@ -252,6 +252,7 @@ class EcoServePolicy(BasePolicy):
                 if r.fits(rank, [new], [old], 0, exact=grow):
                     out.extensions.append(Extend(req.request_id, new_total))
                     r.commit(rank, new, grow, remove=old)
+                    victims_taken.add(req.request_id)
                     break
                 if len(req.output_token_ids) < req.predicted_tokens:
                     break  # not exhausted yet: it may still end within its prediction; extend later
