@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,6 +131,7 @@ async def serve_until_stopped(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     serve_task = asyncio.create_task(coord.serve())
+    serve_task.add_done_callback(lambda _: stop.set())  # a coordinator that crashed stops the cluster
     code = 0
     try:
         code = await _startup(coord, procs, stop)
@@ -138,7 +140,13 @@ async def serve_until_stopped(
             if ready_file is not None:
                 ready_file.write_text(coord.client_addr)
             await _watch(coord, procs, stop)
-            await coord.drain(coord_config.drain_timeout_s)
+            if not serve_task.done():
+                await coord.drain(coord_config.drain_timeout_s)
+        if serve_task.done() and not serve_task.cancelled() and serve_task.exception() is not None:
+            exc = serve_task.exception()
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+            print(f"error: the coordinator stopped: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            code = 1
     finally:
         coord.stop()
         await asyncio.sleep(linger_s)  # let Shutdown frames leave
