@@ -142,9 +142,9 @@ async def serve_until_stopped(
             await _watch(coord, procs, stop)
             if not serve_task.done():
                 await coord.drain(coord_config.drain_timeout_s)
-        if serve_task.done() and not serve_task.cancelled() and serve_task.exception() is not None:
-            exc = serve_task.exception()
-            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        exc = serve_task.exception() if serve_task.done() and not serve_task.cancelled() else None
+        if exc is not None:
+            traceback.print_exception(exc, file=sys.stderr)
             print(f"error: the coordinator stopped: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             code = 1
     finally:
