@@ -188,7 +188,7 @@ class SimRunner:
         """[num_sampled, width]: a noise row each, its target token at +1 above all the rest."""
         keys = [token_key(self._digest(c.seq), c.seq.num_tokens) for c in sampled]
         rows = torch.tensor([k % NOISE_ROWS for k in keys], dtype=torch.int64)
-        targets = torch.tensor([self.candidates[(k // NOISE_ROWS) % len(self.candidates)] for k in keys])
+        targets = torch.tensor([self.candidates[(k // NOISE_ROWS) % len(self.candidates)] for k in keys], dtype=torch.int64)
         out = self.noise[rows]  # a copy
         out[torch.arange(len(keys)), targets] = 1.0
         return out

@@ -185,3 +185,12 @@ def test_config_errors_name_what_is_allowed() -> None:
         ModelConfig(engine="sim", dtype="bfloat16")
     ModelConfig(engine="model", sim_profile="not-checked-unless-sim")
     assert "opt-66b-tp8" in profile_names() and "vllm-opt-13b-tp1" in profile_names()
+
+
+def test_a_step_that_samples_nothing_runs() -> None:
+    """A long prompt alone, chunked under the budget: its first steps sample no token (an
+    empty logits batch), which once made the sim worker crash on an index dtype."""
+    engine = make_engine(budget=16)
+    prompt = make_prompts([50])[0]
+    assert engine.runner.logits([]).shape[0] == 0  # type: ignore[attr-defined]
+    assert run(engine, [prompt]) == run(make_engine(budget=64), [prompt])
