@@ -19,6 +19,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -75,6 +76,12 @@ def _launch(ns: str | None, node_rank: int, master: str, port: int, role: str, i
     return (["ip", "netns", "exec", ns] if ns else []) + cmd
 
 
+def _tail(log: IO[str], chars: int = 3000) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()[-chars:]
+
+
 def _tx_bytes(ns: str, dev: str) -> int:
     out = subprocess.run(["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/statistics/tx_bytes"],
                          check=True, capture_output=True, text=True)
@@ -115,11 +122,8 @@ def test_prefill_and_decode_on_two_hosts_over_a_veth_link(two_hosts, tmp_path: P
     try:
         deadline = time.monotonic() + 240
         while not ready.exists():
-            for n, log in zip(nodes, logs):
-                if n.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    pytest.fail(f"a node exited or the cluster did not come up:\n" + "\n".join(
-                        (lg.seek(0), lg.read()[-3000:])[1] for lg in logs))
+            if any(n.poll() is not None for n in nodes) or time.monotonic() > deadline:
+                pytest.fail("a node exited or the cluster did not come up:\n" + "\n".join(_tail(lg) for lg in logs))
             time.sleep(0.2)
         workers = [pid for n in nodes for pid in child_pids(n.pid)]
         before = _tx_bytes(ns_b, vb), _tx_bytes(ns_a, va)

@@ -243,8 +243,11 @@ class EcoServePolicy(BasePolicy):
             old = state.ledger.member_shape(req.request_id, r.decoders[req.decode_rank].decode_steps)
             if old is None:
                 continue
-            n, kv, a, h, end = old
-            new = (1, kv, a, h + new_total - req.predicted_tokens, a + h + new_total - req.predicted_tokens)
+            _, kv, a, h, _ = old
+            # Its own ramp, from its own start (the lifecycle re-reserves it from there too).
+            started = req.decode_start_step if req.decode_start_step is not None else a
+            horizon = h + new_total - req.predicted_tokens
+            new = (1, kv, started, horizon, started + horizon)
             rank = req.decode_rank
             now = r.decoders[rank].decode_steps
             grow = r.blocks_delta(req, new_total)
