@@ -36,9 +36,10 @@ def bench(addr: str, *args: str) -> int:
 def test_synthetic_load_writes_every_metric_and_a_plot(addr: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, png = tmp_path / "synthetic.json", tmp_path / "cdf.png"
     code = bench(
-        # Long enough (about 3 s of overlapping requests) for the 0.5 s stats samples to see KV in use.
-        addr, "--workload", "synthetic", "--num-requests", "10", "--rate", "3", "--prompt-mean", "48",
-        "--output-mean", "96", "--slo-ttft-ms", "2000", "--slo-tpot-ms", "200", "--out", str(out), "--plot", str(png),
+        # All ten at once with long outputs: they decode together for seconds, so the 0.5 s stats
+        # samples see KV in use (a trickle of short requests could fall between samples).
+        addr, "--workload", "synthetic", "--num-requests", "10", "--rate", "inf", "--prompt-mean", "48",
+        "--output-mean", "256", "--slo-ttft-ms", "2000", "--slo-tpot-ms", "200", "--out", str(out), "--plot", str(png),
     )
     assert code == 0
     doc = json.loads(out.read_text())
