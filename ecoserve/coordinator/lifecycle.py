@@ -31,7 +31,9 @@ class Lifecycle:
     def __init__(
         self, policy: Policy, registry: WorkerRegistry, codec: TextCodec,
         to_client: ToClient, to_worker: ToWorker, config: CoordinatorConfig,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock  # every lifecycle timestamp; the simulator passes its own clock
         self.policy = policy
         self.registry = registry
         self.codec = codec
@@ -78,7 +80,7 @@ class Lifecycle:
 
     def schedule(self) -> None:
         state = SchedulerState(
-            time.monotonic(), self.waiting, self.kv_waiting, self.registry.views, self.ledger, self.near_limit,
+            self.clock(), self.waiting, self.kv_waiting, self.registry.views, self.ledger, self.near_limit,
             self.preempted, self.requests,
         )
         t0 = time.perf_counter()
@@ -87,7 +89,7 @@ class Lifecycle:
         self.apply(decisions)
 
     def apply(self, decisions: Decisions) -> None:
-        now = time.monotonic()
+        now = self.clock()
         views = self.registry.views
         for res in decisions.reservations:
             view = views[res.rank]
@@ -216,17 +218,17 @@ class Lifecycle:
         if msg.finish_reason is not None:
             self.finish(req, msg.finish_reason)
         elif view.role == "mixed":
-            req.transition(S.TRANSFERRING)
-            req.transition(S.DECODING)
+            req.transition(S.TRANSFERRING, self.clock())
+            req.transition(S.DECODING, self.clock())
         else:
-            req.transition(S.TRANSFERRING)
+            req.transition(S.TRANSFERRING, self.clock())
             self.kv_waiting.append(req)
 
     def _on_tokens(self, msg: p.TokenEvents, view: WorkerView) -> None:
         for rid in msg.preempted:  # the worker ran out of blocks and dropped it to recompute
             req = self.requests.get(rid)
             if req is not None and req.status is S.DECODING:
-                req.transition(S.PREEMPTED)
+                req.transition(S.PREEMPTED, self.clock())
                 req.num_preemptions += 1
                 self.counters["preemptions"] += 1
                 self.counters["preemptions_local"] += 1
@@ -236,7 +238,7 @@ class Lifecycle:
             if req is None or req.status not in (S.DECODING, S.PREEMPTED):
                 continue
             if req.status is S.PREEMPTED and (req.preempt_mode is None or req.resuming):
-                req.transition(S.DECODING)  # back from a local recompute, or resumed by our order
+                req.transition(S.DECODING, self.clock())  # back from a local recompute, or resumed by our order
                 if req.resuming:
                     req.resuming, req.preempt_mode = False, None
                     req.decode_start_step = view.decode_steps - 1
@@ -271,7 +273,7 @@ class Lifecycle:
             view = self.registry.views[msg.rank]
             view.committed_blocks -= self.transfer_blocks.pop(req.request_id)
             view.num_running += 1
-            req.transition(S.DECODING)
+            req.transition(S.DECODING, self.clock())
             req.decode_start_step = view.decode_steps
             self.ledger.started(req.request_id, view.decode_steps)
 
@@ -283,7 +285,7 @@ class Lifecycle:
     # --- endings ---------------------------------------------------------------------------------
 
     def finish(self, req: Request, reason: str) -> None:
-        req.transition(S.FINISHED)
+        req.transition(S.FINISHED, self.clock())
         self.counters["finished"] += 1
         if req.raw_prediction is not None:
             n = len(req.output_token_ids)
@@ -299,14 +301,14 @@ class Lifecycle:
             return False
         req = self.requests[rid]
         self._release_everywhere(req)
-        req.transition(S.ABORTED)
+        req.transition(S.ABORTED, self.clock())
         self.counters["aborted"] += 1
         self._end(req, "abort")
         return True
 
     def fail(self, req: Request, message: str) -> None:
         self._release_everywhere(req)
-        req.transition(S.FAILED)
+        req.transition(S.FAILED, self.clock())
         self.counters["failed"] += 1
         self._forget(req)
         self.to_client(req.client, p.ErrorReply(req.client_request_id, "failed", message))
