@@ -1,0 +1,298 @@
+"""Experiments on the simulator: one run's metrics, goodput by bisection, GPU-count search.
+
+Definitions (DESIGN §7–§8): a request meets its SLOs when its TTFT and its TPOT are both
+within bounds; SLO attainment is the share of requests that do (a request that never finished
+does not); goodput is the highest Poisson rate at which attainment stays >= `goal` (0.9),
+found by doubling then bisection to `rel_tol`; the GPU count for a target rate is the fewest
+GPUs over the layouts searched whose attainment at that rate is >= `goal`.
+
+Layouts: disaggregated policies (`ecoserve`, `distserve`) over (prefill instances × TP,
+decode instances × TP); colocated ones (`vllm`, `orca`) over replicas × TP of mixed workers.
+Every policy uses the same latency profile family, workload and SLOs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+from ecoserve.coordinator.policies import make_policy
+from ecoserve.data.workload import WorkloadRequest
+from ecoserve.sim.latency import LatencyProfile, load_profile, profile_names
+from ecoserve.sim.simulator import HardwareConfig, InstanceSpec, SimResult, Simulator, kv_bytes_per_token
+from ecoserve.sim.workloads import make_workload
+
+DISAGGREGATED = ("ecoserve", "distserve")
+COLOCATED = ("vllm", "orca")
+POLICY_NAMES = DISAGGREGATED + COLOCATED
+
+# DistServe's SLO settings (its evaluation): (model, workload) -> (TTFT ms, TPOT ms).
+DISTSERVE_SLOS: dict[tuple[str, str], tuple[float, float]] = {
+    ("opt-13b", "sharegpt"): (250.0, 100.0),
+    ("opt-66b", "sharegpt"): (2500.0, 150.0),
+    ("opt-66b", "humaneval"): (125.0, 200.0),
+    ("opt-66b", "summarization"): (15000.0, 150.0),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A cluster shape: instance counts and tensor-parallel degrees."""
+
+    policy: str
+    prefill: int = 0
+    tp_prefill: int = 1
+    decode: int = 0
+    tp_decode: int = 1
+    mixed: int = 0
+    tp_mixed: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.prefill * self.tp_prefill + self.decode * self.tp_decode + self.mixed * self.tp_mixed
+
+    def describe(self) -> str:
+        if self.mixed:
+            return f"{self.mixed}x TP{self.tp_mixed}"
+        return f"{self.prefill}P TP{self.tp_prefill} : {self.decode}D TP{self.tp_decode}"
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_ms: float
+    tpot_ms: float
+
+    def __post_init__(self) -> None:
+        for name, v in (("TTFT", self.ttft_ms), ("TPOT", self.tpot_ms)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"the {name} SLO must be a number of milliseconds > 0, got {v!r}")
+
+
+def profile_for(model: str, tp: int) -> LatencyProfile:
+    """The bundled profile of `model` at TP `tp` (`model` may also be a profile JSON path)."""
+    if model.endswith(".json"):
+        return load_profile(model)
+    name = f"{model}-tp{tp}"
+    if name not in profile_names():
+        tps = sorted(int(n.rsplit("-tp", 1)[1]) for n in profile_names() if n.startswith(f"{model}-tp"))
+        if not tps:
+            models = sorted({n.rsplit("-tp", 1)[0] for n in profile_names() if not n.startswith("vllm-")})
+            raise ValueError(f"unknown model {model!r} for the latency profiles; choose one of {models} or a .json profile")
+        raise ValueError(f"no profile for {model} at TP {tp}; its profiles have TP {tps}")
+    return load_profile(name)
+
+
+def model_tps(model: str) -> list[int]:
+    if model.endswith(".json"):
+        return [1]
+    tps = sorted(int(n.rsplit("-tp", 1)[1]) for n in profile_names() if n.startswith(f"{model}-tp"))
+    if not tps:
+        profile_for(model, 1)  # raises the clear error
+    return tps
+
+
+def instances(layout: Layout, model: str) -> list[InstanceSpec]:
+    out: list[InstanceSpec] = []
+    out += [InstanceSpec("prefill", profile_for(model, layout.tp_prefill), layout.tp_prefill)] * layout.prefill
+    out += [InstanceSpec("decode", profile_for(model, layout.tp_decode), layout.tp_decode)] * layout.decode
+    out += [InstanceSpec("mixed", profile_for(model, layout.tp_mixed), layout.tp_mixed)] * layout.mixed
+    return out
+
+
+def build_policy(layout: Layout, model: str, slo: SLO, hw: HardwareConfig, options: dict[str, Any] | None = None) -> Any:
+    opts = dict(options or {})
+    if layout.policy == "ecoserve":
+        prof = profile_for(model, layout.tp_decode)
+        opts.setdefault("predictor", "oracle")
+        opts.setdefault("slo_tpot_ms", slo.tpot_ms)
+        opts.setdefault("costs", {
+            "decode": list(prof.decode_small), "prefill": list(prof.prefill),
+            "kv_bytes_per_token": hw.kv_bytes_per_token or kv_bytes_per_token(prof),
+            "swap_bytes_per_s": hw.swap_bytes_per_s * layout.tp_decode,
+        })
+    return make_policy(layout.policy, **opts)
+
+
+@dataclass
+class RunMetrics:
+    """One simulated run, in DESIGN §8's terms."""
+
+    policy: str
+    layout: str
+    gpus: int
+    rate: float
+    num_requests: int
+    finished: int
+    attainment: float
+    ttft_ms: dict[str, float]
+    tpot_ms: dict[str, float]
+    jct_ms: dict[str, float]
+    throughput_rps: float
+    throughput_tok_s: float
+    kvc_used: float  # decode-side mean share of capacity in use
+    kvc_reserved: float  # decode-side mean share reserved (ecoserve; may exceed 1 with pipelining)
+    preemptions: int
+    extensions: int
+    prediction_mae: float
+    schedule_us_p50: float
+    schedule_us_p99: float
+    sim_s: float
+    wall_s: float = 0.0
+    stopped_early: bool = False
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pcts(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": math.nan, "p50": math.nan, "p90": math.nan, "p99": math.nan}
+    s = sorted(values)
+
+    def q(x: float) -> float:
+        return s[min(len(s) - 1, int(x * len(s)))]
+
+    return {"mean": statistics.fmean(s), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
+
+
+def simulate(
+    layout: Layout, model: str, workload: Sequence[WorkloadRequest], slo: SLO, hw: HardwareConfig | None = None,
+    policy_options: dict[str, Any] | None = None, goal: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[RunMetrics, SimResult, Simulator]:
+    """Run `workload` on `layout`. With `goal`, stop as soon as attainment >= goal is impossible."""
+    import time
+
+    hw = hw or HardwareConfig()
+    sim = Simulator(build_policy(layout, model, slo, hw, policy_options), instances(layout, model), hw)
+    allowance = None if goal is None else int(math.floor((1 - goal) * len(workload)))
+    t0 = time.perf_counter()
+    res = sim.run(workload, slo.ttft_ms, slo.tpot_ms, progress=progress, miss_allowance=allowance)
+    wall = time.perf_counter() - t0
+    reqs = res.requests
+    ok = sum(1 for r in reqs if r.ttft_ms <= slo.ttft_ms and r.tpot_ms <= slo.tpot_ms)
+    span = max((r.arrival_s + r.e2e_ms / 1e3 for r in reqs), default=0.0) - (workload[0].arrival_s if workload else 0.0)
+    used = [u / c for _, u, _, c in res.kv_samples if c]
+    reserved = [r / c for _, _, r, c in res.kv_samples if c]
+    lc = sim.lifecycle
+    n_pred = lc.counters["predicted"]
+    sched = lc.schedule_us.summary("s")
+    rate = (len(workload) - 1) / (workload[-1].arrival_s - workload[0].arrival_s) if len(workload) > 1 and workload[-1].arrival_s > workload[0].arrival_s else math.inf
+    metrics = RunMetrics(
+        policy=layout.policy, layout=layout.describe(), gpus=layout.gpus, rate=rate, num_requests=len(workload),
+        finished=len(reqs), attainment=ok / len(workload) if workload else 0.0,
+        ttft_ms=_pcts([r.ttft_ms for r in reqs]), tpot_ms=_pcts([r.tpot_ms for r in reqs if r.output_len > 1]),
+        jct_ms=_pcts([r.e2e_ms for r in reqs]),
+        throughput_rps=len(reqs) / span if span > 0 else 0.0,
+        throughput_tok_s=sum(r.output_len for r in reqs) / span if span > 0 else 0.0,
+        kvc_used=statistics.fmean(used) if used else 0.0, kvc_reserved=statistics.fmean(reserved) if reserved else 0.0,
+        preemptions=int(lc.counters["preemptions"]), extensions=int(lc.counters["extensions"]),
+        prediction_mae=lc.prediction_abs_error / n_pred if n_pred else 0.0,
+        schedule_us_p50=sched.get("s.p50", 0.0), schedule_us_p99=sched.get("s.p99", 0.0),
+        sim_s=res.duration_s, wall_s=wall, stopped_early=res.stopped_early,
+    )
+    return metrics, res, sim
+
+
+@dataclass
+class Search:
+    """What a search needs besides the layout: model profile family, workload, SLOs, sizes."""
+
+    model: str
+    workload: str
+    slo: SLO
+    num_requests: int = 1000  # at least; more when `min_duration_s` of arrivals needs more
+    min_duration_s: float = 120.0  # arrivals span at least this (steady state, not one burst)
+    seed: int = 0
+    goal: float = 0.9
+    hw: HardwareConfig = field(default_factory=HardwareConfig)
+    policy_options: dict[str, Any] = field(default_factory=dict)
+
+    def requests(self, rate: float) -> list[WorkloadRequest]:
+        n = max(self.num_requests, math.ceil(rate * self.min_duration_s))
+        return make_workload(self.workload, n, rate, self.seed)
+
+    def attainment(self, layout: Layout, rate: float) -> RunMetrics:
+        opts = self.policy_options if layout.policy == "ecoserve" else {}
+        m, _, _ = simulate(layout, self.model, self.requests(rate), self.slo, self.hw, opts, goal=self.goal)
+        m.rate = rate
+        return m
+
+
+def goodput(search: Search, layout: Layout, rel_tol: float = 0.05, start: float = 1.0,
+            on_probe: Callable[[RunMetrics], None] | None = None) -> tuple[float, list[RunMetrics]]:
+    """The highest rate (requests/s) with attainment >= goal, by doubling then bisection."""
+    probes: list[RunMetrics] = []
+
+    def ok(rate: float) -> bool:
+        m = search.attainment(layout, rate)
+        probes.append(m)
+        if on_probe:
+            on_probe(m)
+        return m.attainment >= search.goal
+
+    lo, hi = 0.0, start
+    while ok(hi):
+        lo, hi = hi, hi * 2
+        if hi > 1e5:
+            return math.inf, probes
+    if lo == 0.0:
+        lo_try = hi / 2
+        while lo_try > 1e-3 and not ok(lo_try):
+            hi, lo_try = lo_try, lo_try / 2
+        if lo_try <= 1e-3:
+            return 0.0, probes
+        lo = lo_try
+    while hi - lo > rel_tol * lo:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo, probes
+
+
+def layouts(policy: str, model: str, max_gpus: int, max_instances: int = 16) -> Iterator[Layout]:
+    """Every layout of `policy` up to `max_gpus`, fewest GPUs first."""
+    tps = model_tps(model)
+    found: list[Layout] = []
+    if policy in COLOCATED:
+        for tp in tps:
+            for n in range(1, max_instances + 1):
+                found.append(Layout(policy, mixed=n, tp_mixed=tp))
+    else:
+        for tp_p, tp_d in itertools.product(tps, tps):
+            for p_, d in itertools.product(range(1, max_instances + 1), repeat=2):
+                found.append(Layout(policy, prefill=p_, tp_prefill=tp_p, decode=d, tp_decode=tp_d))
+    found = [x for x in found if x.gpus <= max_gpus]
+    found.sort(key=lambda x: (x.gpus, x.prefill + x.decode + x.mixed, x.describe()))
+    yield from found
+
+
+def min_gpus(search: Search, policy: str, rate: float, max_gpus: int = 64,
+             on_probe: Callable[[RunMetrics], None] | None = None,
+             ) -> tuple[Layout | None, RunMetrics | None, list[RunMetrics]]:
+    """The first layout (fewest GPUs) whose attainment at `rate` is >= goal.
+
+    A layout is skipped without simulating when a layout with fewer or equal GPUs in every pool
+    (same TP degrees) already failed: more of everything cannot be needed less.
+    """
+    failed: list[Layout] = []
+    probes: list[RunMetrics] = []
+    for layout in layouts(policy, search.model, max_gpus):
+        if any(_dominates(f, layout) for f in failed):
+            continue
+        m = search.attainment(layout, rate)
+        probes.append(m)
+        if on_probe:
+            on_probe(m)
+        if m.attainment >= search.goal:
+            return layout, m, probes
+        failed.append(layout)
+    return None, None, probes
+
+
+def _dominates(failed: Layout, candidate: Layout) -> bool:
+    """`candidate` has no more of anything than `failed` (same TPs): it fails too."""
+    same_tp = (failed.tp_prefill, failed.tp_decode, failed.tp_mixed) == (candidate.tp_prefill, candidate.tp_decode, candidate.tp_mixed)
+    return same_tp and candidate.prefill <= failed.prefill and candidate.decode <= failed.decode and candidate.mixed <= failed.mixed

@@ -1,0 +1,833 @@
+"""Discrete-event simulator: the real coordinator (`Lifecycle` + policy) against simulated workers.
+
+The coordinator side is the live system's own code: `Lifecycle` with the chosen policy, on a
+simulated clock, receiving the real protocol messages (`RunPrefill`, `ReceiveKV`, `Preempt`,
+`PrefillDone`, `TransferStatus`, ...). Only the workers are simulated, and time advances by the
+latency model (`sim.latency.LatencyProfile`, DistServe's form):
+
+- a prefill step takes `a + b·Σl + c·Σl²` ms for the prompts it batches (whole prompts up to
+  the worker's token budget; a longer prompt runs alone);
+- a decode step takes `a + b·Σctx + c·batch` ms for its running requests;
+- a mixed (colocated) step does both, chunked prefill filling the budget left by decoding, and
+  takes the sum of the two;
+- a KV transfer takes `bytes / (link bandwidth · TP) + latency` (each GPU of a tensor-parallel
+  group moves its own shard), transfers from one prefill instance one after another;
+- swapping a preempted request out and back costs `bytes / swap bandwidth` each way, added to
+  the worker's next step; recomputing costs a prefill of everything it had.
+
+Speed: a decode worker advances its whole batch one step per event and touches a request only
+when something happens to it (a new KV block, its end, the point where it nears its
+reservation), so the cost is per step and per block, not per token. The coordinator sees the
+same state a live one would: each decode step's count and free blocks on the worker views,
+and a request's output length (`TokenCount`, a live count standing in for the token list the
+simulator does not need). Per-token `TokenEvents` are replaced by one `DecodeProgress` per step
+that lists only the requests something happened to; `SimLifecycle` folds it in exactly as
+`Lifecycle._on_tokens` folds a step's tokens. Deterministic: ties break by event order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from ecoserve import protocol as p
+from ecoserve.config import CoordinatorConfig
+from ecoserve.coordinator.lifecycle import Lifecycle
+from ecoserve.coordinator.policy import Policy, WorkerView
+from ecoserve.coordinator.request import Request, RequestStatus as S
+from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
+from ecoserve.data.workload import WorkloadRequest
+from ecoserve.sim.latency import LatencyProfile
+
+
+class TokenCount:
+    """A request's output "token list" in the simulator: only its length exists.
+
+    `len()` is live: while the request sits on a decode worker it is that worker's count for it,
+    so the policies' `len(req.output_token_ids)` reads what a live coordinator would have
+    received by now. `append` (the first token, from `PrefillDone`) counts one more.
+    """
+
+    __slots__ = ("base", "seq")
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.seq: _Seq | None = None
+
+    def __len__(self) -> int:
+        seq = self.seq
+        return self.base if seq is None else seq.now()
+
+    def append(self, token: int) -> None:
+        self.base += 1
+
+    def __getitem__(self, index: Any) -> Any:
+        n = len(self)
+        return [0] * len(range(n)[index]) if isinstance(index, slice) else 0  # token ids are not simulated
+
+    def __iter__(self) -> Any:
+        return iter([0] * len(self))
+
+
+@dataclass(frozen=True)
+class DecodeProgress:
+    """One decode step's news for the coordinator (the simulator's stand-in for TokenEvents)."""
+
+    rank: int
+    finished: list[tuple[str, str]]  # (request id, finish reason)
+    resumed: list[str]  # produced their first token since coming back (preemption, recompute)
+    preempted: list[str]  # dropped by the worker for room (recompute later)
+    near_limit: list[str]  # reached `extend_ahead` tokens before their reservation
+
+
+class SimLifecycle(Lifecycle):
+    """`Lifecycle`, with a decode step's news folded in from `DecodeProgress`."""
+
+    def on_worker_message(self, msg: Any) -> None:
+        if not isinstance(msg, DecodeProgress):
+            super().on_worker_message(msg)
+            return
+        view = self.registry.views[msg.rank]
+        now = self.clock()
+        for rid in msg.preempted:
+            req = self.requests.get(rid)
+            if req is not None and req.status is S.DECODING:
+                req.transition(S.PREEMPTED, now)
+                req.num_preemptions += 1
+                self.counters["preemptions"] += 1
+                self.counters["preemptions_local"] += 1
+        for rid in msg.resumed:
+            req = self.requests.get(rid)
+            if req is None or req.status is not S.PREEMPTED:
+                continue
+            if req.preempt_mode is None or req.resuming:
+                req.transition(S.DECODING, now)
+                if req.resuming:
+                    req.resuming, req.preempt_mode = False, None
+                    req.decode_start_step = view.decode_steps - 1
+                    self.ledger.started(rid, view.decode_steps - 1)
+        ahead = self.policy.extend_ahead
+        for rid in msg.near_limit:
+            req = self.requests.get(rid)
+            if (
+                req is not None and ahead and req.status is S.DECODING and req.predicted_tokens is not None
+                and len(req.output_token_ids) + ahead >= req.predicted_tokens and req.predicted_tokens < req.max_tokens
+            ):
+                self.near_limit[rid] = req
+        for rid, reason in msg.finished:
+            req = self.requests.get(rid)
+            if req is not None and req.status in (S.DECODING, S.PREEMPTED):
+                if req.status is S.PREEMPTED:
+                    req.transition(S.DECODING, now)
+                self.finish(req, reason)
+
+
+# --- simulated workers ----------------------------------------------------------------------------
+
+
+class _Seq:
+    """A request on a decode (or mixed) worker."""
+
+    __slots__ = (
+        "rid", "prompt", "target", "max_tokens", "produced", "joined", "blocks", "cap", "version", "active",
+        "host_blocks", "mode", "worker", "count", "near_for", "req", "rejoined",
+    )
+
+    def __init__(self, worker: SimWorker, rid: str, prompt: int, target: int, max_tokens: int, produced: int,
+                 blocks: int, cap: int | None, req: Request) -> None:
+        self.worker, self.rid, self.prompt, self.target, self.max_tokens = worker, rid, prompt, target, max_tokens
+        self.produced, self.joined, self.blocks, self.cap, self.req = produced, 0, blocks, cap, req
+        self.version, self.active, self.host_blocks, self.mode = 0, False, 0, None
+        self.near_for = -1  # the prediction it was last reported near
+        self.rejoined = False
+        self.count: TokenCount = req.output_token_ids  # type: ignore[assignment]
+        self.count.seq = self
+
+    def now(self) -> int:
+        return self.produced + (self.worker.steps - self.joined) if self.active else self.produced
+
+    def sync(self) -> None:
+        if self.active:
+            self.produced += self.worker.steps - self.joined
+            self.joined = self.worker.steps
+
+    def detach(self) -> None:
+        self.sync()
+        self.count.base, self.count.seq = self.produced, None
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    """What the latency profile does not say: links, host memory, block and batch sizes."""
+
+    block_size: int = 16
+    prefill_token_budget: int = 2048  # prompt tokens per prefill step
+    mixed_token_budget: int = 512  # tokens per colocated step (decode tokens + prefill chunks)
+    link_bytes_per_s: float = 25e9  # per GPU, prefill -> decode (PCIe 4 x16 class)
+    link_latency_s: float = 1e-4
+    swap_bytes_per_s: float = 25e9  # device <-> host, per GPU
+    host_blocks_factor: float = 1.0  # host swap space per worker, in units of its device pool
+    kv_bytes_per_token: int = 0  # per instance (all GPUs); 0: from the profile's model
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """One worker instance: a role on `tp` GPUs with that TP degree's latency profile."""
+
+    role: str  # "prefill" | "decode" | "mixed"
+    profile: LatencyProfile
+    tp: int = 1
+    num_blocks: int | None = None  # default: the profile's KV capacity
+
+
+class SimWorker:
+    def __init__(self, sim: Simulator, rank: int, spec: InstanceSpec, hw: HardwareConfig, num_blocks: int,
+                 kv_bytes_per_token: int) -> None:
+        self.sim, self.rank, self.role, self.tp = sim, rank, spec.role, spec.tp
+        self.profile = spec.profile
+        self.block_size = hw.block_size
+        self.budget = hw.mixed_token_budget if spec.role == "mixed" else hw.prefill_token_budget
+        self.num_blocks = self.free = num_blocks
+        self.host_total = self.host_free = int(hw.host_blocks_factor * num_blocks)
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.link_s_per_token = kv_bytes_per_token / (hw.link_bytes_per_s * spec.tp)
+        self.swap_s_per_token = kv_bytes_per_token / (hw.swap_bytes_per_s * spec.tp)
+        self.link_latency_s = hw.link_latency_s
+        self.busy = False
+        self.steps = 0
+        self.extra_s = 0.0  # swap / recompute time added to the next step
+        # prefill side
+        self.prefill_queue: deque[list[Any]] = deque()  # [RunPrefill, tokens left, blocks taken]
+        self.held: dict[str, int] = {}  # rid -> blocks, KV waiting to be sent
+        self.link_free_at = 0.0
+        self.send_orders: dict[str, p.SendKV] = {}
+        # decode side
+        self.to_receive: deque[p.ReceiveKV] = deque()
+        self.receiving: dict[str, _Seq] = {}
+        self.arrived: list[_Seq] = []
+        self.running: dict[str, _Seq] = {}  # active, in the order they joined
+        self.capped: dict[str, _Seq] = {}  # held at their reservation until extended
+        self.local_waiting: deque[_Seq] = deque()
+        self.parked: dict[str, _Seq] = {}
+        self.to_resume: deque[_Seq] = deque()
+        self.heap: list[tuple[int, int, str, int]] = []  # (step, tie, rid, version)
+        self.rejoined: list[_Seq] = []  # came back into the batch at this step's start
+        self.sum_ctx = 0
+        self.n_prefill_steps = 0
+        self.busy_s = 0.0
+
+    # --- accounting --------------------------------------------------------------------------------
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def _take(self, n: int) -> bool:
+        if n > self.free:
+            return False
+        self.free -= n
+        return True
+
+    @property
+    def used(self) -> int:
+        return self.num_blocks - self.free
+
+    # --- coordinator messages ------------------------------------------------------------------------
+
+    def handle(self, msg: Any) -> None:
+        t = type(msg)
+        if t is p.RunPrefill:
+            self.prefill_queue.append([msg, len(msg.prompt_token_ids), False])
+        elif t is p.SendKV:
+            self.send_orders[msg.request_id] = msg
+            self.sim.try_transfer(msg.request_id)
+        elif t is p.ReceiveKV:
+            self.to_receive.append(msg)
+            self._post_receives()
+        elif t is p.ExtendReservation:
+            self._extend(msg.request_id, msg.reserve_tokens)
+        elif t is p.Preempt:
+            self._preempt(msg.request_id, msg.mode)
+        elif t is p.Resume:
+            seq = self.parked.pop(msg.request_id, None)
+            if seq is not None:
+                seq.cap = msg.reserve_tokens
+                self.to_resume.append(seq)
+        elif t is p.AbortWork:
+            self._abort(msg.request_id)
+        self.kick()
+
+    def kick(self) -> None:
+        if not self.busy:
+            self.sim.start_step(self)
+
+    def _post_receives(self) -> None:
+        while self.to_receive:
+            msg = self.to_receive[0]
+            n = self.blocks_for(len(msg.prompt_token_ids))
+            if not self._take(n):
+                return
+            self.to_receive.popleft()
+            req = self.sim.lifecycle.requests[msg.request_id]
+            target = min(self.sim.true_lengths[msg.request_id], msg.max_tokens)
+            seq = _Seq(self, msg.request_id, len(msg.prompt_token_ids), target, msg.max_tokens, len(req.output_token_ids),
+                       n, msg.reserve_tokens, req)
+            self.receiving[msg.request_id] = seq
+            self.sim.try_transfer(msg.request_id)
+
+    def _extend(self, rid: str, tokens: int) -> None:
+        seq = self.capped.pop(rid, None)
+        if seq is not None:
+            seq.cap = tokens
+            self.arrived.append(seq)  # back in the batch at the next step
+            return
+        seq = self.running.get(rid) or self.receiving.get(rid)
+        if seq is None:
+            for s in self.arrived:
+                if s.rid == rid:
+                    seq = s
+        if seq is not None:
+            seq.cap = tokens
+            if seq.active:
+                self._leave(seq)
+                self._join(seq)
+
+    def _preempt(self, rid: str, mode: str) -> None:
+        seq = self.running.get(rid) or self.capped.get(rid)
+        if seq is None:
+            seq = next((s for s in self.arrived if s.rid == rid), None)
+            if seq is None:
+                return  # finished before the order arrived
+            self.arrived.remove(seq)
+        elif seq.active:
+            self._leave(seq)
+            del self.running[rid]
+        else:
+            del self.capped[rid]
+        seq.sync()
+        if mode == "swap" and seq.blocks > self.host_free:
+            mode = "recompute"
+        if mode == "swap":
+            self.host_free -= seq.blocks
+            seq.host_blocks = seq.blocks
+            self.extra_s += seq.blocks * self.block_size * self.swap_s_per_token
+        self.free += seq.blocks
+        seq.blocks = 0
+        seq.mode = mode
+        self.parked[rid] = seq
+        self.sim.to_coordinator(p.Preempted(self.rank, rid, mode, self.free))
+
+    def _abort(self, rid: str) -> None:
+        self.prefill_queue = deque(e for e in self.prefill_queue if e[0].request_id != rid or self._free_entry(e))
+        if rid in self.held:
+            self.free += self.held.pop(rid)
+        self.send_orders.pop(rid, None)
+        self.to_receive = deque(m for m in self.to_receive if m.request_id != rid)
+        seq = self.receiving.pop(rid, None) or self.capped.pop(rid, None) or self.parked.pop(rid, None)
+        if seq is None and rid in self.running:
+            seq = self.running.pop(rid)
+            self._leave(seq)
+        for q in (self.arrived, self.local_waiting, self.to_resume):
+            for s in [s for s in q if s.rid == rid]:
+                q.remove(s)
+                seq = s
+        if seq is not None:
+            seq.detach()
+            self.free += seq.blocks
+            self.host_free += seq.host_blocks
+            seq.blocks = seq.host_blocks = 0
+        self.sim.to_coordinator(p.Released(self.rank, rid))
+
+    def _free_entry(self, entry: list[Any]) -> bool:
+        if entry[2]:
+            self.free += entry[2]
+        return False
+
+    # --- the decode batch ---------------------------------------------------------------------------
+
+    def _join(self, seq: _Seq) -> None:
+        seq.active, seq.joined = True, self.steps
+        seq.version += 1
+        self.sum_ctx += seq.prompt + seq.produced
+        self._schedule_event(seq)
+
+    def _leave(self, seq: _Seq) -> None:
+        seq.sync()
+        seq.active = False
+        seq.version += 1
+        self.sum_ctx -= seq.prompt + seq.produced
+
+    def _schedule_event(self, seq: _Seq) -> None:
+        """Push the step (after `self.steps`) at which something next happens to `seq`."""
+        q = seq.produced  # synced: produced after `self.steps` steps
+        k = seq.target - q  # steps until it ends
+        ahead = self.sim.extend_ahead
+        pred = seq.req.predicted_tokens
+        if ahead and pred is not None and pred < seq.max_tokens and seq.near_for != pred:
+            k = min(k, max(1, pred - ahead - q))
+        k = min(k, seq.blocks * self.block_size + 1 - seq.prompt - q)  # needs another block then
+        k = max(k, 1)
+        heapq.heappush(self.heap, (self.steps + k, next(self.sim.ties), seq.rid, seq.version))
+
+    def _ensure_blocks(self, seq: _Seq, tokens: int, preempted: list[str]) -> bool:
+        """Grow `seq` to hold `tokens`; on exhaustion drop the newest requests (recompute later),
+        as a live worker does. False if `seq` itself was dropped or is held at its cap."""
+        need = self.blocks_for(tokens)
+        if seq.cap is not None and need > self.blocks_for(seq.cap):
+            self._leave(seq)
+            del self.running[seq.rid]
+            self.capped[seq.rid] = seq
+            return False
+        while need > seq.blocks:
+            if self._take(need - seq.blocks):
+                seq.blocks = need
+                break
+            victim = next(reversed(self.running.values()))
+            self._leave(victim)
+            del self.running[victim.rid]
+            self.free += victim.blocks
+            victim.blocks = 0
+            self.local_waiting.appendleft(victim)
+            preempted.append(victim.rid)
+            if victim is seq:
+                return False
+        return True
+
+    def _rejoin(self, step_prefill: list[int], preempted: list[str]) -> None:
+        """Requests coming back into the batch at this step start (cost added to the step)."""
+        for seq in self.arrived:
+            self.running[seq.rid] = seq
+            self._join(seq)
+            self._ensure_blocks(seq, seq.prompt + seq.produced, preempted)
+        self.arrived.clear()
+        for q in (self.to_resume, self.local_waiting):
+            while q:
+                seq = q[0]
+                # Back only with room for its KV and the token this step writes, so it never
+                # has to be dropped again at once.
+                need = self.blocks_for(seq.prompt + seq.produced)
+                if not self._take(need):
+                    break
+                q.popleft()
+                seq.blocks = need
+                if seq.host_blocks:
+                    self.extra_s += seq.host_blocks * self.block_size * self.swap_s_per_token
+                    self.host_free += seq.host_blocks
+                    seq.host_blocks = 0
+                else:
+                    step_prefill.append(seq.prompt + seq.produced - 1)  # recomputed KV
+                seq.mode = None
+                seq.rejoined = True
+                self.rejoined.append(seq)
+                self.running[seq.rid] = seq
+                self._join(seq)
+                self._ensure_blocks(seq, seq.prompt + seq.produced, preempted)
+
+    def start(self) -> float | None:
+        """Start a step if there is work: returns its duration in seconds (None: idle)."""
+        prefill_lens: list[int] = []
+        self.done_prefill: list[p.RunPrefill] = []
+        self.pre_preempted: list[str] = []
+        decode = self.role != "prefill"
+        if decode:
+            # Joining requests get room for the token this step writes (growth of those already
+            # running was made at the end of the previous step).
+            self._rejoin(prefill_lens, self.pre_preempted)
+        n = len(self.running) if decode else 0
+        if self.role != "decode":
+            self._take_prefill(prefill_lens, self.budget - n)
+        ms = 0.0
+        if prefill_lens:
+            ms += self.profile.prefill_ms(sum(prefill_lens), sum(x * x for x in prefill_lens))
+        if n:
+            ms += self.profile.decode_ms(n, self.sum_ctx)
+        self.step_batch = n
+        if not ms and not self.extra_s:
+            if self.pre_preempted:
+                self.sim.to_coordinator(DecodeProgress(self.rank, [], [], self.pre_preempted, []))
+            return None
+        seconds = ms / 1e3 + self.extra_s
+        self.extra_s = 0.0
+        self.busy_s += seconds
+        return seconds
+
+    def _take_prefill(self, lens: list[int], budget: int) -> None:
+        mixed = self.role == "mixed"
+        while self.prefill_queue:
+            entry = self.prefill_queue[0]
+            msg, left, taken = entry
+            if not taken:
+                n = self.blocks_for(len(msg.prompt_token_ids) + (1 if mixed else 0))
+                if not self._take(n):
+                    return  # no room for its KV yet
+                entry[2] = n
+            if mixed:  # chunked prefill under the budget left by decoding
+                if budget <= 0:
+                    return
+                chunk = min(left, budget)
+            else:  # whole prompts; a prompt over the budget runs alone
+                if lens and sum(lens) + left > budget:
+                    return
+                chunk = left
+            lens.append(chunk)
+            budget -= chunk
+            entry[1] = left - chunk
+            if entry[1] > 0:
+                return
+            self.prefill_queue.popleft()
+            self.done_prefill.append(msg)
+
+    def finish_step(self) -> None:
+        """The step started by `start` has ended: apply what it did."""
+        sim = self.sim
+        if self.done_prefill:
+            self.n_prefill_steps += 1
+        for msg in self.done_prefill:
+            self._prefill_done(msg)
+        self.done_prefill = []
+        if self.role == "prefill":
+            self.sim.views[self.rank].free_blocks = self.free
+            return
+        n = self.step_batch
+        finished: list[tuple[str, str]] = []
+        near: list[str] = []
+        resumed = [s.rid for s in self.rejoined if s.rejoined and s.active]
+        for s in self.rejoined:
+            s.rejoined = False
+        self.rejoined.clear()
+        preempted = self.pre_preempted
+        if n:
+            self.steps += 1
+            self.sum_ctx += n
+            heap = self.heap
+            while heap and heap[0][0] <= self.steps:
+                _, _, rid, version = heapq.heappop(heap)
+                seq = self.running.get(rid)
+                if seq is None or seq.version != version:
+                    continue
+                seq.sync()
+                if seq.produced >= seq.target:
+                    self._leave(seq)
+                    del self.running[rid]
+                    seq.detach()
+                    self.free += seq.blocks
+                    seq.blocks = 0
+                    finished.append((rid, "length" if seq.produced >= seq.max_tokens else "stop"))
+                    continue
+                pred = seq.req.predicted_tokens
+                if (sim.extend_ahead and pred is not None and pred < seq.max_tokens and seq.near_for != pred
+                        and seq.produced + sim.extend_ahead >= pred):
+                    seq.near_for = pred
+                    near.append(rid)
+                if seq.blocks_for_next_exceeds():
+                    if not self._ensure_blocks(seq, seq.prompt + seq.produced, preempted):
+                        continue
+                self._schedule_event(seq)
+            sim.views[self.rank].decode_steps = self.steps
+        sim.views[self.rank].free_blocks = self.free
+        # A step that changed nothing but its clock and the blocks it took cannot make waiting
+        # work fit (room only grows when something ends, moves or is preempted, and each of
+        # those is a message that asks for a new round), so the coordinator is asked only then.
+        if finished or near or preempted or resumed:
+            sim.to_coordinator(DecodeProgress(self.rank, finished, resumed, preempted, near))
+        if finished and self.to_receive:
+            self._post_receives()
+
+    def _prefill_done(self, msg: p.RunPrefill) -> None:
+        sim = self.sim
+        rid = msg.request_id
+        true_len = sim.true_lengths[rid]
+        done = min(true_len, msg.max_tokens) <= 1
+        blocks = self.blocks_for(len(msg.prompt_token_ids) + (1 if msg.decode_locally else 0))
+        sim.to_coordinator(p.PrefillDone(self.rank, rid, 0, "length" if done else None))
+        if done:
+            self.free += blocks
+        elif msg.decode_locally:
+            req = sim.lifecycle.requests.get(rid)
+            if req is None:
+                self.free += blocks
+                return
+            seq = _Seq(self, rid, len(msg.prompt_token_ids), min(true_len, msg.max_tokens), msg.max_tokens, 1, blocks, None, req)
+            self.arrived.append(seq)
+        else:
+            self.held[rid] = blocks
+            sim.try_transfer(rid)
+
+    def kv_arrived(self, rid: str) -> None:
+        seq = self.receiving.pop(rid, None)
+        if seq is None:
+            return
+        self.arrived.append(seq)
+        self.sim.to_coordinator(p.TransferStatus(self.rank, rid, "done", ""))
+        self.kick()
+
+    def leaks(self) -> list[str]:
+        out = []
+        if self.free != self.num_blocks:
+            out.append(f"rank {self.rank}: {self.num_blocks - self.free} device blocks still held")
+        if self.host_free != self.host_total:
+            out.append(f"rank {self.rank}: {self.host_total - self.host_free} host blocks still held")
+        return out
+
+
+def _blocks_for_next_exceeds(seq: _Seq) -> bool:
+    return seq.worker.blocks_for(seq.prompt + seq.produced) > seq.blocks
+
+
+_Seq.blocks_for_next_exceeds = _blocks_for_next_exceeds  # type: ignore[attr-defined]
+
+
+# --- the simulator ---------------------------------------------------------------------------------
+
+
+class _Codec:
+    def decode(self, token_ids: Any) -> str:
+        return ""
+
+    def new_text(self, req: Request) -> str:
+        return ""
+
+
+@dataclass
+class RequestResult:
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+    ttft_ms: float
+    tpot_ms: float
+    e2e_ms: float
+    finish_reason: str
+    preemptions: int
+
+
+@dataclass
+class SimResult:
+    requests: list[RequestResult]
+    duration_s: float  # simulated time until the last request ended
+    counters: dict[str, float]
+    kv_samples: list[tuple[float, int, int, int]] = field(default_factory=list)  # (t, used, reserved, capacity) decode side
+    schedule_calls: int = 0
+    events: int = 0
+    worker_busy: dict[int, float] = field(default_factory=dict)  # rank -> busy share of the run
+    stopped_early: bool = False  # more requests missed their SLOs than the allowance
+
+
+class Simulator:
+    """Run one workload through the coordinator policy on simulated instances."""
+
+    def __init__(self, policy: Policy, instances: Sequence[InstanceSpec], hw: HardwareConfig | None = None,
+                 sample_every_s: float = 1.0) -> None:
+        self.hw = hw or HardwareConfig()
+        self.now = 0.0
+        self.events: list[tuple[float, int, int, Any]] = []  # (time, tie, kind, payload)
+        self.ties = itertools.count()
+        self.dirty = False
+        self.true_lengths: dict[str, int] = {}
+        self.results: dict[str, RequestResult] = {}
+        self.meta: dict[str, tuple[float, int, Request]] = {}
+        self.sample_every_s = sample_every_s
+        expected = [ExpectedRank(rank, s.role) for rank, s in enumerate(instances)]
+        self.registry = WorkerRegistry(expected, "", heartbeat_timeout_s=1e18)
+        self.workers: list[SimWorker] = []
+        for rank, spec in enumerate(instances):
+            kv = self.hw.kv_bytes_per_token or kv_bytes_per_token(spec.profile)
+            blocks = spec.num_blocks or (spec.profile.max_num_tokens or 0) // self.hw.block_size
+            if blocks < 1:
+                raise ValueError(f"instance {rank} ({spec.profile.name}): no KV capacity; give num_blocks or a profile "
+                                 "with max_num_tokens")
+            w = SimWorker(self, rank, spec, self.hw, blocks, kv)
+            self.workers.append(w)
+            self.registry.views[rank] = WorkerView(
+                rank, spec.role, blocks, self.hw.block_size, w.budget, blocks, kv_bytes_per_token=kv,
+            )
+            self.registry.last_seen[rank] = math.inf
+        self.views = self.registry.views
+        self.lifecycle = SimLifecycle(
+            policy, self.registry, _Codec(), self._to_client, self._to_worker, CoordinatorConfig(),  # type: ignore[arg-type]
+            clock=lambda: self.now,
+        )
+        self.extend_ahead = policy.extend_ahead
+        self.schedule_calls = 0
+        self.n_events = 0
+        self.kv_samples: list[tuple[float, int, int, int]] = []
+
+    # --- plumbing ------------------------------------------------------------------------------------
+
+    def _push(self, t: float, kind: int, payload: Any) -> None:
+        heapq.heappush(self.events, (t, next(self.ties), kind, payload))
+
+    def _to_worker(self, rank: int, msg: Any) -> None:
+        self.workers[rank].handle(msg)
+
+    def to_coordinator(self, msg: Any) -> None:
+        self.lifecycle.on_worker_message(msg)
+        self.dirty = True
+
+    def _to_client(self, client: bytes, msg: Any) -> None:
+        if isinstance(msg, p.RequestFinished):
+            arrival, prompt, req = self.meta.pop(msg.request_id)
+            self.results[msg.request_id] = RequestResult(
+                arrival, prompt, len(msg.token_ids), msg.ttft_ms, msg.tpot_ms, msg.e2e_ms, msg.finish_reason,
+                req.num_preemptions,
+            )
+            self.end_s = max(self.end_s, self.now)
+            if (self.slo_ttft_ms is not None and msg.ttft_ms > self.slo_ttft_ms) or (
+                    self.slo_tpot_ms is not None and msg.tpot_ms > self.slo_tpot_ms):
+                self.misses += 1
+        elif isinstance(msg, p.ErrorReply):
+            arrival, prompt, _ = self.meta.pop(msg.request_id)
+            self.results[msg.request_id] = RequestResult(arrival, prompt, 0, math.inf, math.inf, math.inf, "error", 0)
+            self.misses += 1
+
+    def start_step(self, w: SimWorker) -> None:
+        seconds = w.start()
+        if seconds is None:
+            return
+        w.busy = True
+        self._push(self.now + seconds, _STEP, w)
+
+    def try_transfer(self, rid: str) -> None:
+        """Start moving `rid`'s KV once the sender holds it, has the order, and the receiver has posted."""
+        req = self.lifecycle.requests.get(rid)
+        if req is None or req.prefill_rank is None:
+            return
+        src = self.workers[req.prefill_rank]
+        order = src.send_orders.get(rid)
+        if order is None or rid not in src.held:
+            return
+        dst = self.workers[order.dst_rank]
+        if rid not in dst.receiving:
+            return
+        del src.send_orders[rid]
+        tokens = req.num_prompt_tokens
+        start = max(self.now, src.link_free_at)
+        end = start + tokens * src.link_s_per_token + src.link_latency_s
+        src.link_free_at = end
+        self._push(end, _TRANSFER, (src, dst, rid))
+
+    # --- running -------------------------------------------------------------------------------------
+
+    def run(self, workload: Iterable[WorkloadRequest], slo_ttft_ms: float | None = None,
+            slo_tpot_ms: float | None = None, progress: Callable[[int], None] | None = None,
+            max_sim_s: float = math.inf, miss_allowance: int | None = None) -> SimResult:
+        """Run every request to its end. With `miss_allowance`, stop once more requests than that
+        have certainly missed their SLOs (finished late, or still without a first token past
+        their TTFT bound): the bisection then knows the attainment goal is out of reach."""
+        self.slo_ttft_ms, self.slo_tpot_ms = slo_ttft_ms, slo_tpot_ms
+        self.misses = 0
+        self.end_s = 0.0
+        stopped = False
+        n = 0
+        for i, w in enumerate(workload):
+            self._push(w.arrival_s, _ARRIVAL, (f"r{i}", w))
+            n += 1
+        if n and self.sample_every_s > 0:
+            self._push(0.0, _SAMPLE, None)
+        lc = self.lifecycle
+        done_before = 0
+        while self.events:
+            t = self.events[0][0]
+            if t > max_sim_s:
+                break
+            self.now = t
+            while self.events and self.events[0][0] == t:
+                _, _, kind, payload = heapq.heappop(self.events)
+                self.n_events += 1
+                if kind == _STEP:
+                    payload.busy = False
+                    payload.finish_step()
+                    if not payload.busy:
+                        self.start_step(payload)
+                elif kind == _ARRIVAL:
+                    self._arrive(*payload, slo_ttft_ms, slo_tpot_ms)
+                elif kind == _TRANSFER:
+                    src, dst, rid = payload
+                    if rid in src.held:
+                        src.free += src.held.pop(rid)
+                        self.to_coordinator(p.TransferStatus(src.rank, rid, "done", ""))
+                        src.kick()
+                    dst.kv_arrived(rid)
+                elif kind == _SAMPLE:
+                    self._sample()
+                    if miss_allowance is not None and slo_ttft_ms is not None:
+                        late = sum(1 for r in lc.requests.values() if r.status in _NO_FIRST_TOKEN
+                                   and (t - r.arrival) * 1e3 > slo_ttft_ms)
+                        stopped = self.misses + late > miss_allowance
+                    if lc.requests or any(e[2] != _SAMPLE for e in self.events):
+                        self._push(t + self.sample_every_s, _SAMPLE, None)
+            if self.dirty:
+                self.dirty = False
+                for w in self.workers:
+                    self.views[w.rank].free_blocks = w.free
+                self.schedule_calls += 1
+                lc.schedule()  # workers given work start their steps as they handle it
+            if miss_allowance is not None and self.misses > miss_allowance:
+                stopped = True
+            if stopped:
+                break
+            if progress is not None and len(self.results) != done_before:
+                progress(len(self.results) - done_before)
+                done_before = len(self.results)
+        results = [self.results[f"r{i}"] for i in range(n) if f"r{i}" in self.results]
+        busy = {w.rank: (w.busy_s / self.now if self.now else 0.0) for w in self.workers}
+        counters = {k: float(v) for k, v in lc.counters.items()}
+        counters["unfinished"] = float(n - len(results))
+        return SimResult(results, self.end_s, counters, self.kv_samples, self.schedule_calls, self.n_events, busy, stopped)
+
+    def _arrive(self, rid: str, w: WorkloadRequest, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> None:
+        req = Request(
+            request_id=rid, client=b"sim", client_request_id=rid, prompt_token_ids=[1] * w.prompt_len,
+            max_tokens=w.output_len, temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=[],
+            ignore_eos=False, stream=False, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, arrival=self.now,
+            output_token_ids=TokenCount(),  # type: ignore[arg-type]
+        )
+        req.true_length = w.output_len
+        self.true_lengths[rid] = w.output_len
+        self.meta[rid] = (w.arrival_s, w.prompt_len, req)
+        self.lifecycle.admit(req)
+        self.dirty = True
+
+    def _sample(self) -> None:
+        used = reserved = cap = 0
+        for w in self.workers:
+            if w.role == "prefill":
+                continue
+            used += w.used
+            cap += w.num_blocks
+            led = self.lifecycle.ledger.ranks.get(w.rank)
+            reserved += (led.reserved_blocks if led else 0) + self.views[w.rank].reserved_blocks
+        self.kv_samples.append((self.now, used, reserved, cap))
+
+    def assert_no_leaks(self) -> None:
+        problems = [f for w in self.workers for f in w.leaks()]
+        lc = self.lifecycle
+        if lc.requests or lc.releasing or lc.transfer_blocks or len(lc.waiting) or lc.kv_waiting:
+            problems.append(f"coordinator still tracks {len(lc.requests)} requests")
+        try:
+            lc.ledger.assert_empty()
+        except AssertionError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise AssertionError("; ".join(problems))
+
+
+_STEP, _ARRIVAL, _TRANSFER, _SAMPLE = 0, 1, 2, 3
+_NO_FIRST_TOKEN = (S.WAITING_PREFILL, S.PREFILLING)
+
+# K and V bytes per token over all layers in fp16 (2 · layers · hidden · 2) for the models the
+# bundled profiles describe; a fitted profile carries its own `kv_bytes_per_token`.
+_MODEL_KV_BYTES = {"opt-13b": 2 * 40 * 5120 * 2, "opt-66b": 2 * 64 * 9216 * 2, "opt-175b": 2 * 96 * 12288 * 2}
+
+
+def kv_bytes_per_token(profile: LatencyProfile) -> int:
+    """KV bytes per token of the profile's model (all GPUs of the instance together)."""
+    own = getattr(profile, "kv_bytes_per_token", None)
+    if own:
+        return int(own)
+    name = profile.name.removeprefix("vllm-").rsplit("-tp", 1)[0]
+    if name not in _MODEL_KV_BYTES:
+        raise ValueError(f"profile {profile.name!r} does not say its KV bytes per token; set HardwareConfig.kv_bytes_per_token")
+    return _MODEL_KV_BYTES[name]
