@@ -172,6 +172,11 @@ class HardwareConfig:
     swap_bytes_per_s: float = 25e9  # device <-> host, per GPU
     host_blocks_factor: float = 1.0  # host swap space per worker, in units of its device pool
     kv_bytes_per_token: int = 0  # per instance (all GPUs); 0: from the profile's model
+    # A live worker is one thread: it reads the coordinator's messages (work, SendKV, ReceiveKV,
+    # preemptions) only between steps. True models that (each message waits for the end of the
+    # step running when it came, so a KV transfer starts once both ends are between steps);
+    # False hands every message to its worker at once.
+    messages_between_steps: bool = False
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,8 @@ class SimWorker:
         self.swap_s_per_token = kv_bytes_per_token / (hw.swap_bytes_per_s * spec.tp)
         self.link_latency_s = hw.link_latency_s
         self.busy = False
+        self.defer = hw.messages_between_steps
+        self.inbox: list[Any] = []  # messages that came during the running step (defer)
         self.steps = 0
         self.extra_s = 0.0  # swap / recompute time added to the next step
         # prefill side
@@ -238,6 +245,19 @@ class SimWorker:
     # --- coordinator messages ------------------------------------------------------------------------
 
     def handle(self, msg: Any) -> None:
+        if self.busy and self.defer:
+            self.inbox.append(msg)
+            return
+        self._apply(msg)
+        self.kick()
+
+    def read_inbox(self) -> None:
+        """Apply what came during the step that just ended, all before the next step starts."""
+        inbox, self.inbox = self.inbox, []
+        for msg in inbox:
+            self._apply(msg)
+
+    def _apply(self, msg: Any) -> None:
         t = type(msg)
         if t is p.RunPrefill:
             self.prefill_queue.append([msg, len(msg.prompt_token_ids), False])
@@ -258,7 +278,6 @@ class SimWorker:
                 self.to_resume.append(seq)
         elif t is p.AbortWork:
             self._abort(msg.request_id)
-        self.kick()
 
     def kick(self) -> None:
         if not self.busy:
@@ -420,6 +439,7 @@ class SimWorker:
                 else:
                     step_prefill.append(seq.prompt + seq.produced - 1)  # recomputed KV
                 seq.mode = None
+                seq.near_for = -1  # the coordinator forgot it was near its reservation when it left
                 seq.rejoined = True
                 self.rejoined.append(seq)
                 self.running[seq.rid] = seq
@@ -503,25 +523,34 @@ class SimWorker:
             self.steps += 1
             self.sum_ctx += n
             heap = self.heap
+            due: list[_Seq] = []
             while heap and heap[0][0] <= self.steps:
                 _, _, rid, version = heapq.heappop(heap)
                 seq = self.running.get(rid)
-                if seq is None or seq.version != version:
-                    continue
-                seq.sync()
+                if seq is not None and seq.version == version:
+                    seq.sync()
+                    due.append(seq)
+            # Endings first: their blocks are free before anyone needs a victim, and a request
+            # that has just produced its last token is never taken as one.
+            growing = []
+            for seq in due:
                 if seq.produced >= seq.target:
                     self._leave(seq)
-                    del self.running[rid]
+                    del self.running[seq.rid]
                     seq.detach()
                     self.free += seq.blocks
                     seq.blocks = 0
-                    finished.append((rid, "length" if seq.produced >= seq.max_tokens else "stop"))
-                    continue
+                    finished.append((seq.rid, "length" if seq.produced >= seq.max_tokens else "stop"))
+                else:
+                    growing.append(seq)
+            for seq in growing:
+                if not seq.active:
+                    continue  # dropped for room by an earlier one in this loop
                 pred = seq.req.predicted_tokens
                 if (sim.extend_ahead and pred is not None and pred < seq.max_tokens and seq.near_for != pred
                         and seq.produced + sim.extend_ahead >= pred):
                     seq.near_for = pred
-                    near.append(rid)
+                    near.append(seq.rid)
                 if seq.blocks_for_next_exceeds():
                     if not self._ensure_blocks(seq, seq.prompt + seq.produced, preempted):
                         continue
@@ -601,6 +630,9 @@ class RequestResult:
     e2e_ms: float
     finish_reason: str
     preemptions: int
+    queue_ms: float = 0.0  # the coordinator's split of TTFT and the gap before decoding (RequestFinished)
+    prefill_ms: float = 0.0
+    transfer_ms: float = 0.0
 
 
 @dataclass
@@ -671,7 +703,7 @@ class Simulator:
             arrival, prompt, req = self.meta.pop(msg.request_id)
             self.results[msg.request_id] = RequestResult(
                 arrival, prompt, len(msg.token_ids), msg.ttft_ms, msg.tpot_ms, msg.e2e_ms, msg.finish_reason,
-                req.num_preemptions,
+                req.num_preemptions, msg.queue_ms, msg.prefill_ms, msg.transfer_ms,
             )
             self.end_s = max(self.end_s, self.now)
             if (self.slo_ttft_ms is not None and msg.ttft_ms > self.slo_ttft_ms) or (
@@ -728,6 +760,7 @@ class Simulator:
             self._push(0.0, _SAMPLE, None)
         lc = self.lifecycle
         done_before = 0
+        sampled = False
         while self.events:
             t = self.events[0][0]
             if t > max_sim_s:
@@ -739,6 +772,7 @@ class Simulator:
                 if kind == _STEP:
                     payload.busy = False
                     payload.finish_step()
+                    payload.read_inbox()
                     if not payload.busy:
                         self.start_step(payload)
                 elif kind == _ARRIVAL:
@@ -756,14 +790,19 @@ class Simulator:
                         late = sum(1 for r in lc.requests.values() if r.status in _NO_FIRST_TOKEN
                                    and (t - r.arrival) * 1e3 > slo_ttft_ms)
                         stopped = self.misses + late > miss_allowance
-                    if lc.requests or any(e[2] != _SAMPLE for e in self.events):
-                        self._push(t + self.sample_every_s, _SAMPLE, None)
+                    sampled = True
             if self.dirty:
                 self.dirty = False
                 for w in self.workers:
                     self.views[w.rank].free_blocks = w.free
                 self.schedule_calls += 1
                 lc.schedule()  # workers given work start their steps as they handle it
+            if sampled:
+                sampled = False
+                if any(e[2] != _SAMPLE for e in self.events) or any(w.busy for w in self.workers):
+                    self._push(t + self.sample_every_s, _SAMPLE, None)
+                elif lc.requests:  # nothing can happen any more, yet requests are live: a bug
+                    raise RuntimeError(self._stall_report())
             if miss_allowance is not None and self.misses > miss_allowance:
                 stopped = True
             if stopped:
@@ -789,6 +828,14 @@ class Simulator:
         self.meta[rid] = (w.arrival_s, w.prompt_len, req)
         self.lifecycle.admit(req)
         self.dirty = True
+
+    def _stall_report(self) -> str:
+        lc = self.lifecycle
+        live = ", ".join(f"{r.request_id} {r.status.name} out={len(r.output_token_ids)} pred={r.predicted_tokens}"
+                         for r in list(lc.requests.values())[:5])
+        return (f"simulation stalled at t={self.now:.3f} s with {len(lc.requests)} requests live and no event left "
+                f"(first: {live}); waiting {len(lc.waiting)}, near limit {len(lc.near_limit)}, preempted "
+                f"{len(lc.preempted)}")
 
     def _sample(self) -> None:
         used = reserved = cap = 0

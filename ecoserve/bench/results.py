@@ -1,0 +1,222 @@
+"""`ecoserve bench results --out docs/results.md`: every simulated comparison, in one file.
+
+Sections: the GPU count each policy needs per (profile, workload); EcoServe against
+vLLM-style serving on equal GPUs; the ablations; the predictors. Each figure sits next to the
+paper's claim. JSON of every run goes beside the Markdown (`<out>.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+from ecoserve.sim.experiment import SLO, Layout, Search, goodput, layouts, min_gpus, simulate
+
+
+@dataclass(frozen=True)
+class Setting:
+    model: str
+    workload: str
+    slo: SLO
+    rate: float  # the target rate of the GPU-count search
+    source: str  # where the SLOs come from
+
+
+# DistServe's SLOs where its evaluation has the (model, workload) pair; ours otherwise (said so).
+SETTINGS = [
+    Setting("opt-13b", "sharegpt", SLO(250, 100), 16.0, "DistServe (chatbot, OPT-13B)"),
+    Setting("opt-13b", "azure-conv", SLO(250, 100), 8.0, "ours: DistServe's OPT-13B chatbot SLOs"),
+    Setting("opt-13b", "azure-code", SLO(1000, 200), 8.0, "ours: long code prompts, 1 s TTFT, code TPOT"),
+    Setting("opt-13b", "humaneval", SLO(125, 200), 16.0, "ours: DistServe's code-completion SLOs"),
+    Setting("opt-66b", "sharegpt", SLO(2500, 150), 4.0, "DistServe (chatbot, OPT-66B)"),
+    Setting("opt-66b", "azure-conv", SLO(2500, 150), 2.0, "ours: DistServe's OPT-66B chatbot SLOs"),
+    Setting("opt-66b", "humaneval", SLO(125, 200), 4.0, "DistServe (code completion, OPT-66B)"),
+    Setting("opt-66b", "summarization", SLO(15000, 150), 1.0, "DistServe (summarisation, OPT-66B)"),
+]
+
+ABLATIONS = {
+    "ecoserve": {},
+    "without pipelining": {"pipelining": False},
+    "without RL buckets": {"rl_buckets": False},
+    "without ordering": {"ordering": False},
+    "without exact allocation": {"exact_allocation": False},
+}
+
+
+def run_results(args: Any) -> int:
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    quick = args.quick
+    n, dur, max_gpus = (150, 15.0, 8) if quick else (args.num_requests, args.min_duration_s, args.max_gpus)
+    settings = SETTINGS[:2] if quick else SETTINGS
+    data: dict[str, Any] = {"gpu_count": [], "vllm": {}, "ablations": {}, "predictors": {}}
+    md: list[str] = []
+    bar = tqdm(total=len(settings) * 2 + 3, desc="results", unit="part", disable=args.quiet)
+
+    # 1. GPU count per policy for each setting.
+    rows = []
+    for s in settings:
+        search = Search(s.model, s.workload, s.slo, n, dur, args.seed)
+        entry: dict[str, Any] = {"setting": {**asdict(s), "slo": asdict(s.slo)}}
+        for pol in ("ecoserve", "distserve"):
+            lay, m, probes = min_gpus(search, pol, s.rate, max_gpus)
+            entry[pol] = {"layout": asdict(lay) if lay else None, "metrics": m.row() if m else None,
+                          "probes": len(probes)}
+            bar.update(1)
+        data["gpu_count"].append(entry)
+        rows.append(entry)
+
+    # 2. vLLM-style serving on equal GPUs (OPT-13B, ShareGPT).
+    s = SETTINGS[0]
+    search = Search(s.model, s.workload, s.slo, n, dur, args.seed)
+    gpus = 2 if quick else args.vllm_gpus
+    chosen: dict[str, tuple[Layout, float]] = {}
+    for pol in ("ecoserve", "distserve", "vllm", "orca"):
+        best = (Layout(pol), -1.0)
+        for lay in [x for x in layouts(pol, s.model, gpus) if x.gpus == gpus]:
+            g, _ = goodput(search, lay, rel_tol=0.1 if quick else 0.05)
+            if g > best[1]:
+                best = (lay, g)
+        chosen[pol] = best
+    top = max(g for _, g in chosen.values())
+    sweep_rates = [round(top * f, 2) for f in (0.5, 0.75, 1.0, 1.25)]
+    sweeps: dict[str, list[dict[str, Any]]] = {}
+    for pol, (lay, _) in chosen.items():
+        pts = []
+        for r in sweep_rates:
+            m, _, _ = simulate(lay, s.model, search.requests(r), s.slo)
+            pts.append({"rate": r, "attainment": m.attainment, "jct_mean_s": m.jct_ms["mean"] / 1e3,
+                        "throughput_tok_s": m.throughput_tok_s})
+        sweeps[pol] = pts
+    data["vllm"] = {"gpus": gpus, "layouts": {p: asdict(lay) for p, (lay, _) in chosen.items()},
+                    "goodput": {p: g for p, (_, g) in chosen.items()}, "sweeps": sweeps}
+    bar.update(1)
+
+    # 3. Ablations: goodput of EcoServe with one mechanism off, on one layout.
+    abl_layout = Layout("ecoserve", 1, 1, 1, 1) if quick else Layout("ecoserve", 2, 1, 2, 1)
+    for name, opts in ABLATIONS.items():
+        search = Search(s.model, s.workload, s.slo, n, dur, args.seed, policy_options=opts)
+        g, _ = goodput(search, abl_layout, rel_tol=0.1 if quick else 0.05)
+        m = search.attainment(abl_layout, g) if g > 0 else None
+        data["ablations"][name] = {"goodput": g, "metrics": m.row() if m else None}
+    data["ablations_layout"] = asdict(abl_layout)
+    bar.update(1)
+
+    # 4. Predictors (the learned one when its artifact is available).
+    for pred in args.predictors.split(","):
+        search = Search(s.model, s.workload, s.slo, n, dur, args.seed, policy_options={"predictor": pred})
+        try:
+            g, _ = goodput(search, abl_layout, rel_tol=0.1 if quick else 0.05)
+        except ValueError as exc:  # e.g. a predictor that needs prompt text the length files lack
+            data["predictors"][pred] = {"error": str(exc)}
+            continue
+        m = search.attainment(abl_layout, g * 0.9 if g > 0 else 1.0)
+        data["predictors"][pred] = {"goodput": g, "metrics": m.row()}
+    bar.update(1)
+    bar.close()
+
+    data["wall_s"] = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=lambda x: None))
+    out.write_text(render(data, args))
+    print(render(data, args))
+    print(f"wrote {out} and {out.with_suffix('.json')} in {data['wall_s']:.0f} s")
+    return 0
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:+.0%}"
+
+
+def render(data: dict[str, Any], args: Any) -> str:
+    cmd = f"ecoserve bench results --out {args.out}" + (" --quick" if args.quick else "")
+    lines = [
+        "# Results (simulated)",
+        "",
+        f"Generated by `{cmd}` ({platform.machine()}, Python {platform.python_version()}, "
+        f"{data['wall_s'] / 60:.0f} min). Every figure comes from the discrete-event simulator "
+        "(`ecoserve/sim/`), which runs the live coordinator and policies unchanged against simulated "
+        "workers timed by DistServe's published A100-80GB latency fits (OPT-13B, OPT-66B; "
+        "`ecoserve/data/profiles/`). EcoServe runs with the `oracle` predictor unless said otherwise. "
+        "Attainment = share of requests meeting TTFT and TPOT SLOs together; goal 90%. "
+        "We report what we measured, whichever way it falls.",
+        "",
+        "## GPUs needed for a target rate (paper: up to 78% fewer GPUs than DistServe)",
+        "",
+        "| profile | workload | SLO TTFT / TPOT (ms) | SLO source | rate (req/s) | EcoServe GPUs (layout) | DistServe GPUs (layout) | EcoServe vs DistServe |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in data["gpu_count"]:
+        s = e["setting"]
+        cells = []
+        gpus = {}
+        for pol in ("ecoserve", "distserve"):
+            m = e[pol]["metrics"]
+            if m is None:
+                cells.append("> search limit")
+            else:
+                gpus[pol] = m["gpus"]
+                cells.append(f"{m['gpus']} ({m['layout']}, attain {m['attainment']:.2f})")
+        saving = (1 - gpus["ecoserve"] / gpus["distserve"]) if len(gpus) == 2 else math.nan
+        lines.append(f"| {s['model']} | {s['workload']} | {s['slo']['ttft_ms']:.0f} / {s['slo']['tpot_ms']:.0f} | "
+                     f"{s['source']} | {s['rate']} | {cells[0]} | {cells[1]} | "
+                     f"{'n/a' if math.isnan(saving) else f'{saving:.0%} fewer' if saving >= 0 else f'{-saving:.0%} more'} |")
+    v = data["vllm"]
+    lines += [
+        "",
+        f"## Against vLLM-style serving on {v['gpus']} GPUs (OPT-13B, ShareGPT, 250 ms / 100 ms)",
+        "",
+        "Paper: up to 4x throughput at equal latency, 91% lower JCT, 91% higher SLO attainment than vLLM. "
+        "Throughput at equal latency = goodput (the highest rate meeting the SLOs). Each policy uses its best "
+        "layout on these GPUs.",
+        "",
+        "| policy | layout | goodput (req/s) | vs vllm |",
+        "|---|---|---|---|",
+    ]
+    base = v["goodput"].get("vllm") or math.nan
+    for pol, g in v["goodput"].items():
+        lay = Layout(**v["layouts"][pol])
+        ratio = g / base if base and base > 0 else math.nan
+        lines.append(f"| {pol} | {lay.describe()} | {g:.2f} | {ratio:.2f}x |")
+    lines += ["", "JCT (mean, s) and attainment across a rate sweep:", "",
+              "| rate | " + " | ".join(f"{p} JCT / attain" for p in v["sweeps"]) + " |",
+              "|---|" + "---|" * len(v["sweeps"])]
+    rates = [p["rate"] for p in next(iter(v["sweeps"].values()))]
+    for i, r in enumerate(rates):
+        cells = [f"{v['sweeps'][p][i]['jct_mean_s']:.1f} / {v['sweeps'][p][i]['attainment']:.2f}" for p in v["sweeps"]]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    eco, vl = v["sweeps"].get("ecoserve"), v["sweeps"].get("vllm")
+    if eco and vl:
+        jct = [1 - a["jct_mean_s"] / b["jct_mean_s"] for a, b in zip(eco, vl) if b["jct_mean_s"] > 0]
+        att = [a["attainment"] - b["attainment"] for a, b in zip(eco, vl)]
+        lines += ["", f"EcoServe against vllm over the sweep: JCT {min(jct):+.0%} to {max(jct):+.0%} "
+                  f"(negative = lower), attainment {min(att):+.2f} to {max(att):+.2f} (absolute)."]
+    al = Layout(**data["ablations_layout"])
+    lines += ["", f"## Ablations (OPT-13B, ShareGPT, {al.describe()})", "",
+              "| variant | goodput (req/s) | vs full EcoServe | preemptions at goodput | KV reserved / used |", "|---|---|---|---|---|"]
+    full = data["ablations"].get("ecoserve", {}).get("goodput") or math.nan
+    for name, r in data["ablations"].items():
+        m = r["metrics"] or {}
+        rel = r["goodput"] / full - 1 if full and full > 0 else math.nan
+        lines.append(f"| {name} | {r['goodput']:.2f} | {_pct(rel)} | {m.get('preemptions', 'n/a')} | "
+                     f"{m.get('kvc_reserved', 0):.2f} / {m.get('kvc_used', 0):.2f} |")
+    lines += ["", f"## Predictors (EcoServe, OPT-13B, ShareGPT lengths, {al.describe()})", "",
+              "| predictor | goodput (req/s) | preemptions at 0.9x goodput | extensions | KV reserved-but-unused share |",
+              "|---|---|---|---|---|"]
+    for pred, r in data["predictors"].items():
+        if "error" in r:
+            lines.append(f"| {pred} | not run: {r['error']} | | | |")
+            continue
+        m = r["metrics"]
+        unused = 1 - m["kvc_used"] / m["kvc_reserved"] if m["kvc_reserved"] else math.nan
+        lines.append(f"| {pred} | {r['goodput']:.2f} | {m['preemptions']} | {m['extensions']} | "
+                     f"{'n/a' if math.isnan(unused) else f'{unused:.0%}'} |")
+    lines.append("")
+    return "\n".join(lines)
