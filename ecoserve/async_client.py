@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import uuid
 import weakref
 from collections import deque
@@ -23,6 +24,7 @@ import zmq
 import zmq.asyncio
 
 from ecoserve import protocol
+from ecoserve.auth import ClientKeys, load_client_keys
 from ecoserve.client_types import SLO, Completion, Delta, RequestError, ServerInfo, check_timeout, make_add_request
 from ecoserve.engine.sampling_params import SamplingParams
 
@@ -31,6 +33,7 @@ __all__ = ["AsyncClient", "AsyncStream"]
 _log = logging.getLogger(__name__)
 # What a request's queue holds: its replies, or the error that ended the whole client.
 _Event = Union[protocol.TokenDelta, protocol.RequestFinished, protocol.ErrorReply, BaseException]
+AuthKeys = Union[str, "os.PathLike[str]", ClientKeys, None]  # a key folder (its "client" pair) or loaded keys
 
 
 class _Request:
@@ -129,11 +132,18 @@ class AsyncStream:
 
 
 class AsyncClient:
-    """An asyncio client: `await AsyncClient.connect(address)` or `async with AsyncClient(address)`."""
+    """An asyncio client: `await AsyncClient.connect(address)` or `async with AsyncClient(address)`.
 
-    def __init__(self, address: str, *, timeout: float = 10.0, client_name: str = "ecoserve-client") -> None:
+    `auth_keys` (a server started with `--auth curve`): the folder `ecoserve keys generate` made
+    (its server.pub, client.pub and client.key), or `ecoserve.auth.load_client_keys(folder, name)`.
+    """
+
+    def __init__(
+        self, address: str, *, timeout: float = 10.0, client_name: str = "ecoserve-client", auth_keys: AuthKeys = None
+    ) -> None:
         check_timeout("timeout", timeout)
         self.address = address
+        self.auth_keys = auth_keys if auth_keys is None or isinstance(auth_keys, ClientKeys) else load_client_keys(auth_keys)
         self.client_name = client_name
         self.server_name: str | None = None
         self.server_info: ServerInfo | None = None  # set by the handshake
@@ -149,9 +159,9 @@ class AsyncClient:
 
     @classmethod
     async def connect(
-        cls, address: str, *, timeout: float = 10.0, client_name: str = "ecoserve-client"
+        cls, address: str, *, timeout: float = 10.0, client_name: str = "ecoserve-client", auth_keys: AuthKeys = None
     ) -> AsyncClient:
-        client = cls(address, timeout=timeout, client_name=client_name)
+        client = cls(address, timeout=timeout, client_name=client_name, auth_keys=auth_keys)
         await client._connect()
         return client
 
@@ -264,6 +274,10 @@ class AsyncClient:
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.auth_keys is not None:  # CURVE: the server proves its key, we prove ours
+            sock.curve_serverkey = self.auth_keys.server_public
+            sock.curve_publickey = self.auth_keys.public
+            sock.curve_secretkey = self.auth_keys.secret
         try:
             try:
                 sock.connect(self.address)
@@ -275,8 +289,8 @@ class AsyncClient:
                 reply = await asyncio.wait_for(self._handshake(sock), self._connect_timeout)
             except asyncio.TimeoutError:
                 raise TimeoutError(
-                    f"no reply from {self.address} within {self._connect_timeout}s; "
-                    "the ecoserve server may not be running there"
+                    f"no reply from {self.address} within {self._connect_timeout}s; the ecoserve server may not be "
+                    f"running there, or {self._auth_hint()}"
                 ) from None
         except BaseException:
             sock.close(linger=0)
@@ -286,6 +300,14 @@ class AsyncClient:
         self.server_info = ServerInfo.from_message(reply)
         self._ctx, self._sock = ctx, sock
         self._receiver = asyncio.get_running_loop().create_task(self._receive(sock))
+
+    def _auth_hint(self) -> str:
+        if self.auth_keys is None:
+            return "it requires authentication (--auth curve: pass auth_keys=DIR, the keys from `ecoserve keys generate`)"
+        return (
+            "it refused this client's key (authentication: the server must run with --auth curve, its "
+            "authorized_clients must hold this client's .pub, and server.pub must be that server's key)"
+        )
 
     async def _handshake(self, sock: zmq.asyncio.Socket) -> protocol.HelloReply:
         await sock.send(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION, self.client_name)))

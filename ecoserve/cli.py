@@ -7,8 +7,12 @@
     ecoserve serve --engine sim [--sim-profile NAME|PATH] [--sim-time-scale X] --prefill 8 --decode 8
     ecoserve bench kv-transfer --prompt-lens 512 4096 --out FILE.json
     ecoserve bench scheduler --queued 1000,10000,100000 --running 1000 --out FILE.json
+    ecoserve bench sim-fidelity --policy distserve --num-requests 40 --rate 0.25 --out FILE.json
     ecoserve bench serve --addr ADDR --workload azure-conv --num-requests N --rate R --out FILE.json
     ecoserve demo
+    ecoserve keys generate --out DIR [--client NAME]    (then serve --auth curve --keys DIR)
+    ecoserve profile --model M --out FILE.json [--quick] [--max-batch N] [--max-len N] [--repeats N]
+    ecoserve predictor train --out DIR [--limit N] [--seed S] | ecoserve predictor eval [--model DIR] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -78,9 +82,35 @@ def _engine_and_coordinator(args: argparse.Namespace) -> tuple[Any, Any]:
     coord = CoordinatorConfig(
         host=args.host, port=args.port, policy=args.policy, policy_options=policy_options(args),
         heartbeat_timeout_s=args.heartbeat_timeout,
-        transfer_deadline_s=args.transfer_deadline, drain_timeout_s=args.drain_timeout,
+        transfer_deadline_s=args.transfer_deadline, drain_timeout_s=args.drain_timeout, max_retries=args.max_retries,
     )
-    return engine, coord
+    return engine, _with_security(coord, args)
+
+
+def _with_security(coord: Any, args: argparse.Namespace) -> Any:
+    """`coord` with --auth/--keys and the per-client limits; bad key files fail here, before anything starts."""
+    import dataclasses
+
+    from ecoserve.auth import load_server_keys
+
+    limits = {
+        "max_inflight_per_client": args.max_inflight_per_client,
+        "max_prompt_tokens_per_client": args.max_prompt_tokens_per_client,
+    }
+    coord = dataclasses.replace(coord, auth=args.auth, keys_dir=args.keys, **{k: v for k, v in limits.items() if v is not None})
+    if coord.auth == "curve":
+        load_server_keys(coord.keys_dir)  # KeyFileError (a ValueError): one line, exit 2
+    return coord
+
+
+def _cmd_keys_generate(args: argparse.Namespace) -> int:
+    from ecoserve.auth import generate_keys
+
+    for path in generate_keys(args.out, args.client):
+        print(path)
+    print(f"serve with --auth curve --keys {args.out}; give client {args.client!r} server.pub, {args.client}.pub and "
+          f"{args.client}.key (Client(addr, auth_keys=DIR))")
+    return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -158,6 +188,72 @@ def _cmd_bench_scheduler(args: argparse.Namespace) -> int:
     return run_scheduler_benchmark(args)
 
 
+def _cmd_bench_sim_fidelity(args: argparse.Namespace) -> int:
+    from ecoserve.bench.fidelity import run_fidelity
+
+    return run_fidelity(args)
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from ecoserve.bench.profile import run_profile
+
+    return run_profile(args)
+
+
+def _cmd_predictor_train(args: argparse.Namespace) -> int:
+    from ecoserve.bench.predictor_train import run_train
+
+    return run_train(args)
+
+
+def _cmd_predictor_eval(args: argparse.Namespace) -> int:
+    from ecoserve.bench.predictor_eval import run_eval
+
+    return run_eval(args)
+
+
+def _sim_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts = dict(_parse_option(o) for o in (args.policy_option or []))
+    if args.predictor is not None:
+        opts["predictor"] = args.predictor
+    return opts
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from ecoserve.bench.compare import run_sim
+
+    return run_sim(args, _sim_options(args))
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from ecoserve.bench import compare
+
+    fn = compare.compare_distserve if args.bench_command == "compare-distserve" else compare.compare_vllm
+    fn(args, _sim_options(args))
+    return 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from ecoserve.bench.results import run_results
+
+    return run_results(args)
+
+
+def _add_sim_args(p: argparse.ArgumentParser, profile_flag: str) -> None:
+    """Arguments every simulator command shares (`profile_flag`: --model or --profile)."""
+    from ecoserve.sim.workloads import WORKLOADS
+
+    p.add_argument(profile_flag, dest="profile" if profile_flag == "--profile" else "model", default="opt-13b",
+                   help="the latency profile family (opt-13b, opt-66b) or a profile .json from `ecoserve profile`")
+    p.add_argument("--workload", default="sharegpt", choices=WORKLOADS)
+    p.add_argument("--slo-ttft-ms", type=float, default=250.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    p.add_argument("--predictor", default=None, help="ecoserve's length predictor (default: oracle in the simulator)")
+    p.add_argument("--policy-option", action="append", default=[], metavar="K=V", help="an ecoserve policy option")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ecoserve.bench.cluster_demo import main_entry
 
@@ -187,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=_cmd_model_prepare)
     model.add_parser("list", help="list built-in models").set_defaults(func=_cmd_model_list)
 
+    keys = sub.add_parser("keys", help="CURVE keys for --auth curve").add_subparsers(dest="keys_command", required=True)
+    kgen = keys.add_parser("generate", help="write the server's key pair (once) and a client's, and authorize the client")
+    kgen.add_argument("--out", required=True, metavar="DIR", help="the key folder (created if missing)")
+    kgen.add_argument("--client", default="client", metavar="NAME", help="the client pair's name: NAME.key, NAME.pub")
+    kgen.set_defaults(func=_cmd_keys_generate)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     eng = bench.add_parser("engine", help="offline throughput: EcoServe's engine against transformers generate")
     _add_model_args(eng)
@@ -199,6 +301,49 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--skip-baseline", action="store_true", help="only run EcoServe's engine")
     eng.add_argument("--out", default=None, help="write the results as JSON here")
     eng.set_defaults(func=_cmd_bench_engine)
+
+    simp = sub.add_parser("sim", help="one run on the discrete-event simulator: the DESIGN §8 metric table")
+    _add_sim_args(simp, "--model")
+    simp.add_argument("--policy", default="ecoserve", choices=["ecoserve", "distserve", "vllm", "orca"])
+    for role in ("prefill", "decode", "mixed"):
+        simp.add_argument(f"--{role}", type=int, default=None, help=f"{role} instances")
+        simp.add_argument(f"--tp-{role}", type=int, default=1, help=f"tensor-parallel degree of each {role} instance")
+    simp.add_argument("--rate", type=float, default=None, help="Poisson rate (req/s); Azure traces: their own times if absent")
+    simp.add_argument("--num-requests", type=int, default=1000)
+    simp.add_argument("--out", default=None, help="write the metrics as JSON here")
+    simp.set_defaults(func=_cmd_sim)
+
+    for name, helptext in (
+        ("compare-distserve", "fewest GPUs per policy for a target rate at the SLOs (simulated), with plots"),
+        ("compare-vllm", "on one GPU count: goodput, JCT and attainment per policy (simulated), with plots"),
+    ):
+        cmp_ = bench.add_parser(name, help=helptext)
+        _add_sim_args(cmp_, "--profile")
+        cmp_.add_argument("--num-requests", type=int, default=1000, help="requests per simulated run (at least)")
+        cmp_.add_argument("--min-duration-s", type=float, default=120.0, help="arrivals span at least this long")
+        cmp_.add_argument("--out", required=True, metavar="DIR")
+        if name == "compare-distserve":
+            cmp_.add_argument("--rate", type=float, required=True, help="the target request rate (req/s)")
+            cmp_.add_argument("--max-gpus", type=int, default=32)
+            cmp_.add_argument("--policies", default="ecoserve,distserve")
+        else:
+            cmp_.add_argument("--gpus", type=int, default=4)
+            cmp_.add_argument("--policies", default="ecoserve,vllm,orca,distserve")
+            cmp_.add_argument("--points", type=int, default=6, help="rates in the sweep")
+            cmp_.add_argument("--rel-tol", type=float, default=0.05)
+        cmp_.set_defaults(func=_cmd_compare)
+
+    res = bench.add_parser("results", help="every simulated comparison into one Markdown file (docs/results.md)")
+    res.add_argument("--out", default="docs/results.md")
+    res.add_argument("--num-requests", type=int, default=300, help="requests per simulated run (at least)")
+    res.add_argument("--min-duration-s", type=float, default=45.0, help="arrivals span at least this long")
+    res.add_argument("--max-gpus", type=int, default=16)
+    res.add_argument("--vllm-gpus", type=int, default=4)
+    res.add_argument("--predictors", default="oracle,histogram,learned")
+    res.add_argument("--seed", type=int, default=0)
+    res.add_argument("--quick", action="store_true", help="a small smoke version (tests)")
+    res.add_argument("--quiet", action="store_true")
+    res.set_defaults(func=_cmd_results)
 
     kvt = bench.add_parser("kv-transfer", help="paged KV transfer between two ranks against a bare send/recv")
     from ecoserve.bench.kv_transfer import add_arguments as add_kv_transfer_arguments
@@ -223,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_scheduler_arguments(sch)
     sch.set_defaults(func=_cmd_bench_scheduler)
+
+    fid = bench.add_parser("sim-fidelity", help="the simulator's TTFT/TPOT against the real cluster on the same requests")
+    from ecoserve.bench.fidelity import add_arguments as add_fidelity_arguments
+
+    add_fidelity_arguments(fid)
+    fid.set_defaults(func=_cmd_bench_sim_fidelity)
 
     # What `serve` (one machine) and `launch` (one node of several) share.
     serving = argparse.ArgumentParser(add_help=False)
@@ -251,10 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serving.add_argument(
         "--predictor", default=None,
-        help="response-length predictor for --policy ecoserve: histogram (default), fixed; oracle and oracle-noisy "
-        "know true lengths only for ignore_eos requests",
+        help="response-length predictor for --policy ecoserve: histogram (default), fixed, learned (trained on "
+        "ShareGPT; docs/predictor.md); oracle and oracle-noisy know true lengths only for ignore_eos requests",
     )
-    serving.add_argument("--predictor-option", action="append", metavar="KEY=VALUE", help="e.g. quantile=0.9, length=64")
+    serving.add_argument("--predictor-option", action="append", metavar="KEY=VALUE", help="e.g. quantile=0.9, length=64, path=DIR")
     serving.add_argument(
         "--policy-option", action="append", metavar="KEY=VALUE",
         help="ecoserve knobs, e.g. margin=0.1, pipelining=false, rl_buckets=false, ordering=false, "
@@ -262,6 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serving.add_argument("--host", default="127.0.0.1", help="client address to bind (default: this machine only)")
     serving.add_argument("--port", type=int, default=5555, help="client port; 0 picks a free one")
+    serving.add_argument(
+        "--auth", default="none", choices=["none", "curve"],
+        help="client socket security: curve encrypts and admits only the client keys in --keys DIR/authorized_clients",
+    )
+    serving.add_argument("--keys", default=None, metavar="DIR", help="--auth curve: a folder made by `ecoserve keys generate`")
+    serving.add_argument(
+        "--max-inflight-per-client", type=int, default=None, metavar="N",
+        help="requests one client connection may have in flight (default 65536); more get an over_limit error",
+    )
+    serving.add_argument(
+        "--max-prompt-tokens-per-client", type=int, default=None, metavar="N",
+        help="prompt tokens one client connection may have in flight (default 16777216)",
+    )
     serving.add_argument("--block-size", type=int, default=16)
     serving.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: from --kv-cache-gib)")
     serving.add_argument("--gpu-memory-fraction", type=float, default=None, help="KV pool = this share of free GPU memory (CUDA)")
@@ -277,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--heartbeat-timeout", type=float, default=30.0, help="seconds of silence before a worker is lost")
     serving.add_argument("--transfer-deadline", type=float, default=60.0, help="seconds a KV transfer may take")
     serving.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on shutdown")
+    serving.add_argument(
+        "--max-retries", type=int, default=2,
+        help="times a request is retried after its worker is lost or its KV transfer fails (0: fail at once)",
+    )
     serving.add_argument("--ready-file", default=None, help="write the client address here once every worker is up")
     serve = sub.add_parser(
         "serve", parents=[serving], help="serve with a coordinator and prefill/decode (or mixed) workers on this machine"
@@ -300,6 +468,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    prof = sub.add_parser("profile", help="fit a DistServe-form latency profile of our engine on this machine (for the simulator)")
+    _add_model_args(prof)
+    from ecoserve.bench.profile import add_arguments as add_profile_arguments
+
+    add_profile_arguments(prof)
+    prof.set_defaults(func=_cmd_profile)
+
+    pred = sub.add_parser("predictor", help="train or evaluate the learned response-length predictor (ShareGPT)")
+    pred_sub = pred.add_subparsers(dest="predictor_command", required=True)
+    from ecoserve.bench.predictor_eval import add_arguments as add_predictor_eval_arguments
+    from ecoserve.bench.predictor_train import add_arguments as add_predictor_train_arguments
+
+    ptrain = pred_sub.add_parser("train", help="fit and compare candidates; save the best torch-free one to --out")
+    add_predictor_train_arguments(ptrain)
+    ptrain.set_defaults(func=_cmd_predictor_train)
+    peval = pred_sub.add_parser("eval", help="test-set figures of a trained predictor next to baselines and anchors")
+    add_predictor_eval_arguments(peval)
+    peval.set_defaults(func=_cmd_predictor_eval)
     return parser
 
 

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Coroutine, Generator, Sequence
 from typing import Any, TypeVar, Union
 
-from ecoserve.async_client import AsyncClient, AsyncStream
+from ecoserve.async_client import AsyncClient, AsyncStream, AuthKeys
 from ecoserve.client_types import SLO, Completion, Delta, RequestError, ServerInfo
 from ecoserve.engine.sampling_params import SamplingParams
 
@@ -108,15 +108,21 @@ async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
 
 
 class Client:
-    """A blocking client; connects on construction and raises TimeoutError if the server is not there."""
+    """A blocking client; connects on construction and raises TimeoutError if the server is not there.
 
-    def __init__(self, address: str, *, timeout: float = 10.0, client_name: str = "ecoserve-client") -> None:
+    `auth_keys`: for a server started with `--auth curve` (see AsyncClient).
+    """
+
+    def __init__(
+        self, address: str, *, timeout: float = 10.0, client_name: str = "ecoserve-client", auth_keys: AuthKeys = None
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"ecoserve-client {address}", daemon=True)
         self._thread.start()
         self._closed = False
         try:
-            self._client = self._call(AsyncClient.connect(address, timeout=timeout, client_name=client_name))
+            connect = AsyncClient.connect(address, timeout=timeout, client_name=client_name, auth_keys=auth_keys)
+            self._client = self._call(connect)
         except BaseException:
             self._stop_loop()
             raise

@@ -159,19 +159,45 @@ class CoordinatorConfig:
     policy: str = "distserve"
     policy_options: dict[str, Any] = field(default_factory=dict)  # make_policy's knobs (ecoserve)
     secret: str = ""
+    # Client socket security (docs/security.md): "curve" makes the front door a CURVE server that
+    # accepts only the client keys in `keys_dir`/authorized_clients (made by `ecoserve keys generate`).
+    auth: str = "none"
+    keys_dir: str | None = None
+    # Per client connection, in flight at once; over either, a request gets an "over_limit" error.
+    max_inflight_per_client: int = 65536
+    max_prompt_tokens_per_client: int = 2**24
     heartbeat_timeout_s: float = 30.0  # a worker silent this long is declared lost
     transfer_deadline_s: float = 60.0
     max_transfers_in_flight_per_pair: int = 4
     max_prompt_tokens: int | None = None  # None: the model's context
     drain_timeout_s: float = 30.0
+    # Times a request goes back to the queue after losing its worker or its KV transfer before
+    # it fails with an error naming the lost ranks (0: fail at once).
+    max_retries: int = 2
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0 (0: never retry), got {self.max_retries!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.heartbeat_timeout_s > 0 or not self.transfer_deadline_s > 0:
             raise ValueError("heartbeat_timeout_s and transfer_deadline_s must be > 0")
         if self.max_transfers_in_flight_per_pair < 1:
             raise ValueError(f"max_transfers_in_flight_per_pair must be >= 1, got {self.max_transfers_in_flight_per_pair}")
+        self._check_security()
+
+    def _check_security(self) -> None:
+        if self.auth not in ("none", "curve"):
+            raise ValueError(f"auth must be 'none' or 'curve', got {self.auth!r}")
+        if (self.auth == "curve") != (self.keys_dir is not None):
+            raise ValueError(
+                "auth 'curve' needs keys_dir (--keys DIR: a folder made by `ecoserve keys generate --out DIR`), "
+                f"and keys_dir needs auth 'curve'; got auth {self.auth!r}, keys_dir {self.keys_dir!r}"
+            )
+        for name in ("max_inflight_per_client", "max_prompt_tokens_per_client"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
     @property
     def client_addr(self) -> str:

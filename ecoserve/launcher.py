@@ -8,7 +8,11 @@ worker rank, all wired here with directional names.
 Ranks are numbered prefill first, then decode, then mixed. Worker processes get their config
 as JSON on the command line (`python -m ecoserve.launcher worker '{...}'`): nothing is pickled.
 On SIGINT/SIGTERM the coordinator drains (finishes or fails what is in flight), tells every
-worker to stop, and any process still alive after a grace period is killed.
+worker to stop, and any process still alive after a grace period is killed. Workers ignore
+SIGINT and SIGTERM themselves (a signal to the whole group, as Ctrl-C or systemd sends, must not
+cut the drain short): they stop on the coordinator's Shutdown, or when the launcher is gone.
+A worker the coordinator declared lost (its heartbeats stopped) is told to shut down; one still
+running `FENCE_GRACE_S` later is killed, so a stalled rank cannot come back half-alive.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
 
 STARTUP_TIMEOUT_S = 300.0
 EXIT_GRACE_S = 10.0
+FENCE_GRACE_S = 5.0  # a lost worker's time to obey its Shutdown before it is killed
 
 
 @dataclass(frozen=True)
@@ -176,11 +181,19 @@ async def _startup(coord: Coordinator, procs: list[subprocess.Popen[bytes]], sto
 
 async def _watch(coord: Coordinator, procs: list[subprocess.Popen[bytes]], stop: asyncio.Event) -> None:
     reported: set[int] = set()
+    fenced: dict[int, float] = {}  # rank declared lost while its process runs -> when we noticed
     while not stop.is_set():
         for rank, proc in enumerate(procs):
             if rank not in reported and proc.poll() is not None:
                 reported.add(rank)
                 coord.worker_lost(rank, f"its process exited with code {proc.returncode}")
+            elif rank not in reported and coord.is_lost(rank):
+                since = fenced.setdefault(rank, time.monotonic())
+                if time.monotonic() - since > FENCE_GRACE_S:
+                    print(f"rank {rank} was declared lost and did not stop within {FENCE_GRACE_S:.0f} s: killing it",
+                          file=sys.stderr, flush=True)
+                    proc.kill()
+                    fenced[rank] = float("inf")
         try:
             await asyncio.wait_for(stop.wait(), 0.2)
         except asyncio.TimeoutError:
@@ -208,7 +221,9 @@ def run_async(coro: object) -> int:
 
 
 def _worker_main(config_json: str) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the launcher leads
+    # Ctrl-C (and systemd's stop) signal the whole group; the launcher leads the drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = worker_config_from_json(config_json)
     config = dataclasses.replace(config, secret=config.secret or cluster_secret())
     from ecoserve.engine.worker import WorkerRefused, serve_worker

@@ -219,7 +219,7 @@ def _run_member(node: NodeArgs, store: Any, engine: EngineConfig, threads_per_wo
                     code = 1
         if stopping:
             for proc in procs.values():
-                proc.terminate()
+                proc.kill()  # workers ignore SIGTERM (launcher.py); this is what SIGTERM used to do to them
             from ecoserve.launcher import _reap
 
             _reap(list(procs.values()))

@@ -62,7 +62,7 @@ def test_bench_engine_writes_json(tmp_path: Path) -> None:
     [
         (("--policy-option", "buckets=[64,32]"), "bucket bounds must be strictly increasing, got [64, 32]"),
         (("--policy-option", "margin=1"), "margin must be in [0, 1), got 1"),
-        (("--predictor", "psychic"), "unknown predictor 'psychic'; choose one of ['fixed', 'histogram', 'oracle', 'oracle-noisy']"),
+        (("--predictor", "psychic"), "unknown predictor 'psychic'; choose one of ['fixed', 'histogram', 'learned', 'oracle', 'oracle-noisy']"),
         (("--policy-option", "pipelinin=false"), "unknown ecoserve option(s) ['pipelinin']"),
         (("--prefill", "0", "--decode", "0", "--mixed", "1"), "policy 'ecoserve' needs decode+prefill workers"),
     ],

@@ -40,12 +40,14 @@ STATS_INTERVAL_S = 0.5
 STATS_TIMEOUT_S = 10.0
 
 
-async def connect(addr: str, timeout: float = 10.0) -> AsyncClient:
-    """A client of a server that is up, or ValueError naming why not."""
+async def connect(addr: str, timeout: float = 10.0, auth_keys: str | None = None) -> AsyncClient:
+    """A client of a server that is up, or ValueError naming why not. `auth_keys`: a key folder
+    for a server started with --auth curve."""
     try:
-        client = await AsyncClient.connect(addr, timeout=timeout, client_name="ecoserve-bench-serve")
+        client = await AsyncClient.connect(addr, timeout=timeout, client_name="ecoserve-bench-serve", auth_keys=auth_keys)
     except TimeoutError:
-        raise ValueError(f"could not reach the EcoServe server at {addr} within {timeout:g} s") from None
+        hint = "" if auth_keys else " (a server started with --auth curve needs --auth-keys DIR)"
+        raise ValueError(f"could not reach the EcoServe server at {addr} within {timeout:g} s{hint}") from None
     except RequestError as exc:
         raise ValueError(f"the server at {addr} refused the handshake: {exc}") from None
     if client.server_info is None or client.server_info.vocab_size == 0:
@@ -54,9 +56,9 @@ async def connect(addr: str, timeout: float = 10.0) -> AsyncClient:
     return client
 
 
-async def fetch_server_info(addr: str, timeout: float = 10.0) -> ServerInfo:
+async def fetch_server_info(addr: str, timeout: float = 10.0, auth_keys: str | None = None) -> ServerInfo:
     """The served model and its request limits."""
-    client = await connect(addr, timeout)
+    client = await connect(addr, timeout, auth_keys)
     await client.close()
     assert client.server_info is not None
     return client.server_info
@@ -72,6 +74,7 @@ async def run_benchmark(
     request_timeout: float = 600.0,
     stats_interval_s: float = STATS_INTERVAL_S,
     progress: bool = True,
+    auth_keys: str | None = None,
 ) -> BenchResult:
     """Send `requests` open-loop at their `arrival_s` (relative to the earliest) and measure them.
 
@@ -82,7 +85,7 @@ async def run_benchmark(
     workload = requests if isinstance(requests, Workload) else Workload(list(requests), 0, 0, 0)
     if not workload.requests:
         raise ValueError("no requests to send: every request was dropped by the server's limits")
-    client = await connect(addr, connect_timeout)
+    client = await connect(addr, connect_timeout, auth_keys)
     try:
         return await _drive(client, workload, slo, seed, request_timeout, stats_interval_s, progress)
     finally:
@@ -143,7 +146,8 @@ async def _one(
         assert done is not None
         fields = dict(
             finish_reason=done.finish_reason, server_ttft_ms=done.ttft_ms, server_tpot_ms=done.tpot_ms,
-            server_e2e_ms=done.e2e_ms,
+            server_e2e_ms=done.e2e_ms, server_queue_ms=done.queue_ms, server_prefill_ms=done.prefill_ms,
+            server_transfer_ms=done.transfer_ms,
         )
         prompt_len = done.num_prompt_tokens
     except TimeoutError:
@@ -212,6 +216,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token target (ms)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the server")
+    parser.add_argument(
+        "--auth-keys", default=None, metavar="DIR",
+        help="a server started with --auth curve: the key folder (server.pub, client.pub, client.key)",
+    )
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request counts as lost")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -243,7 +251,7 @@ def _check_args(args: argparse.Namespace) -> tuple[WorkloadSpec, SLO]:
 
 
 async def _main(args: argparse.Namespace, spec: WorkloadSpec, slo: SLO) -> int:
-    info = await fetch_server_info(args.addr, args.connect_timeout)
+    info = await fetch_server_info(args.addr, args.connect_timeout, args.auth_keys)
     tokenizer = _load_tokenizer(args.tokenizer or info.model_id) if spec.name in TEXT_WORKLOADS else None
     workload = build_workload(spec, info, tokenizer)
     print(
@@ -254,7 +262,7 @@ async def _main(args: argparse.Namespace, spec: WorkloadSpec, slo: SLO) -> int:
     )
     result = await run_benchmark(
         args.addr, workload, slo, seed=args.seed, connect_timeout=args.connect_timeout,
-        request_timeout=args.request_timeout, progress=not args.no_progress,
+        request_timeout=args.request_timeout, progress=not args.no_progress, auth_keys=args.auth_keys,
     )
     title = f"Serving Benchmark Result: {spec.name}, {info.model_id}"
     print_report(result, title)

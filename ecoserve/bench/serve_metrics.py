@@ -46,6 +46,9 @@ class RequestResult:
     server_ttft_ms: float | None = None  # the coordinator's own timings (Completion)
     server_tpot_ms: float | None = None
     server_e2e_ms: float | None = None
+    server_queue_ms: float | None = None  # the coordinator's split: queued, prefilling, first token -> decoding
+    server_prefill_ms: float | None = None
+    server_transfer_ms: float | None = None
 
     @property
     def num_output_tokens(self) -> int:

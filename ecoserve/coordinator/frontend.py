@@ -13,6 +13,7 @@ from ecoserve.coordinator.request import Request
 from ecoserve.engine.sampling_params import SamplingParams
 
 MAX_REQUEST_ID_CHARS = 128
+MAX_STOP_TOKEN_IDS = 1024  # each is checked after every sampled token
 
 
 class BadRequest(ValueError):
@@ -63,6 +64,8 @@ def build_request(
         raise BadRequest(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters, got {len(msg.request_id)}")
     if (msg.prompt is None) == (msg.prompt_token_ids is None):
         raise BadRequest("give exactly one of prompt (text) and prompt_token_ids")
+    if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise BadRequest(f"stop_token_ids has {len(msg.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
     try:
         params = SamplingParams(
             max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
@@ -85,13 +88,13 @@ def build_request(
         prompt = list(msg.prompt_token_ids or [])
         if not prompt:
             raise BadRequest("prompt_token_ids is empty: give at least one token")
+    _check_size(len(prompt), params.max_tokens, limits)  # before any per-token work
+    if msg.prompt is None and not (0 <= min(prompt) and max(prompt) < limits.vocab_size):
         bad = [t for t in prompt if not 0 <= t < limits.vocab_size]
-        if bad:
-            raise BadRequest(f"prompt token ids must be in [0, {limits.vocab_size}); got {bad[:5]}")
+        raise BadRequest(f"prompt token ids must be in [0, {limits.vocab_size}); got {bad[:5]}")
     bad_stop = [t for t in params.stop_token_ids if t >= limits.vocab_size]
     if bad_stop:
         raise BadRequest(f"stop_token_ids must be in [0, {limits.vocab_size}); got {bad_stop[:5]}")
-    _check_size(len(prompt), params.max_tokens, limits)
     return Request(
         request_id=request_id, client=client, client_request_id=msg.request_id, prompt_token_ids=prompt,
         max_tokens=params.max_tokens, temperature=float(params.temperature), top_p=float(params.top_p),

@@ -1,6 +1,15 @@
 """Request lifecycle on the coordinator: queues, policy decisions applied, worker events
 folded in, terminal events sent. Exactly one terminal event per accepted request reaches its
 client, and every block a worker held for it is confirmed released (`releasing` empties).
+
+Faults (DESIGN §10). A lost worker (its process exited, or its heartbeats stopped) is fenced
+(told to shut down; anything it says later is ignored), its peers are told to abandon their
+KV transfers with it (`PeerLost`), and each request it held work for is retried; so is a
+request whose KV transfer failed or missed its deadline. A retry releases everything any
+worker held for the request, gives it a fresh worker-facing id (`retry<k>:<id>`, so a late
+message about the old attempt cannot touch the new one) and queues it again; its next prefill
+recomputes the prompt plus the tokens already streamed, and the stream goes on from there.
+After `max_retries` retries the request fails with an error naming every loss.
 """
 
 from __future__ import annotations
@@ -54,8 +63,10 @@ class Lifecycle:
         self.counters = {
             "finished": 0, "aborted": 0, "failed": 0, "preemptions": 0, "workers_lost": 0,
             "preemptions_local": 0, "preemptions_swap": 0, "preemptions_recompute": 0, "extensions": 0,
-            "predicted": 0, "under_predicted": 0, "over_predicted": 0,
+            "predicted": 0, "under_predicted": 0, "over_predicted": 0, "retries": 0, "transfers_failed": 0,
+            "clients_disconnected": 0,
         }
+        self.lost: dict[int, str] = {}  # lost rank -> why
         self.prediction_abs_error = 0.0  # sum over finished predicted requests of |raw prediction - length|
         self.dispatch_ms = Reservoir()  # front door -> dispatch decision, per request
         self.schedule_us = Reservoir()  # one policy.schedule() call
@@ -106,29 +117,29 @@ class Lifecycle:
                 req.decode_rank = d.rank
             req.dispatch_latency_s = now - req.arrival
             self.dispatch_ms.add(req.dispatch_latency_s * 1e3)
-            view.queued_prefill_tokens += req.num_prompt_tokens
+            view.queued_prefill_tokens += req.num_prefill_tokens
             view.committed_blocks += self._prefill_blocks(req, view)
             view.reserved_blocks += d.reserve_blocks
             req.reserved_blocks = d.reserve_blocks
             self.to_worker(d.rank, p.RunPrefill(
                 req.request_id, req.prompt_token_ids, req.max_tokens, req.temperature, req.top_p, req.top_k,
-                req.seed, req.stop_token_ids, req.ignore_eos, d.decode_locally,
+                req.seed, req.stop_token_ids, req.ignore_eos, d.decode_locally, self._replayed(req),
             ))
         if decisions.transfers:
             chosen = {t.request_id for t in decisions.transfers}
             self.kv_waiting = deque(r for r in self.kv_waiting if r.request_id not in chosen)
         for t in decisions.transfers:
             req = self.requests[t.request_id]
-            plan = self.planner.plan(req.request_id, t.src_rank, t.dst_rank, req.num_prompt_tokens)
+            plan = self.planner.plan(req.request_id, t.src_rank, t.dst_rank, req.num_prefill_tokens)
             req.decode_rank = t.dst_rank
             self.registry.views[t.dst_rank].committed_blocks += t.num_blocks
             self.transfer_blocks[req.request_id] = t.num_blocks
             deadline = self.config.transfer_deadline_s
-            first = req.output_token_ids[0]
+            first = req.output_token_ids[req.num_replayed]
             self.to_worker(t.dst_rank, p.ReceiveKV(
                 req.request_id, t.src_rank, plan.seq_no, deadline, req.prompt_token_ids, first, req.max_tokens,
                 req.temperature, req.top_p, req.top_k, req.seed, req.stop_token_ids, req.ignore_eos,
-                self.ledger.reservation_tokens(req.request_id),
+                self.ledger.reservation_tokens(req.request_id), self._replayed(req),
             ))
             self.to_worker(t.src_rank, p.SendKV(req.request_id, t.dst_rank, plan.seq_no, deadline))
         self._apply_decode_orders(decisions, now)
@@ -176,7 +187,12 @@ class Lifecycle:
     @staticmethod
     def _prefill_blocks(req: Request, view: WorkerView) -> int:
         # A mixed worker also writes the first decode token's KV before it reports again.
-        return view.blocks_for(req.num_prompt_tokens + (1 if view.role == "mixed" else 0))
+        return view.blocks_for(req.num_prefill_tokens + (1 if view.role == "mixed" else 0))
+
+    @staticmethod
+    def _replayed(req: Request) -> list[int]:
+        """The outputs a retried request's prefill recomputes after its prompt."""
+        return list(req.output_token_ids[: req.num_replayed]) if req.num_replayed else []
 
     # --- worker events -----------------------------------------------------------------------
 
@@ -211,10 +227,10 @@ class Lifecycle:
         if req is None or req.status is not S.PREFILLING:
             return  # aborted meanwhile: the worker frees it on AbortWork
         view = self.registry.views[msg.rank]
-        view.queued_prefill_tokens -= req.num_prompt_tokens
+        view.queued_prefill_tokens -= req.num_prefill_tokens
         view.committed_blocks -= self._prefill_blocks(req, view)
         req.output_token_ids.append(msg.first_token)
-        self._stream(req, 0)
+        self._stream(req, len(req.output_token_ids) - 1)
         if msg.finish_reason is not None:
             self.finish(req, msg.finish_reason)
         elif view.role == "mixed":
@@ -265,8 +281,9 @@ class Lifecycle:
         req = self.requests.get(msg.request_id)
         if req is None or req.status is not S.TRANSFERRING:
             return
-        if msg.state != "done":
-            self.fail(req, f"KV transfer {msg.state} on rank {msg.rank}: {msg.message}")
+        if msg.state != "done":  # this side freed its blocks; the retry aborts the other side
+            self.counters["transfers_failed"] += 1
+            self.retry(req, f"KV transfer {msg.state} on rank {msg.rank}: {msg.message}")
             return
         if msg.rank == req.decode_rank:  # the receiver has the KV: decoding starts there
             self.planner.finish(req.request_id)
@@ -306,6 +323,13 @@ class Lifecycle:
         self._end(req, "abort")
         return True
 
+    def abort_client_requests(self, client: bytes) -> int:
+        """Abort every request of `client` (its connection closed); how many there were."""
+        mine = [crid for c, crid in self.by_client if c == client]
+        for crid in mine:
+            self.abort_client_request(client, crid)
+        return len(mine)
+
     def fail(self, req: Request, message: str) -> None:
         self._release_everywhere(req)
         req.transition(S.FAILED, self.clock())
@@ -318,19 +342,59 @@ class Lifecycle:
             self.fail(req, message)
 
     def worker_lost(self, rank: int, reason: str) -> None:
+        """`rank` died or stopped answering: fence it, tell its peers, retry what it held."""
         view = self.registry.views.get(rank)
         if view is None or not view.alive:
             return
         view.alive = False
+        self.lost[rank] = reason
         self.counters["workers_lost"] += 1
+        self.to_worker(rank, p.Shutdown())  # a worker that is only slow stops; what it says meanwhile is ignored
+        for peer in self.registry.alive_ranks():  # before any AbortWork below, on the same channel
+            self.to_worker(peer, p.PeerLost(rank))
         for rid, ranks in list(self.releasing.items()):
             self._released(rid, rank) if rank in ranks else None
+        why = f"worker rank {rank} ({view.role}) was lost: {reason}"
         for req in list(self.requests.values()):
-            if rank in (req.prefill_rank, req.decode_rank) and req.status is not S.WAITING_PREFILL:
-                self.fail(req, f"worker rank {rank} ({view.role}) was lost: {reason}")
+            if self._holds(req, rank):
+                self.retry(req, why)
         if not self.can_serve():
             for req in list(self.requests.values()):
                 self.fail(req, self.cannot_serve_reason())
+        self.kick()
+
+    @staticmethod
+    def _holds(req: Request, rank: int) -> bool:
+        """Whether `rank` holds work, KV or a reservation for `req`."""
+        if req.status is S.WAITING_PREFILL:
+            return False
+        if req.status in (S.DECODING, S.PREEMPTED):  # its prefill worker is done with it
+            return req.decode_rank == rank
+        return rank in (req.prefill_rank, req.decode_rank)
+
+    def retry(self, req: Request, reason: str) -> None:
+        """Queue `req` again after `reason` cost it its work (Request.retry), or fail it with
+        every reason once it has used its `max_retries`."""
+        limit = self.config.max_retries
+        if req.num_retries >= limit:
+            earlier = "".join(f"; before that: {r}" for r in reversed(req.retry_reasons))
+            tries = f"after {req.num_retries} retries" if req.num_retries else "without a retry"
+            self.fail(req, f"{reason} ({tries}; the limit is --max-retries {limit}){earlier}")
+            return
+        self._release_everywhere(req)
+        self._drop_holdings(req)
+        old = req.request_id
+        req.retry(self.clock(), reason)
+        del self.requests[old]
+        base = old.removeprefix(f"retry{req.num_retries - 1}:") if req.num_retries > 1 else old
+        req.request_id = f"retry{req.num_retries}:{base}"
+        while req.request_id in self.requests:  # only a hand-made id could collide
+            req.request_id += "+"
+        self.requests[req.request_id] = req
+        self.by_client[(req.client, req.client_request_id)] = req.request_id
+        self.waiting.push(req)
+        self.counters["retries"] += 1
+        log.warning("request %s retried as %s: %s", old, req.request_id, reason)
         self.kick()
 
     def can_serve(self) -> bool:
@@ -339,8 +403,11 @@ class Lifecycle:
         return "mixed" in alive or {"prefill", "decode"} <= alive
 
     def cannot_serve_reason(self) -> str:
-        lost = sorted(f"{v.rank} ({v.role})" for v in self.registry.views.values() if not v.alive)
-        return f"no live worker can serve requests (lost ranks: {', '.join(lost)}); restart the server"
+        lost = "; ".join(
+            f"worker rank {v.rank} ({v.role}) was lost: {self.lost.get(v.rank, 'unknown')}"
+            for v in sorted(self.registry.views.values(), key=lambda v: v.rank) if not v.alive
+        )
+        return f"no live worker can serve requests ({lost}); restart the server"
 
     def _release_everywhere(self, req: Request) -> None:
         """Tell every worker holding something for `req` to free it; undo our accounting."""
@@ -351,7 +418,7 @@ class Lifecycle:
         elif req.status is S.PREFILLING:
             assert req.prefill_rank is not None
             view = views[req.prefill_rank]
-            view.queued_prefill_tokens -= req.num_prompt_tokens
+            view.queued_prefill_tokens -= req.num_prefill_tokens
             view.committed_blocks -= self._prefill_blocks(req, view)
             ranks.add(req.prefill_rank)
         elif req.status is S.TRANSFERRING:
@@ -387,14 +454,18 @@ class Lifecycle:
         ))
 
     def _forget(self, req: Request) -> None:
+        self._drop_holdings(req)
+        self.requests.pop(req.request_id, None)
+        self.by_client.pop((req.client, req.client_request_id), None)
+
+    def _drop_holdings(self, req: Request) -> None:
+        """Undo the coordinator-side holdings of `req`: reservations and decode-side queues."""
         self.ledger.remove(req.request_id)
         self.near_limit.pop(req.request_id, None)
         self.preempted.pop(req.request_id, None)
         if req.reserved_blocks and req.prefill_rank is not None:
             self.registry.views[req.prefill_rank].reserved_blocks -= req.reserved_blocks
             req.reserved_blocks = 0
-        self.requests.pop(req.request_id, None)
-        self.by_client.pop((req.client, req.client_request_id), None)
 
     # --- stats -------------------------------------------------------------------------------------
 

@@ -2,6 +2,11 @@
 
 Every status change is a timestamped event, so TTFT splits into queueing, prefill, transfer
 and first decode step. Plain data only: the policies read these objects directly.
+
+The retry path (`Request.retry`) is the one way back to `WAITING_PREFILL`: a request whose
+worker was lost, or whose KV transfer failed, before it ended. It keeps the tokens already
+streamed; its next prefill recomputes the prompt and those tokens (`num_replayed`), so the
+client sees the count go on with no duplicate and no gap.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ _NEXT: dict[RequestStatus, set[RequestStatus]] = {
     RequestStatus.PREEMPTED: {RequestStatus.DECODING, RequestStatus.FINISHED},
 }
 _TERMINAL = {RequestStatus.ABORTED, RequestStatus.FAILED}  # reachable from any live status
+# Back to WAITING_PREFILL, through `Request.retry` only: the work was lost before the request ended.
+_RETRY_FROM = {
+    RequestStatus.PREFILLING, RequestStatus.TRANSFERRING, RequestStatus.DECODING, RequestStatus.PREEMPTED,
+}
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,12 @@ class Request:
     resuming: bool = False  # a Resume was sent; the next token restarts it
     text_sent: str = ""  # text already streamed (incremental detokenisation)
     dispatch_latency_s: float | None = None  # front door -> dispatch decision
+    # Retries (worker lost, KV transfer failed): how many so far, and why each happened.
+    num_retries: int = 0
+    retry_reasons: list[str] = field(default_factory=list)
+    # Output tokens the next prefill recomputes after the prompt (set by a retry): the KV a
+    # prefill of this request produces covers prompt + these, and sampling goes on after them.
+    num_replayed: int = 0
 
     def __post_init__(self) -> None:
         self.events.append(LifecycleEvent(self.status, self.arrival))
@@ -86,6 +101,12 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens a prefill of it computes, and its KV once prefilled: the prompt, plus the
+        outputs a retry replays."""
+        return len(self.prompt_token_ids) + self.num_replayed
 
     @property
     def ttft_deadline(self) -> float:
@@ -97,6 +118,21 @@ class Request:
             raise RuntimeError(f"request {self.request_id}: illegal transition {self.status.name} -> {status.name}")
         self.status = status
         self.events.append(LifecycleEvent(status, time.monotonic() if now is None else now))
+
+    def retry(self, now: float, reason: str) -> None:
+        """Back to WAITING_PREFILL after its work was lost (the caller has released what any
+        worker held for it): placement cleared, the tokens produced so far kept to replay."""
+        if self.status not in _RETRY_FROM:
+            raise RuntimeError(f"request {self.request_id}: cannot retry from {self.status.name}")
+        self.status = RequestStatus.WAITING_PREFILL
+        self.events.append(LifecycleEvent(self.status, now))
+        self.num_retries += 1
+        self.retry_reasons.append(reason)
+        self.num_replayed = len(self.output_token_ids)
+        self.prefill_rank = self.decode_rank = None
+        self.decode_start_step = None
+        self.preempt_mode = None
+        self.resuming = False
 
     def first_time(self, status: RequestStatus) -> float | None:
         return next((e.time for e in self.events if e.status is status), None)

@@ -9,6 +9,7 @@ decisions by sending worker messages. The coordinator never touches tensors.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -20,17 +21,21 @@ import zmq
 import zmq.asyncio
 
 from ecoserve import protocol as p
+from ecoserve.auth import load_server_keys, start_authenticator
 from ecoserve.config import CoordinatorConfig
+from ecoserve.coordinator.clients import ClientWatch
 from ecoserve.coordinator.frontend import BadRequest, Limits, TextCodec, build_request
 from ecoserve.coordinator.lifecycle import Lifecycle
+from ecoserve.coordinator.limits import ClientLimits
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.policy import Policy
-from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
+from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry, worker_identity
 
 log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 5.0
 RECV_BATCH = 32  # messages read before the policy runs again
+REGISTER_MAX_BYTES = 64 * 1024  # the most read from a peer that is not (yet) a registered worker
 
 
 class Coordinator:
@@ -50,6 +55,13 @@ class Coordinator:
         # Frames up to 4x the protocol's limit are read and answered with an error naming the
         # limit; ZeroMQ drops the connection of a peer that sends anything larger.
         self.front.setsockopt(zmq.MAXMSGSIZE, 4 * p.MAX_FRAME_BYTES)
+        self.front_max_bytes = p.MAX_FRAME_BYTES  # lowered to what the longest prompt needs once workers register
+        self.server_keys = load_server_keys(config.keys_dir) if config.keys_dir is not None else None  # auth "curve"
+        self.authenticator: Any = None
+        if self.server_keys is not None:  # CURVE: encrypted, and only authorized client keys get in
+            self.front.curve_server = True
+            self.front.curve_secretkey = self.server_keys.secret
+            self.front.curve_publickey = self.server_keys.public
         self.back = self.ctx.socket(zmq.ROUTER)
         self.back.setsockopt(zmq.LINGER, 0)
         self.client_addr = ""
@@ -58,6 +70,10 @@ class Coordinator:
             policy or make_policy(config.policy, **config.policy_options), self.registry, self.codec, self._to_client, self._to_worker, config
         )
         self.clients: dict[bytes, int] = {}  # routing id -> client number, after Hello
+        self.client_limits = ClientLimits(config.max_inflight_per_client, config.max_prompt_tokens_per_client)
+        self.strays = 0  # control frames refused: not from a registered worker's own socket
+        self._next_stray_log = 0.0
+        self.client_watch = ClientWatch(self.front, self._client_gone)  # disconnected clients' requests end
         self._stats_waiters: list[tuple[bytes, set[int], dict[str, float], float]] = []
         self._ready = asyncio.Event()
         self._stopping = False
@@ -67,6 +83,10 @@ class Coordinator:
 
     def bind(self) -> None:
         c = self.config
+        if self.server_keys is not None:
+            self.authenticator = start_authenticator(self.ctx, self.server_keys.authorized)
+        elif c.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("the client socket on %s accepts anyone who can reach it; see --auth curve", c.host)
         if c.control_port:
             self.back.bind(f"tcp://{c.control_host}:{c.control_port}")
             self.control_addr = f"tcp://{c.control_host}:{c.control_port}"
@@ -81,10 +101,13 @@ class Coordinator:
             self.client_addr = f"tcp://{c.host}:{port}"
 
     def _to_client(self, client: bytes, message: Any) -> None:
+        if isinstance(message, (p.RequestFinished, p.ErrorReply)) and message.request_id is not None:
+            if not self.lifecycle.has_client_request(client, message.request_id):  # its terminal event
+                self.client_limits.release(client, message.request_id)
         self.front.send_multipart([client, p.encode(message)])
 
     def _to_worker(self, rank: int, message: Any) -> None:
-        self.back.send_multipart([f"rank-{rank}".encode(), p.encode(message)])
+        self.back.send_multipart([worker_identity(rank), p.encode(message)])
 
     # --- main tasks ------------------------------------------------------------------------
 
@@ -103,6 +126,7 @@ class Coordinator:
             asyncio.create_task(self._back_loop()),
             asyncio.create_task(self._schedule_loop()),
             asyncio.create_task(self._monitor_loop()),
+            asyncio.create_task(self.client_watch.run()),
         ]
         try:
             while not self._stopping:
@@ -129,6 +153,9 @@ class Coordinator:
         self._stopping = True
 
     def close(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.stop()
+        self.client_watch.close()
         self.front.close()
         self.back.close()
         self.ctx.term()
@@ -136,18 +163,29 @@ class Coordinator:
     def worker_lost(self, rank: int, reason: str) -> None:
         """The launcher saw the rank's process exit, or its heartbeats stopped."""
         self.lifecycle.worker_lost(rank, reason)
+        for _, ranks, _, _ in self._stats_waiters:  # stats calls stop waiting for it
+            ranks.discard(rank)
+        self._expire_stats(time.monotonic())
+
+    def is_lost(self, rank: int) -> bool:
+        """Whether `rank` registered and was then declared lost (the launcher fences it)."""
+        view = self.registry.views.get(rank)
+        return view is not None and not view.alive
 
     async def _front_loop(self) -> None:
         while True:
-            batch = await self._recv_batch(self.front)
+            frames = await self._recv_batch(self.front, copy=False)
             t0 = time.monotonic()  # the batch's arrival: later frames in it are not favoured
-            for parts in batch:
+            self.client_watch.drain()  # closes first: see coordinator/clients.py
+            for message in frames:
+                self.client_watch.saw(message[0].bytes, message[0])
+                parts = [f.bytes for f in message]
                 client = parts[0]
                 if len(parts) != 2:
                     self._to_client(client, p.ErrorReply(None, "bad_frame", "send exactly one frame per message"))
                     continue
                 try:
-                    msg = p.decode(parts[1], allowed=p.CLIENT_TO_COORDINATOR)
+                    msg = p.decode(parts[1], max_bytes=self.front_max_bytes, allowed=p.CLIENT_TO_COORDINATOR)
                 except p.ProtocolError as exc:
                     self._to_client(client, p.ErrorReply(None, "bad_frame", str(exc)))
                     continue
@@ -155,16 +193,24 @@ class Coordinator:
             self._schedule_now()
 
     @staticmethod
-    async def _recv_batch(sock: zmq.asyncio.Socket) -> list[list[bytes]]:
+    async def _recv_batch(sock: zmq.asyncio.Socket, copy: bool = True) -> list[list[Any]]:
         """The next message, plus up to RECV_BATCH - 1 more already waiting. Scheduling after
-        each batch, not after each message, keeps a burst from waiting for its own tail."""
-        batch = [await sock.recv_multipart()]
+        each batch, not after each message, keeps a burst from waiting for its own tail.
+        Parts are bytes, or zmq.Frame with copy=False."""
+        batch = [await sock.recv_multipart(copy=copy)]
         while len(batch) < RECV_BATCH:
             try:
-                batch.append(sock.recv_multipart(zmq.NOBLOCK).result())  # type: ignore[attr-defined]
+                batch.append(sock.recv_multipart(zmq.NOBLOCK, copy=copy).result())  # type: ignore[attr-defined]
             except zmq.Again:
                 break
         return batch
+
+    def _client_gone(self, client: bytes) -> None:
+        """The client's connection closed: abort everything it still had in flight."""
+        aborted = self.lifecycle.abort_client_requests(client)
+        self.lifecycle.counters["clients_disconnected"] += 1
+        if aborted:
+            log.info("a client disconnected with %d requests in flight; aborted them", aborted)
 
     def _schedule_now(self) -> None:
         if self._ready.is_set() and self.lifecycle.dirty.is_set():
@@ -205,10 +251,19 @@ class Coordinator:
             text = f"request id {msg.request_id!r} is already in flight on this connection"
             self._to_client(client, p.ErrorReply(msg.request_id, "bad_request", text))
             return
+        held = functools.partial(lc.has_client_request, client)
+        over = self.client_limits.refuse(client, 0, held)  # the request count, before tokenising
+        if over is not None:
+            self._to_client(client, p.ErrorReply(msg.request_id, "over_limit", over))
+            return
         try:
             req = build_request(msg, client, f"c{self.clients[client]}:{msg.request_id}", self._limits(), self.codec)
         except BadRequest as exc:
             self._to_client(client, p.ErrorReply(msg.request_id, "bad_request", str(exc)))
+            return
+        over = self.client_limits.refuse(client, req.num_prompt_tokens, held)
+        if over is not None:
+            self._to_client(client, p.ErrorReply(msg.request_id, "over_limit", over))
             return
         req.arrival = t0
         req.events[0] = type(req.events[0])(req.status, t0)
@@ -216,6 +271,8 @@ class Coordinator:
             lc.admit(req)
         except ValueError as exc:  # the policy could not predict its length (nothing was queued)
             self._to_client(client, p.ErrorReply(msg.request_id, "bad_request", str(exc)))
+            return
+        self.client_limits.add(client, msg.request_id, req.num_prompt_tokens)
 
     def _hello_reply(self) -> p.HelloReply:
         if not self.ready:  # the limits come from the workers: none known until all registered
@@ -241,28 +298,51 @@ class Coordinator:
     async def _back_loop(self) -> None:
         while True:
             for parts in await self._recv_batch(self.back):
-                ident, frame = parts[0], parts[-1]
-                try:
-                    msg = p.decode(frame, allowed=p.WORKER_TO_COORDINATOR)
-                except p.ProtocolError as exc:
-                    log.error("unreadable frame from %r: %s", ident, exc)
-                    continue
-                if isinstance(msg, p.RegisterWorker):
-                    self._register(msg)
-                elif isinstance(msg, p.WorkerStats):
-                    self._on_worker_stats(msg)
-                else:
-                    self.lifecycle.on_worker_message(msg)
+                self._on_worker_frame(parts[0], parts[1:])
             self._schedule_now()
 
-    def _register(self, msg: p.RegisterWorker) -> None:
-        reason = self.registry.register(msg)
-        self._to_worker(msg.rank, p.RegisterReply(reason is None, reason or ""))
-        if reason is not None:
-            log.error("refused worker rank %d: %s", msg.rank, reason)
+    def _on_worker_frame(self, sender: bytes, frames: list[bytes]) -> None:
+        """Only a registered worker's own socket speaks for its rank. Anyone else may only send a
+        RegisterWorker (which needs the cluster secret); all else is dropped, counted and logged."""
+        rank = self.registry.rank_of(sender)
+        try:
+            if len(frames) != 1:
+                raise p.ProtocolError(f"{len(frames)} frames in one message; a worker sends exactly one")
+            if rank is None:  # small and one type only: a stranger cannot make us parse much
+                msg = p.decode(frames[0], max_bytes=REGISTER_MAX_BYTES, allowed=(p.RegisterWorker,))
+            else:
+                msg = p.decode(frames[0], allowed=p.WORKER_TO_COORDINATOR)
+        except p.ProtocolError as exc:
+            self._stray(sender, f"a frame it may not send ({exc})")
+            return
+        if isinstance(msg, p.RegisterWorker):
+            self._register(sender, msg)
+        elif msg.rank != rank:
+            self._stray(sender, f"a {type(msg).__name__} for rank {msg.rank}")
+        elif isinstance(msg, p.WorkerStats):
+            self._on_worker_stats(msg)
+        else:
+            self.lifecycle.on_worker_message(msg)
+
+    def _register(self, sender: bytes, msg: p.RegisterWorker) -> None:
+        reason = self.registry.register(msg, sender)
+        # The answer goes to the socket that asked, never to the rank it claims to be.
+        self.back.send_multipart([sender, p.encode(p.RegisterReply(reason is None, reason or ""))])
+        if reason is not None:  # an error: it may be one of ours, misconfigured
+            self._stray(sender, f"a registration as rank {msg.rank}: {reason}", logging.ERROR)
         elif self.registry.complete:
             self._ready.set()
+            limits = self._limits()  # the largest useful client frame: the longest prompt as text
+            self.front_max_bytes = min(p.MAX_FRAME_BYTES, 256 * limits.max_prompt_tokens + 64 * 1024)
         self.lifecycle.kick()
+
+    def _stray(self, sender: bytes, what: str, level: int = logging.WARNING) -> None:
+        """Count a refused control frame; log at most one line a second, however fast they come."""
+        self.strays += 1
+        now = time.monotonic()
+        if now >= self._next_stray_log:
+            self._next_stray_log = now + 1.0
+            log.log(level, "control channel: refused %s from %r (%d refused so far)", what, sender[:64], self.strays)
 
     async def _schedule_loop(self) -> None:
         while True:
@@ -286,7 +366,10 @@ class Coordinator:
         ranks = set(self.registry.alive_ranks())
         for rank in ranks:
             self._to_worker(rank, p.QueryStats())
-        values = self.lifecycle.stats() | {"coordinator_pid": float(os.getpid()), "draining": float(self.draining)}
+        values = self.lifecycle.stats() | {
+            "coordinator_pid": float(os.getpid()), "draining": float(self.draining),
+            "control_frames_refused": float(self.strays),
+        }
         self._stats_waiters.append((client, ranks, values, time.monotonic() + STATS_TIMEOUT_S))
         self._expire_stats(time.monotonic())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,11 @@ class ExpectedRank:
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 
 
+def worker_identity(rank: int) -> bytes:
+    """The ZeroMQ routing id of rank `rank`'s control socket (set by the worker, used to reply)."""
+    return f"rank-{rank}".encode()
+
+
 class WorkerRegistry:
     def __init__(self, expected: list[ExpectedRank], secret: str, heartbeat_timeout_s: float) -> None:
         self.expected = {e.rank: e.role for e in expected}
@@ -33,12 +39,15 @@ class WorkerRegistry:
     def complete(self) -> bool:
         return len(self.views) == len(self.expected)
 
-    def register(self, msg: p.RegisterWorker) -> str | None:
-        """Add the worker, or return why it is refused (nothing changes then)."""
+    def register(self, msg: p.RegisterWorker, sender: bytes | None = None) -> str | None:
+        """Add the worker, or return why it is refused (nothing changes then). `sender` is the
+        routing id the registration came from: it must be the rank's own (`worker_identity`)."""
         if msg.protocol_version != p.PROTOCOL_VERSION:
             return f"protocol version {msg.protocol_version} != the coordinator's {p.PROTOCOL_VERSION}"
-        if msg.secret != self.secret:
+        if not hmac.compare_digest(msg.secret.encode(), self.secret.encode()):  # constant time: no guessing by timing
             return "wrong cluster secret"
+        if sender is not None and sender != worker_identity(msg.rank):
+            return f"rank {msg.rank} must register from its own control socket (routing id {worker_identity(msg.rank)!r})"
         if self.expected.get(msg.rank) != msg.role:
             want = {r: role for r, role in sorted(self.expected.items())}
             return f"rank {msg.rank} with role {msg.role!r} is not part of this cluster (expected ranks/roles: {want})"
@@ -59,6 +68,14 @@ class WorkerRegistry:
         )
         self.last_seen[msg.rank] = time.monotonic()
         return None
+
+    def rank_of(self, sender: bytes) -> int | None:
+        """The registered rank whose control socket `sender` is; None for anyone else."""
+        rank = sender[5:]
+        if not (sender.startswith(b"rank-") and rank.isdigit() and len(rank) < 10):
+            return None
+        n = int(rank)
+        return n if n in self.views and worker_identity(n) == sender else None
 
     def seen(self, rank: int) -> WorkerView | None:
         """Note that `rank` spoke; its view if it is a registered, live worker."""

@@ -32,13 +32,22 @@ class DecodeWorker(Worker):
         self.caps: dict[str, int] = {}  # extensions that arrived before the KV did
         self.to_resume: deque[str] = deque()  # resumes waiting for device blocks (swap-in)
         self.all_held = False  # the last step gave no token because every request sat at its cap
+        self.prefilling: set[str] = set()  # mixed: local requests whose (re)prefill has not sampled yet
+        self.num_receives = 0  # ReceiveKV messages taken (fault injection counts them)
+        self.num_tokens_reported = 0  # output tokens sent in TokenEvents (fault injection counts them)
 
     def handle_work(self, msg: Any) -> None:
         if isinstance(msg, p.ReceiveKV):
             self.to_receive.append(msg)
             self._post_receives()
+            self.num_receives += 1
+            if self.num_receives == self.faults.die_on_receive:
+                self.faults.die(self.rank, f"die_on_receive={self.num_receives}")
         elif isinstance(msg, p.RunPrefill) and msg.decode_locally and self.config.role == "mixed":
-            self.engine.scheduler.add(self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg)))
+            seq = self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg))
+            seq.output_token_ids.extend(msg.generated_token_ids)  # a retry: prefilled after the prompt
+            self.engine.scheduler.add(seq)
+            self.prefilling.add(msg.request_id)
         elif isinstance(msg, (p.ExtendReservation, p.Preempt, p.Resume)):
             try:
                 if isinstance(msg, p.ExtendReservation):
@@ -56,17 +65,19 @@ class DecodeWorker(Worker):
         """Allocate blocks and post receives in arrival order while the pool has room."""
         while self.to_receive:
             msg = self.to_receive[0]
-            need = self.pool.blocks_for_tokens(len(msg.prompt_token_ids))
+            kv_tokens = len(msg.prompt_token_ids) + len(msg.generated_token_ids)  # a retry replays outputs
+            need = self.pool.blocks_for_tokens(kv_tokens)
             if need > self.pool.num_free:
                 return  # the requests decoding here will free blocks as they finish
             self.to_receive.popleft()
             seq = self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg))
             self.engine.sequences.pop(msg.request_id)  # not the engine's until the KV is in
-            seq.block_table.ensure_capacity(len(msg.prompt_token_ids), self.pool)
+            seq.block_table.ensure_capacity(kv_tokens, self.pool)
+            seq.output_token_ids.extend(msg.generated_token_ids)
             seq.output_token_ids.append(msg.first_token)
-            seq.num_computed_tokens = len(msg.prompt_token_ids)
+            seq.num_computed_tokens = kv_tokens
             seq.reserved_tokens = msg.reserve_tokens
-            plan = TransferPlan(msg.request_id, msg.src_rank, self.rank, msg.seq_no, len(msg.prompt_token_ids))
+            plan = TransferPlan(msg.request_id, msg.src_rank, self.rank, msg.seq_no, kv_tokens)
             self.transfers.recv(plan, list(seq.block_table.blocks), deadline_s=msg.deadline_s)
             self.receiving[msg.request_id] = seq
 
@@ -155,8 +166,9 @@ class DecodeWorker(Worker):
             reason = seq.finish_reason.value if out.finished and seq.finish_reason else None
             if out.finished:
                 eng.pop_finished(out.request_id)
-            if len(seq.output_token_ids) == 1 and self.config.role == "mixed":
-                # A local request's first token: its prefill is done.
+            if out.request_id in self.prefilling:
+                # A local request's first token (after a retry's replayed ones): its prefill is done.
+                self.prefilling.discard(out.request_id)
                 self.channel.send(
                     p.PrefillDone(rank=self.rank, request_id=out.request_id, first_token=out.new_token_id, finish_reason=reason)
                 )
@@ -173,6 +185,9 @@ class DecodeWorker(Worker):
                     preempted=preempted, free_blocks=self.pool.num_free,
                 )
             )
+            self.num_tokens_reported += len(ids)
+            if self.faults.die_after_tokens and self.num_tokens_reported >= self.faults.die_after_tokens:
+                self.faults.die(self.rank, f"die_after_tokens={self.faults.die_after_tokens}")
         if self.to_receive:
             self._post_receives()
         if self.to_resume:
@@ -185,9 +200,20 @@ class DecodeWorker(Worker):
             return
         eng.release(request_id)  # whatever its state here: running, held, parked, swapped
         self.caps.pop(request_id, None)
+        self.prefilling.discard(request_id)
         if request_id in self.to_resume:
             self.to_resume.remove(request_id)
         self.release(request_id)
+
+    def peer_lost(self, rank: int) -> None:
+        """Receives queued from a lost prefill rank never start (no blocks are taken yet)."""
+        super().peer_lost(rank)
+        for msg in [m for m in self.to_receive if m.src_rank == rank]:
+            self.to_receive.remove(msg)
+            self.caps.pop(msg.request_id, None)
+            if msg.request_id in self.aborted:
+                self.aborted.discard(msg.request_id)
+                self.release(msg.request_id)
 
     def stats(self) -> dict[str, int]:
         return {

@@ -21,7 +21,7 @@ from ecoserve import protocol as p
 from ecoserve.config import WorkerConfig
 from ecoserve.engine.llm_engine import LLMEngine
 from ecoserve.engine.sampling_params import SamplingParams
-from ecoserve.engine.sequence import Sequence
+from ecoserve.engine.faults import Faults
 from ecoserve.engine.sequence import Sequence
 from ecoserve.envs import set_offline_hub
 from ecoserve.kv_transfer.backend import TorchDistBackend
@@ -102,6 +102,7 @@ class Worker:
         self.channel = ControlChannel(config.control_addr, self.rank)
         self.quarantine: dict[str, Sequence] = {}  # timed-out transfers whose ops may still run
         self.stopping = False
+        self.faults = Faults.for_rank(self.rank)  # tests only (ECOSERVE_FAULT); inert unless set
         self._next_heartbeat = 0.0
         self._parent = os.getppid()
 
@@ -167,6 +168,8 @@ class Worker:
             self.stopping = True
         elif isinstance(msg, p.AbortWork):
             self.abort(msg.request_id)
+        elif isinstance(msg, p.PeerLost):
+            self.peer_lost(msg.rank)
         else:
             self.handle_work(msg)
 
@@ -203,6 +206,11 @@ class Worker:
             return
         self.transfers.forget(request_id)
         seq.block_table.release(self.pool)
+
+    def peer_lost(self, rank: int) -> None:
+        """Rank `rank` is gone: its side of every transfer with it will never come. The roles
+        also drop what they queued for it."""
+        self.transfers.abort_peer(rank, f"peer rank {rank} was lost")
 
     def drain_quarantine(self) -> None:
         for rid, seq in list(self.quarantine.items()):

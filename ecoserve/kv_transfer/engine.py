@@ -21,6 +21,10 @@ messages are copy-free; copies cost a 2-core machine as much as the transfer its
 ``(s * MAX_CHUNKS + m) % 2**31`` (gloo tags are non-negative int32). Both sides must use the
 same ``group_blocks`` (a mismatch fails the transfer with a size error).
 
+Lost peers. ``abort_peer`` fails every unfinished transfer with a rank that is gone for good
+(the coordinator declared it lost); its queued ones are never posted. Posted ops still count
+until the backend ends them (gloo fails them as soon as the peer's connection closes).
+
 Deadlines. A transfer not DONE by its deadline becomes TIMED_OUT. A copy-free op still posted
 may go on reading or writing the paged blocks, so the caller must keep the transfer's blocks
 until ``ops_outstanding(request_id)`` is False, then free them; pooled buffers stay referenced
@@ -148,6 +152,7 @@ class KVTransferWorker:
         self._transfers: dict[str, _Transfer] = {}  # by request_id, until forget()
         self._pairs: dict[tuple[int, int], _Pair] = {}  # by (src_rank, dst_rank)
         self._pool = _BufferPool(kv_cache.dtype, kv_cache.device)
+        self._aborted: list[TransferUpdate] = []  # from abort_peer, reported by the next poll
 
     @property
     def block_size(self) -> int:
@@ -181,7 +186,7 @@ class KVTransferWorker:
 
     def poll(self) -> list[TransferUpdate]:
         """Make progress without waiting; return the state changes since the last poll."""
-        updates: list[TransferUpdate] = []
+        updates, self._aborted = self._aborted, []
         for pair in self._pairs.values():
             self._progress(pair, updates)
         now = self.clock()
@@ -200,6 +205,16 @@ class KVTransferWorker:
                     self._set(t, TransferState.IN_FLIGHT, updates)
                 self._post(t, updates)
         return updates
+
+    def abort_peer(self, peer: int, message: str) -> None:
+        """Fail every unfinished transfer with rank ``peer`` (lost for good); the next ``poll``
+        reports them. Queued ones are dropped unposted; free a transfer's blocks, as always,
+        once ``ops_outstanding`` is False."""
+        for (src, dst), pair in self._pairs.items():
+            if peer in (src, dst):
+                for t in [*pair.queued.values(), *pair.posted]:
+                    self._set(t, TransferState.FAILED, self._aborted, message)
+                pair.queued.clear()
 
     def state(self, request_id: str) -> TransferState:
         return self._get(request_id).state

@@ -9,6 +9,9 @@ import torch
 from ecoserve.engine.sampling_params import SamplingParams
 
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-30, 1e30  # the range float32 divides by without overflow
+
+
 def sample(
     logits: torch.Tensor,  # [num_seqs, vocab] float32
     params: Sequence[SamplingParams],
@@ -23,7 +26,12 @@ def sample(
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    logits = logits / p.temperature  # [vocab]
+    # A client may send any temperature > 0 (5e-324, 1e308). Shifted so the largest logit is 0 and
+    # divided by a temperature float32 can hold, no row becomes inf or nan; outside that range
+    # the limits apply: greedy below, uniform over the finite logits above.
+    if p.temperature < MIN_TEMPERATURE:
+        return int(logits.argmax())
+    logits = (logits - logits.max()) / min(p.temperature, MAX_TEMPERATURE)  # [vocab]
     if p.top_k != -1 and p.top_k < logits.shape[0]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -32,6 +40,7 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
         drop = cumulative - sorted_logits.softmax(-1) >= p.top_p
+        drop[0] = False  # a top_p below float32's smallest value compares as 0 and would drop it
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     probs = logits.softmax(-1)

@@ -1,1 +1,1 @@
-"""Response-length predictors used by the EcoServe policy (pure Python, no torch)."""
+"""Response-length predictors used by the EcoServe policy (no torch; the learned one uses numpy)."""

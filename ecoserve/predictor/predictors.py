@@ -7,6 +7,9 @@
 - `histogram`: per prompt-length bin (powers of two), a chosen quantile of the output lengths
   observed so far in that bin; a bin with fewer than `min_samples` falls back to all bins,
   and with nothing observed yet, to `max_tokens` (the safe side for a reservation).
+- `learned`: a length model trained on ShareGPT (learned.py) reading the prompt's token ids;
+  `quantile` picks its point prediction (0.5) or a calibrated upper quantile (padding), and
+  `path` a trained artifact folder instead of the bundled one.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, Sequence
 
 from ecoserve.predictor.buckets import BucketScheme
+from ecoserve.predictor.learned import load_length_model
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class PredictionQuery:
     prompt_len: int
     max_tokens: int
     true_length: int | None = None  # known to simulations and oracles only
+    prompt_token_ids: Sequence[int] | None = None  # the prompt itself (the learned predictor reads it)
 
 
 @dataclass(frozen=True)
@@ -138,12 +143,42 @@ class HistogramPredictor(_Base):
         return self._make(ordered[rank - 1], query.max_tokens)
 
 
+class LearnedPredictor(_Base):
+    name = "learned"
+
+    def __init__(self, path: str | None = None, quantile: float = 0.5, buckets: BucketScheme | None = None) -> None:
+        super().__init__(buckets)
+        if path is not None and not isinstance(path, str):
+            raise ValueError(f"the learned predictor's path must be a folder name, got {path!r}")
+        if isinstance(quantile, bool) or not isinstance(quantile, (int, float)):
+            raise ValueError(f"the learned predictor's quantile must be a number such as 0.5 or 0.9, got {quantile!r}")
+        self.model = load_length_model(path)
+        self.quantile = float(quantile)
+        self.head = self.model.head(self.quantile)  # ValueError naming the levels the model has
+
+    def predict(self, query: PredictionQuery) -> Prediction:
+        if query.prompt_token_ids is None:
+            raise ValueError("the learned predictor needs each request's prompt_token_ids in its PredictionQuery")
+        lengths = self.model.predict_one(query.prompt_token_ids, query.prompt_len)
+        return self._make(float(lengths[self.head]), query.max_tokens)
+
+    def predict_batch(self, queries: Sequence[PredictionQuery]) -> list[Prediction]:
+        """One vectorised pass over many queries (what admission of a burst can use)."""
+        prompts = []
+        for q in queries:
+            if q.prompt_token_ids is None:
+                raise ValueError("the learned predictor needs each request's prompt_token_ids in its PredictionQuery")
+            prompts.append(q.prompt_token_ids)
+        lengths = self.model.predict(prompts, [q.prompt_len for q in queries])[:, self.head]
+        return [self._make(float(n), q.max_tokens) for n, q in zip(lengths, queries)]
+
+
 PREDICTORS: dict[str, type[_Base]] = {
-    p.name: p for p in (OraclePredictor, NoisyOraclePredictor, FixedPredictor, HistogramPredictor)
+    p.name: p for p in (OraclePredictor, NoisyOraclePredictor, FixedPredictor, HistogramPredictor, LearnedPredictor)
 }
 
 
-def make_predictor(name: str, buckets: BucketScheme | None = None, **kwargs: float) -> Predictor:
+def make_predictor(name: str, buckets: BucketScheme | None = None, **kwargs: Any) -> Predictor:
     if name not in PREDICTORS:
         raise ValueError(f"unknown predictor {name!r}; choose one of {sorted(PREDICTORS)}")
     try:

@@ -3,6 +3,8 @@ coordinator names a decode rank to send it to (SendKV), then moved by kv_transfe
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from ecoserve import protocol as p
@@ -11,16 +13,29 @@ from ecoserve.engine.worker import Worker, sampling_params
 from ecoserve.kv_transfer.types import TransferPlan
 
 
+@dataclass
+class _HeldSend:
+    """A send held back by fault injection (drop_send, delay_send_ms): it starts at `due`."""
+
+    plan: TransferPlan
+    blocks: list[int]
+    deadline_s: float
+    due: float  # time.monotonic(); inf: until aborted
+
+
 class PrefillWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.held: dict[str, Sequence] = {}  # prompt done, KV waiting for a SendKV
         self.sending: dict[str, Sequence] = {}  # KV being sent
         self.aborted: set[str] = set()  # aborted while sending: free when the transfer ends
+        self.held_back: dict[str, _HeldSend] = {}  # tests only: sends not started yet (also in `sending`)
+        self.num_sends = 0  # SendKV messages taken (fault injection counts them)
 
     def handle_work(self, msg: Any) -> None:
         if isinstance(msg, p.RunPrefill):
             seq = self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg))
+            seq.output_token_ids.extend(msg.generated_token_ids)  # a retry: prefilled after the prompt
             self.engine.scheduler.add(seq)
         elif isinstance(msg, p.SendKV):
             self._send(msg)
@@ -28,6 +43,9 @@ class PrefillWorker(Worker):
             raise ValueError(f"a prefill worker does not take {type(msg).__name__}")
 
     def _send(self, msg: p.SendKV) -> None:
+        self.num_sends += 1
+        if self.num_sends == self.faults.die_on_send:
+            self.faults.die(self.rank, f"die_on_send={self.num_sends}")
         seq = self.held.pop(msg.request_id, None)
         if seq is None:
             self.channel.send(
@@ -37,11 +55,19 @@ class PrefillWorker(Worker):
                 )
             )
             return
-        num_tokens = len(seq.prompt_token_ids)
+        num_tokens = seq.num_computed_tokens  # the prompt, and a retry's replayed outputs
         plan = TransferPlan(msg.request_id, self.rank, msg.dst_rank, msg.seq_no, num_tokens)
         blocks = seq.block_table.blocks[: self.pool.blocks_for_tokens(num_tokens)]
-        self.transfers.send(plan, blocks, deadline_s=msg.deadline_s)
         self.sending[msg.request_id] = seq
+        delay = self.faults.send_delay_s(self.num_sends)
+        if delay > 0:
+            self.held_back[msg.request_id] = _HeldSend(plan, blocks, msg.deadline_s, time.monotonic() + delay)
+            return
+        self.transfers.send(plan, blocks, deadline_s=msg.deadline_s)
+
+    def _start_held_back(self, rid: str) -> None:
+        held = self.held_back.pop(rid)
+        self.transfers.send(held.plan, held.blocks, deadline_s=held.deadline_s)
 
     def step(self) -> None:
         eng = self.engine
@@ -60,6 +86,10 @@ class PrefillWorker(Worker):
             )
 
     def poll_transfers(self) -> None:
+        if self.held_back:
+            now = time.monotonic()
+            for rid in [r for r, h in self.held_back.items() if h.due <= now]:
+                self._start_held_back(rid)
         for update in self.transfers.poll():
             if not update.state.terminal:
                 continue
@@ -75,12 +105,23 @@ class PrefillWorker(Worker):
         eng = self.engine
         if request_id in self.sending:
             self.aborted.add(request_id)  # the decode side posted its receive: finish, then free
+            if request_id in self.held_back:
+                self._start_held_back(request_id)  # never skip a seq_no: the pair stays in step
             return
         if request_id in self.held:
             self.held.pop(request_id).block_table.release(self.pool)
         elif request_id in eng.sequences:
             eng.scheduler.abort(eng.sequences.pop(request_id))
         self.release(request_id)
+
+    def peer_lost(self, rank: int) -> None:
+        super().peer_lost(rank)
+        for rid in [r for r, h in self.held_back.items() if h.plan.dst_rank == rank]:
+            del self.held_back[rid]  # never enqueued: nothing can touch its blocks
+            self.sending.pop(rid).block_table.release(self.pool)
+            if rid in self.aborted:
+                self.aborted.discard(rid)
+                self.release(rid)
 
     def stats(self) -> dict[str, int]:
         return {

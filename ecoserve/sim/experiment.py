@@ -161,7 +161,7 @@ def _pcts(values: Sequence[float]) -> dict[str, float]:
 def simulate(
     layout: Layout, model: str, workload: Sequence[WorkloadRequest], slo: SLO, hw: HardwareConfig | None = None,
     policy_options: dict[str, Any] | None = None, goal: float | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, prompt_tokens: Sequence[Sequence[int]] | None = None,
 ) -> tuple[RunMetrics, SimResult, Simulator]:
     """Run `workload` on `layout`. With `goal`, stop as soon as attainment >= goal is impossible."""
     import time
@@ -170,7 +170,8 @@ def simulate(
     sim = Simulator(build_policy(layout, model, slo, hw, policy_options), instances(layout, model), hw)
     allowance = None if goal is None else int(math.floor((1 - goal) * len(workload)))
     t0 = time.perf_counter()
-    res = sim.run(workload, slo.ttft_ms, slo.tpot_ms, progress=progress, miss_allowance=allowance)
+    res = sim.run(workload, slo.ttft_ms, slo.tpot_ms, progress=progress, miss_allowance=allowance,
+                  prompt_tokens=prompt_tokens)
     wall = time.perf_counter() - t0
     reqs = res.requests
     ok = sum(1 for r in reqs if r.ttft_ms <= slo.ttft_ms and r.tpot_ms <= slo.tpot_ms)
@@ -215,9 +216,15 @@ class Search:
         n = max(self.num_requests, math.ceil(rate * self.min_duration_s))
         return make_workload(self.workload, n, rate, self.seed)
 
+    def prompts(self, n: int) -> Sequence[Sequence[int]] | None:
+        """The prompts' token ids, for workloads that have them (none of the named ones)."""
+        return None
+
     def attainment(self, layout: Layout, rate: float) -> RunMetrics:
         opts = self.policy_options if layout.policy == "ecoserve" else {}
-        m, _, _ = simulate(layout, self.model, self.requests(rate), self.slo, self.hw, opts, goal=self.goal)
+        reqs = self.requests(rate)
+        m, _, _ = simulate(layout, self.model, reqs, self.slo, self.hw, opts, goal=self.goal,
+                           prompt_tokens=self.prompts(len(reqs)))
         m.rate = rate
         return m
 

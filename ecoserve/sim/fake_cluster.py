@@ -7,7 +7,9 @@ and what the workers said is delivered back. Workers speak the real protocol mes
 tick count, so runs are deterministic.
 
 Used by the property-based policy tests (capacity never exceeded, reservations cover use,
-one terminal event per request, no leaks when idle) and by the scheduler benchmarks.
+one terminal event per request, no leaks when idle), the fault tests of the lifecycle
+(`kill` a worker: its peers drop their transfers with it on `PeerLost`), and by the scheduler
+benchmarks.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class FakeWorker:
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, p.RunPrefill):
-            self.prefill_queue.append((msg, len(msg.prompt_token_ids)))
+            self.prefill_queue.append((msg, len(msg.prompt_token_ids) + len(msg.generated_token_ids)))
         elif isinstance(msg, p.SendKV):
             self.sending[msg.request_id] = (msg.dst_rank, self.cluster.transfer_ticks)
         elif isinstance(msg, p.ReceiveKV):
@@ -129,6 +131,20 @@ class FakeWorker:
                 self.to_resume.append(seq)
         elif isinstance(msg, p.AbortWork):
             self._abort(msg.request_id)
+        elif isinstance(msg, p.PeerLost):
+            self._peer_lost(msg.rank)
+
+    def _peer_lost(self, rank: int) -> None:
+        """Transfers with the lost rank fail: blocks freed, reported (Released if aborted meanwhile)."""
+        for rid, (dst, _) in list(self.sending.items()):
+            if dst == rank:
+                del self.sending[rid]
+                self.pool.free(self.held.pop(rid))
+                self.send(p.TransferStatus(self.rank, rid, "failed", f"peer rank {rank} was lost"))
+        self.to_receive = deque(m for m in self.to_receive if m.src_rank != rank)
+        for rid in [r for r in self.receiving if self.cluster.sources.get(r) == rank]:
+            self._free(self.receiving.pop(rid))
+            self.send(p.TransferStatus(self.rank, rid, "failed", f"peer rank {rank} was lost"))
 
     def _preempt(self, msg: p.Preempt) -> None:
         seq = self.running.pop(msg.request_id, None)
@@ -191,18 +207,21 @@ class FakeWorker:
             if n < left:
                 self.prefill_queue[0] = (msg, left - n)
                 return
-            blocks = self._alloc(self.pool.blocks_for_tokens(len(msg.prompt_token_ids) + (1 if msg.decode_locally else 0)))
+            kv = len(msg.prompt_token_ids) + len(msg.generated_token_ids)
+            blocks = self._alloc(self.pool.blocks_for_tokens(kv + (1 if msg.decode_locally else 0)))
             if blocks is None:
                 self.prefill_queue[0] = (msg, 0)
                 return  # no room for the prompt's KV yet
             self.prefill_queue.popleft()
-            true_len = self.cluster.true_lengths[msg.request_id]
-            done = min(true_len, msg.max_tokens) <= 1
-            self.send(p.PrefillDone(self.rank, msg.request_id, 1, "length" if done else None))
+            true_len = self.cluster.true_length(msg.request_id)
+            produced = len(msg.generated_token_ids) + 1  # a retry replays what it had produced
+            done = min(true_len, msg.max_tokens) <= produced
+            reason = ("length" if produced >= msg.max_tokens else "stop") if done else None
+            self.send(p.PrefillDone(self.rank, msg.request_id, 1, reason))
             if done:
                 self.pool.free(blocks)
             elif msg.decode_locally:
-                seq = _Seq(msg.request_id, len(msg.prompt_token_ids), true_len, msg.max_tokens, blocks=blocks)
+                seq = _Seq(msg.request_id, len(msg.prompt_token_ids), true_len, msg.max_tokens, produced, blocks=blocks)
                 self.running[seq.rid] = seq
             else:
                 self.held[msg.request_id] = blocks
@@ -228,12 +247,14 @@ class FakeWorker:
     def _receive_step(self) -> None:
         while self.to_receive:
             msg = self.to_receive[0]
-            blocks = self._alloc(self.pool.blocks_for_tokens(len(msg.prompt_token_ids)))
+            produced = len(msg.generated_token_ids) + 1
+            blocks = self._alloc(self.pool.blocks_for_tokens(len(msg.prompt_token_ids) + produced - 1))
             if blocks is None:
                 return
             self.to_receive.popleft()
-            seq = _Seq(msg.request_id, len(msg.prompt_token_ids), self.cluster.true_lengths[msg.request_id],
-                       msg.max_tokens, blocks=blocks, cap=msg.reserve_tokens)
+            self.cluster.sources[msg.request_id] = msg.src_rank
+            seq = _Seq(msg.request_id, len(msg.prompt_token_ids), self.cluster.true_length(msg.request_id),
+                       msg.max_tokens, produced, blocks=blocks, cap=msg.reserve_tokens)
             self.receiving[seq.rid] = seq
 
     def _decode_step(self) -> None:
@@ -304,6 +325,7 @@ class FakeCluster:
         self.outbox: list[Any] = []
         self.client_messages: list[Any] = []
         self.true_lengths: dict[str, int] = {}
+        self.sources: dict[str, int] = {}  # request id -> the prefill rank its KV comes from
         self.tick = 0
         expected = [ExpectedRank(rank, spec.role) for rank, spec in enumerate(workers)]
         self.registry = WorkerRegistry(expected, "", heartbeat_timeout_s=1e9)
@@ -323,7 +345,26 @@ class FakeCluster:
         self.client_messages.append(msg)
 
     def _to_worker(self, rank: int, msg: Any) -> None:
-        self.workers[rank].inbox.append(msg)
+        if self.workers[rank].alive:
+            self.workers[rank].inbox.append(msg)
+
+    def true_length(self, rid: str) -> int:
+        """The true length of the request behind `rid` (a retry's id is `retry<k>:<id>`)."""
+        while rid.startswith("retry") and ":" in rid:
+            rid = rid.split(":", 1)[1]
+        return self.true_lengths[rid]
+
+    def kill(self, rank: int, reason: str = "killed by the test") -> None:
+        """The worker dies with everything it held; the coordinator learns it at once."""
+        self.workers[rank].alive = False
+        self.lifecycle.worker_lost(rank, reason)
+
+    def fail_transfer(self, rid: str, state: str = "timed_out") -> None:
+        """The decode side of `rid`'s transfer reports it failed (the workers' copies stay
+        until the coordinator's AbortWork)."""
+        req = self.lifecycle.requests[rid]
+        assert req.decode_rank is not None
+        self.lifecycle.on_worker_message(p.TransferStatus(req.decode_rank, rid, state, "injected by the test"))
 
     def submit(
         self, prompt_len: int, true_len: int, max_tokens: int, slo_ttft_ms: float | None = None,
@@ -344,7 +385,8 @@ class FakeCluster:
     def step(self) -> None:
         self.lifecycle.schedule()
         for w in self.workers.values():
-            w.step()
+            if w.alive:
+                w.step()
         out, self.outbox = self.outbox, []
         for msg in out:
             self.lifecycle.on_worker_message(msg)
@@ -352,7 +394,7 @@ class FakeCluster:
 
     def idle(self) -> bool:
         lc = self.lifecycle
-        return not lc.requests and not lc.releasing and all(w.idle() for w in self.workers.values())
+        return not lc.requests and not lc.releasing and all(w.idle() for w in self.workers.values() if w.alive)
 
     def run_until_idle(self, max_ticks: int = 100_000) -> None:
         start = self.tick
@@ -363,7 +405,7 @@ class FakeCluster:
 
     def assert_no_leaks(self) -> None:
         lc = self.lifecycle
-        problems = [f for w in self.workers.values() for f in w.leaks()]
+        problems = [f for w in self.workers.values() if w.alive for f in w.leaks()]
         if lc.requests or lc.releasing or lc.transfer_blocks or len(lc.waiting) or lc.kv_waiting:
             problems.append(f"coordinator still tracks {len(lc.requests)} requests, {len(lc.releasing)} releasing")
         for v in self.registry.views.values():

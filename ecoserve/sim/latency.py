@@ -7,9 +7,11 @@
 A profile is named `<model>-tp<N>` (DistServe's fits of its own engine, e.g. `opt-13b-tp1`) or
 `vllm-<model>-tp<N>` (its fits of the vLLM baseline), or is a JSON file holding one profile:
 `{"prefill": [a, b, c], "decoding_smallbs": [a, b, c], "decoding_largebs": [a, b, c],
-"decoding_large_small_bs_threshold": 95, "max_num_tokens": 66144}` (the last key optional).
-`max_num_tokens` is the KV capacity DistServe measured for that model and degree (pipeline
-degree 1). No torch here: the coordinator, the CLI and the simulator use it too.
+"decoding_large_small_bs_threshold": 95, "max_num_tokens": 66144, "kv_bytes_per_token": 819200}`
+(the last two keys optional; any others are ignored). `max_num_tokens` is the KV capacity
+DistServe measured for that model and degree (pipeline degree 1), or the pool of the worker a
+fitted profile was measured on (`ecoserve profile`); `kv_bytes_per_token` its K and V bytes
+per token over all layers. No torch here: the coordinator, the CLI and the simulator use it too.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class LatencyProfile:
     decode_large: tuple[float, float, float]  # the same, batch >= threshold
     large_batch_threshold: int
     max_num_tokens: int | None = None  # KV capacity in tokens, when the source gives one
+    kv_bytes_per_token: int | None = None  # K and V, all layers, when the source gives it
 
     def prefill_ms(self, sum_len: int, sum_len_sq: int) -> float:
         """A prefill batch with Σl = `sum_len` and Σl² = `sum_len_sq`; 0 for an empty one."""
@@ -98,10 +101,12 @@ def _bundled() -> dict[str, LatencyProfile]:
 
 def _profile(name: str, raw: Any, max_num_tokens: Any, source: str) -> LatencyProfile:
     keys = ("prefill", "decoding_smallbs", "decoding_largebs")
-    if not isinstance(raw, dict) or any(k not in raw for k in keys + ("decoding_large_small_bs_threshold",)):
+    missing = [k for k in keys + ("decoding_large_small_bs_threshold",) if not isinstance(raw, dict) or k not in raw]
+    if missing:
+        lacks = f"lacks {', '.join(missing)}" if isinstance(raw, dict) else "is not a JSON object"
         raise ValueError(
-            f"latency profile {source} must be a JSON object with {', '.join(keys)} (each [a, b, c]) and "
-            "decoding_large_small_bs_threshold"
+            f"latency profile {source} {lacks}: it must be a JSON object with {', '.join(keys)} (each [a, b, c]) "
+            "and decoding_large_small_bs_threshold"
         )
     coeffs = []
     for key in keys:
@@ -112,10 +117,11 @@ def _profile(name: str, raw: Any, max_num_tokens: Any, source: str) -> LatencyPr
     threshold = raw["decoding_large_small_bs_threshold"]
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
         raise ValueError(f"latency profile {source}: decoding_large_small_bs_threshold must be an integer >= 1")
-    if max_num_tokens is not None and (isinstance(max_num_tokens, bool) or not isinstance(max_num_tokens, int)
-                                       or max_num_tokens < 1):
-        raise ValueError(f"latency profile {source}: max_num_tokens must be an integer >= 1 or absent")
-    return LatencyProfile(name, coeffs[0], coeffs[1], coeffs[2], threshold, max_num_tokens)
+    kv_bytes = raw.get("kv_bytes_per_token")
+    for key, value in (("max_num_tokens", max_num_tokens), ("kv_bytes_per_token", kv_bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"latency profile {source}: {key} must be an integer >= 1 or absent, got {value!r}")
+    return LatencyProfile(name, coeffs[0], coeffs[1], coeffs[2], threshold, max_num_tokens, kv_bytes)
 
 
 def _finite(value: Any) -> bool:

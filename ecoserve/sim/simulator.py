@@ -141,7 +141,8 @@ class _Seq:
                  blocks: int, cap: int | None, req: Request) -> None:
         self.worker, self.rid, self.prompt, self.target, self.max_tokens = worker, rid, prompt, target, max_tokens
         self.produced, self.joined, self.blocks, self.cap, self.req = produced, 0, blocks, cap, req
-        self.version, self.active, self.host_blocks, self.mode = 0, False, 0, None
+        self.version, self.active, self.host_blocks = 0, False, 0
+        self.mode: str | None = None
         self.near_for = -1  # the prediction it was last reported near
         self.rejoined = False
         self.count: TokenCount = req.output_token_ids  # type: ignore[assignment]
@@ -154,6 +155,10 @@ class _Seq:
         if self.active:
             self.produced += self.worker.steps - self.joined
             self.joined = self.worker.steps
+
+    def blocks_for_next_exceeds(self) -> bool:
+        """Whether the token the next step writes needs another block."""
+        return self.worker.blocks_for(self.prompt + self.produced) > self.blocks
 
     def detach(self) -> None:
         self.sync()
@@ -602,13 +607,6 @@ class SimWorker:
         return out
 
 
-def _blocks_for_next_exceeds(seq: _Seq) -> bool:
-    return seq.worker.blocks_for(seq.prompt + seq.produced) > seq.blocks
-
-
-_Seq.blocks_for_next_exceeds = _blocks_for_next_exceeds  # type: ignore[attr-defined]
-
-
 # --- the simulator ---------------------------------------------------------------------------------
 
 
@@ -684,6 +682,11 @@ class Simulator:
         self.extend_ahead = policy.extend_ahead
         self.schedule_calls = 0
         self.n_events = 0
+        self.misses = 0  # requests certainly past their SLOs (this run)
+        self.end_s = 0.0  # when the last request ended
+        self.slo_ttft_ms: float | None = None
+        self.slo_tpot_ms: float | None = None
+        self.prompt_tokens: Sequence[Sequence[int]] | None = None
         self.kv_samples: list[tuple[float, int, int, int]] = []
 
     # --- plumbing ------------------------------------------------------------------------------------
@@ -709,7 +712,8 @@ class Simulator:
             if (self.slo_ttft_ms is not None and msg.ttft_ms > self.slo_ttft_ms) or (
                     self.slo_tpot_ms is not None and msg.tpot_ms > self.slo_tpot_ms):
                 self.misses += 1
-        elif isinstance(msg, p.ErrorReply):
+        elif isinstance(msg, p.ErrorReply) and msg.request_id in self.meta:
+            assert msg.request_id is not None
             arrival, prompt, _ = self.meta.pop(msg.request_id)
             self.results[msg.request_id] = RequestResult(arrival, prompt, 0, math.inf, math.inf, math.inf, "error", 0)
             self.misses += 1
@@ -744,17 +748,21 @@ class Simulator:
 
     def run(self, workload: Iterable[WorkloadRequest], slo_ttft_ms: float | None = None,
             slo_tpot_ms: float | None = None, progress: Callable[[int], None] | None = None,
-            max_sim_s: float = math.inf, miss_allowance: int | None = None) -> SimResult:
+            max_sim_s: float = math.inf, miss_allowance: int | None = None,
+            prompt_tokens: Sequence[Sequence[int]] | None = None) -> SimResult:
         """Run every request to its end. With `miss_allowance`, stop once more requests than that
         have certainly missed their SLOs (finished late, or still without a first token past
-        their TTFT bound): the bisection then knows the attainment goal is out of reach."""
+        their TTFT bound): the bisection then knows the attainment goal is out of reach.
+        `prompt_tokens[i]`, when given, is request i's prompt (a predictor that reads the prompt
+        needs it); otherwise prompts are placeholders of the right length."""
+        self.prompt_tokens = prompt_tokens
         self.slo_ttft_ms, self.slo_tpot_ms = slo_ttft_ms, slo_tpot_ms
         self.misses = 0
         self.end_s = 0.0
         stopped = False
         n = 0
-        for i, w in enumerate(workload):
-            self._push(w.arrival_s, _ARRIVAL, (f"r{i}", w))
+        for i, item in enumerate(workload):
+            self._push(item.arrival_s, _ARRIVAL, (f"r{i}", item))
             n += 1
         if n and self.sample_every_s > 0:
             self._push(0.0, _SAMPLE, None)
@@ -776,7 +784,8 @@ class Simulator:
                     if not payload.busy:
                         self.start_step(payload)
                 elif kind == _ARRIVAL:
-                    self._arrive(*payload, slo_ttft_ms, slo_tpot_ms)
+                    arrival_id, item = payload
+                    self._arrive(arrival_id, item, slo_ttft_ms, slo_tpot_ms)
                 elif kind == _TRANSFER:
                     src, dst, rid = payload
                     if rid in src.held:
@@ -817,8 +826,9 @@ class Simulator:
         return SimResult(results, self.end_s, counters, self.kv_samples, self.schedule_calls, self.n_events, busy, stopped)
 
     def _arrive(self, rid: str, w: WorkloadRequest, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> None:
+        prompt = list(self.prompt_tokens[int(rid[1:])]) if self.prompt_tokens is not None else [1] * w.prompt_len
         req = Request(
-            request_id=rid, client=b"sim", client_request_id=rid, prompt_token_ids=[1] * w.prompt_len,
+            request_id=rid, client=b"sim", client_request_id=rid, prompt_token_ids=prompt,
             max_tokens=w.output_len, temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=[],
             ignore_eos=False, stream=False, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, arrival=self.now,
             output_token_ids=TokenCount(),  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ecoserve import protocol as p
-from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
+from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry, worker_identity
 
 
 def make_registration(rank: int = 0, role: str = "prefill", **overrides: object) -> p.RegisterWorker:
@@ -49,3 +49,16 @@ def test_strangers_are_refused() -> None:
     assert reg.register(make_registration(0)) is None
     assert "already registered" in (reg.register(make_registration(0)) or "")
     assert list(reg.views) == [0]
+
+
+def test_only_the_ranks_own_socket_registers_and_speaks_for_it() -> None:
+    reg = make_registry()
+    assert "wrong cluster secret" in (reg.register(make_registration(0, secret="s3cre"), worker_identity(0)) or "")
+    assert "must register from its own control socket (routing id b'rank-0')" in (
+        reg.register(make_registration(0), b"rank-1") or ""
+    )
+    assert reg.rank_of(worker_identity(0)) is None, "nothing registered yet"
+    assert reg.register(make_registration(0), worker_identity(0)) is None
+    assert reg.rank_of(b"rank-0") == 0
+    for stranger in (b"rank-1", b"rank-00", b"rank-", b"rank-0 ", b"stray", b"rank-" + b"9" * 40, b"\xff" * 255):
+        assert reg.rank_of(stranger) is None, stranger

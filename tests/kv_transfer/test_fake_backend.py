@@ -359,3 +359,38 @@ def test_compat_record_describes_the_cache() -> None:
     )
     assert record.block_size == BLOCK_SIZE
     record.check_compatible(receiver.compat_record("tiny"), "rank 1")
+
+
+def test_abort_peer_fails_that_peer_s_transfers_and_leaves_the_others_alone() -> None:
+    hub, _, receiver = make_workers(max_in_flight_per_pair=1)
+    other = KVTransferWorker(FakeBackend(hub, 2), make_cache(2), 2)
+    plans = [TransferPlan("r0", SRC, DST, seq_no=0, num_tokens=8), TransferPlan("r1", SRC, DST, seq_no=1, num_tokens=8)]
+    kept = TransferPlan("k", 2, DST, seq_no=0, num_tokens=8)
+    blocks = allocate_blocks([2, 2, 2], seed=30)
+    # 1. r0 is posted (its sender never shows up), r1 queued behind it; k comes from rank 2
+    for plan, (_, dst_ids) in zip(plans + [kept], blocks):
+        receiver.recv(plan, dst_ids)
+    receiver.poll()
+    assert receiver.state("r0") is IN_FLIGHT and receiver.state("r1") is QUEUED
+    # 2. rank 0 is lost: both its transfers fail with the reason; the queued one is never posted
+    receiver.abort_peer(SRC, "peer rank 0 was lost")
+    updates = receiver.poll()
+    assert {(u.request_id, u.state, u.message) for u in updates if u.request_id != "k"} == {
+        ("r0", TransferState.FAILED, "peer rank 0 was lost"), ("r1", TransferState.FAILED, "peer rank 0 was lost")}
+    assert not receiver.ops_outstanding("r1") and receiver.ops_outstanding("r0")
+    # 3. the dead peer's connection closes: the posted op fails, and its blocks may be freed
+    for (src, _, _), queue in hub._recvs.items():
+        for handle in queue if src == SRC else ():
+            handle.error = "Connection closed by peer"
+    receiver.poll()
+    assert not receiver.ops_outstanding("r0")
+    # 4. the other pair is untouched
+    other.send(kept, blocks[2][0])
+    poll_all(other, receiver)
+    assert receiver.state("k") is DONE and other.state("k") is DONE
+    assert_blocks_equal(other.kv_cache, blocks[2][0], receiver.kv_cache, blocks[2][1])
+    for rid in ("r0", "r1", "k"):
+        receiver.forget(rid)
+    other.forget("k")
+    receiver.assert_no_leaks()
+    other.assert_no_leaks()

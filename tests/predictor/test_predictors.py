@@ -77,7 +77,7 @@ def test_histogram_forgets_beyond_its_window() -> None:
 
 
 def test_unknown_predictor_and_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"unknown predictor 'gpt'; choose one of \['fixed', 'histogram', 'oracle', 'oracle-noisy'\]"):
+    with pytest.raises(ValueError, match=r"unknown predictor 'gpt'; choose one of \['fixed', 'histogram', 'learned', 'oracle', 'oracle-noisy'\]"):
         make_predictor("gpt")
     with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\]"):
         HistogramPredictor(quantile=0)

@@ -6,7 +6,8 @@ requests queue for KV, so the runtime's waiting paths are exercised, not just th
 A separate test forces preemption by recompute on the decode worker. Under `--policy
 ecoserve` the tokens are the same too, and a forced under-prediction run preempts by swap and
 by recompute for real (KV copied to the host swap space and back, or dropped and recomputed)
-and still returns exactly the reference tokens, with every block and reservation released.
+and still returns exactly the reference tokens, with every block and reservation released; two
+requests sent ahead of the others make that preemption certain, whatever the timing.
 """
 
 from __future__ import annotations
@@ -62,17 +63,29 @@ def reference(model: str) -> list[list[int]]:
     return outs
 
 
-async def serve_all(addr: str, model: str) -> tuple[list[Completion], dict[str, float]]:
+async def serve_all(
+    addr: str, model: str, first: tuple[int, ...] = ()
+) -> tuple[list[Completion], dict[str, float]]:
+    """All sixteen concurrently; the completions come back in index order. The requests in
+    `first` are sent before the others, which follow once none of them waits for prefill (each
+    was dispatched to prefill, so a reserving policy has reserved its decode memory)."""
     async with await AsyncClient.connect(addr, timeout=30) as client:
-        done = list(await asyncio.gather(*(
-            client.generate(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True), timeout=300)
-            for p, m in zip(prompts(model), MAX_TOKENS)
-        )))
+        def send(i: int) -> asyncio.Task[Completion]:
+            params = SamplingParams(max_tokens=MAX_TOKENS[i], temperature=0, ignore_eos=True)
+            return asyncio.ensure_future(client.generate(prompts(model)[i], params, timeout=300))
+
+        tasks = {i: send(i) for i in first}
+        if first:
+            await asyncio.sleep(0)  # the tasks send their requests before the stats call below
+            while (await client.stats())["queue_waiting_prefill"] > 0:
+                await asyncio.sleep(0.01)
+        tasks |= {i: send(i) for i in range(len(PROMPT_LENS)) if i not in tasks}
+        done = list(await asyncio.gather(*(tasks[i] for i in range(len(PROMPT_LENS)))))
         return done, await client.stats()
 
 
-def check(addr: str, model: str) -> dict[str, float]:
-    completions, stats = asyncio.run(serve_all(addr, model))
+def check(addr: str, model: str, first: tuple[int, ...] = ()) -> dict[str, float]:
+    completions, stats = asyncio.run(serve_all(addr, model, first))
     expected = reference(model)
     for i, (done, want) in enumerate(zip(completions, expected)):
         assert done.token_ids == want, f"request {i} ({PROMPT_LENS[i]}-token prompt) diverged"
@@ -175,21 +188,37 @@ def test_ecoserve_greedy_matches_offline_and_transformers_on_smollm2(cluster) ->
     assert stats["predicted"] == 16 and stats["preemptions"] == 0
 
 
+# Requests 14 and 6 (80- and 70-token prompts, 19 and 20 tokens): sent first, they hold decode
+# reservations together that leave no room for the last extension either one needs.
+PREEMPTING_PAIR = (14, 6)
+
+
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_forced_under_prediction_preempts_and_keeps_tokens_exact(cluster, mode: str) -> None:  # type: ignore[no-untyped-def]
     """Every request predicted to produce 4 tokens (buckets 4, 8, 16, 32): all of them overrun,
-    extensions run out of room on a 12-block decode pool, and victims are preempted by `mode`
-    for real (KV copied to a 64-block host swap space and back, or dropped and recomputed),
-    resumed, and still produce exactly the reference tokens."""
+    extensions run out of room on the decode worker, and victims are preempted by `mode` for
+    real (KV copied to the host swap space and back, or dropped and recomputed), resumed, and
+    still produce exactly the reference tokens.
+
+    At least one preemption, whatever the timing. Blocks are 4 tokens (a request's KV stops at
+    most 3 tokens past its reservation until it is extended) and the ledger plans 42 of the 48
+    (margin 1/8). The pair goes first and the others once both are dispatched; the second waits
+    for the prefill queue (2 x 64 tokens) to empty, so both are reserved before either decodes:
+    at 4 tokens each, 1 + 84/4 + 1 + 74/4 = 41.5 blocks of ledger bound. Neither can end
+    without its last extension (16 -> 19 or 20 tokens: a 16-token reservation stops it at 17 or
+    19), tried from its 12th token on, when the two bounds come to at least
+    2 + (150 + 11)/4 = 42.25 blocks: refused while the other holds its reservation. So one of
+    the two is preempted before either ends (and, not having ended, is preempted by its worker).
+    """
     model = "tiny-llama"
     reference(model)
     options = (
         "--policy", "ecoserve", "--predictor", "fixed", "--predictor-option", "length=4",
-        "--policy-option", "buckets=[4,8,16,32]", "--policy-option", "margin=0", "--policy-option", f"preempt_mode={mode}",
-        "--num-blocks", "12", "--num-host-blocks", "64", "--max-num-batched-tokens", "64",
+        "--policy-option", "buckets=[4,8,16,32]", "--policy-option", "margin=0.125", "--policy-option", f"preempt_mode={mode}",
+        "--block-size", "4", "--num-blocks", "48", "--num-host-blocks", "256", "--max-num-batched-tokens", "64",
     )
     with cluster(model, 1, 1, 0, *options) as addr:
-        stats = check(addr, model)
+        stats = check(addr, model, PREEMPTING_PAIR)
     print({k: v for k, v in stats.items() if "preempt" in k or "extension" in k})
     assert stats["under_predicted"] == sum(1 for m in MAX_TOKENS if m > 4)
     assert stats["extensions"] > 0

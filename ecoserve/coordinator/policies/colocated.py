@@ -31,14 +31,14 @@ class VLLMPolicy(BasePolicy):
         queued = {w.rank: w.queued_prefill_tokens for w in workers}
         free = {w.rank: self._room(w) for w in workers}
         for req in state.waiting:
-            need = self._need(req.num_prompt_tokens, req.max_tokens, workers[0])
-            fits = [w for w in workers if free[w.rank] >= need and self._queue_ok(w, queued[w.rank], req.num_prompt_tokens)]
+            need = self._need(req.num_prefill_tokens, req.max_tokens, workers[0])
+            fits = [w for w in workers if free[w.rank] >= need and self._queue_ok(w, queued[w.rank], req.num_prefill_tokens)]
             if not fits:
                 return out  # FCFS: the head waits, so does everyone behind it
             w = min(fits, key=lambda v: (queued[v.rank] / v.token_budget, v.rank))
             reserve = need if self.reserve_max_tokens else 0
             out.prefills.append(DispatchPrefill(req.request_id, w.rank, decode_locally=True, reserve_blocks=reserve))
-            queued[w.rank] += req.num_prompt_tokens
+            queued[w.rank] += req.num_prefill_tokens
             free[w.rank] -= need
         return out
 

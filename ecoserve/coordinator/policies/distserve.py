@@ -44,13 +44,13 @@ class DistServePolicy(BasePolicy):
         queued = {w.rank: w.queued_prefill_tokens for w in targets}
         avail = {w.rank: w.available_blocks for w in targets}
         for req in state.waiting:
-            fits = [w for w in targets if self._can_take(w, req.num_prompt_tokens, queued[w.rank], avail[w.rank])]
+            fits = [w for w in targets if self._can_take(w, req.num_prefill_tokens, queued[w.rank], avail[w.rank])]
             if not fits:
                 return  # FCFS: the head waits, so does everyone behind it
             w = min(fits, key=lambda v: (queued[v.rank] / v.token_budget, v.rank))
             out.prefills.append(DispatchPrefill(req.request_id, w.rank, decode_locally=w.role == "mixed"))
-            queued[w.rank] += req.num_prompt_tokens
-            avail[w.rank] -= w.blocks_for(req.num_prompt_tokens + (1 if w.role == "mixed" else 0))
+            queued[w.rank] += req.num_prefill_tokens
+            avail[w.rank] -= w.blocks_for(req.num_prefill_tokens + (1 if w.role == "mixed" else 0))
 
     def _can_take(self, w: WorkerView, prompt: int, queued: int, avail: int) -> bool:
         need = w.blocks_for(prompt + (1 if w.role == "mixed" else 0))
@@ -65,7 +65,7 @@ class DistServePolicy(BasePolicy):
         for req in state.kv_waiting:
             assert req.prefill_rank is not None
             best = max(decoders, key=lambda v: (avail[v.rank], -v.rank))
-            need = best.blocks_for(req.num_prompt_tokens)
+            need = best.blocks_for(req.num_prefill_tokens)
             reserve = int(self.headroom * best.num_blocks)
             if avail[best.rank] < need or (avail[best.rank] < need + reserve and not idle[best.rank]):
                 return  # FCFS

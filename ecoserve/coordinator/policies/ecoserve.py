@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 from ecoserve.coordinator.ledger import Shape, Timeline, pending_shape, shape_max
 from ecoserve.coordinator.policy import (
@@ -81,7 +81,7 @@ class CostModel:
 @dataclass(frozen=True)
 class EcoServeConfig:
     predictor: str = "histogram"
-    predictor_options: dict[str, float] = field(default_factory=dict)
+    predictor_options: dict[str, Any] = field(default_factory=dict)  # e.g. quantile, path (learned)
     buckets: BucketScheme = field(default_factory=BucketScheme)
     margin: float = 0.05  # share of each decode pool the timeline keeps free
     start_delay: int = 32  # decode steps a reserved cohort may take to start (widened as observed)
@@ -183,7 +183,8 @@ class EcoServePolicy(BasePolicy):
         return BucketQueues()
 
     def on_admit(self, req: Request) -> None:
-        pred = self.predictor.predict(PredictionQuery(req.num_prompt_tokens, req.max_tokens, req.true_length))
+        query = PredictionQuery(req.num_prompt_tokens, req.max_tokens, req.true_length, req.prompt_token_ids)
+        pred = self.predictor.predict(query)
         req.raw_prediction = pred.length
         req.predicted_tokens = pred.bucket if self.config.rl_buckets else pred.length
 
@@ -208,22 +209,22 @@ class EcoServePolicy(BasePolicy):
     def _transfers(self, state: SchedulerState, r: _Round, out: Decisions) -> None:
         queue = list(state.kv_waiting)
         if self.config.ordering:
-            queue.sort(key=lambda q: -q.num_prompt_tokens)
+            queue.sort(key=lambda q: -q.num_prefill_tokens)
         for req in queue:
             assert req.prefill_rank is not None and req.predicted_tokens is not None
             if req.decode_rank is None:  # exact allocation off: reserve now that the KV exists
                 h = req.predicted_tokens
-                w = r.place([(req.request_id, req.num_prompt_tokens)], h, req.slo_tpot_ms, physical=True)
+                w = r.place([(req.request_id, req.num_prefill_tokens)], h, req.slo_tpot_ms, physical=True)
                 if w is None:
                     break  # FCFS among prompts waiting for decode memory
-                out.reservations.append(Reserve(w.rank, h, ((req.request_id, req.num_prompt_tokens),)))
+                out.reservations.append(Reserve(w.rank, h, ((req.request_id, req.num_prefill_tokens),)))
                 rank = w.rank
             else:
                 rank = req.decode_rank
                 if rank not in r.decoders:
-                    continue  # its worker is lost: the lifecycle fails the request
+                    continue  # its worker is lost: the lifecycle retries the request
             w = r.decoders[rank]
-            out.transfers.append(StartTransfer(req.request_id, req.prefill_rank, rank, w.blocks_for(req.num_prompt_tokens)))
+            out.transfers.append(StartTransfer(req.request_id, req.prefill_rank, rank, w.blocks_for(req.num_prefill_tokens)))
 
     def _mispredictions(self, state: SchedulerState, r: _Round, out: Decisions) -> set[int]:
         """Extend requests close to their reservation; preempt victims where that does not fit.
@@ -366,15 +367,15 @@ class EcoServePolicy(BasePolicy):
             tokens = 0
             head = cur.head
             while head is not None and len(group) < (c.max_cohort if c.rl_buckets else 1):
-                p = head.num_prompt_tokens
+                p = head.num_prefill_tokens
                 if group and (tokens + p > room[pw.rank] or pw.blocks_for(tokens + p) + len(group) > avail[pw.rank]):
                     break
                 group.append(head)
                 tokens += p
                 head = cur.peek(len(group))
-            if pw.blocks_for(group[0].num_prompt_tokens) > avail[pw.rank]:
+            if pw.blocks_for(group[0].num_prefill_tokens) > avail[pw.rank]:
                 return  # the prefill worker's pool is full: wait for it to send KV on
-            if group[0].num_prompt_tokens > room[pw.rank] and not idle[pw.rank]:
+            if group[0].num_prefill_tokens > room[pw.rank] and not idle[pw.rank]:
                 return  # a prompt longer than the room left waits for an idle prefill worker
             placed = self._reserve(group, bucket, r, out)
             if placed == 0:
@@ -382,8 +383,8 @@ class EcoServePolicy(BasePolicy):
             for req in group[:placed]:
                 cur.pop()
                 out.prefills.append(DispatchPrefill(req.request_id, pw.rank, decode_locally=False))
-                room[pw.rank] -= req.num_prompt_tokens
-                avail[pw.rank] -= pw.blocks_for(req.num_prompt_tokens)
+                room[pw.rank] -= req.num_prefill_tokens
+                avail[pw.rank] -= pw.blocks_for(req.num_prefill_tokens)
             idle[pw.rank] = False
 
     def _reserve(self, group: list[Request], horizon: int, r: _Round, out: Decisions) -> int:
@@ -393,7 +394,7 @@ class EcoServePolicy(BasePolicy):
         slo = min((q.slo_tpot_ms for q in group if q.slo_tpot_ms), default=None)
         n = len(group)
         while n >= 1:
-            members = [(q.request_id, q.num_prompt_tokens) for q in group[:n]]
+            members = [(q.request_id, q.num_prefill_tokens) for q in group[:n]]
             w = r.place(members, horizon, slo)
             if w is not None:
                 out.reservations.append(Reserve(w.rank, horizon, tuple(members)))
@@ -527,9 +528,9 @@ class _Round:
 
     def blocks_delta(self, req: Request, new_total: int) -> int:
         w = self.decoders[req.decode_rank]  # type: ignore[index]
-        kv = req.num_prompt_tokens
+        kv = req.num_prefill_tokens
         return w.blocks_for(kv + new_total) - w.blocks_for(kv + (req.predicted_tokens or 0))
 
     def exact_blocks_of(self, req: Request) -> int:
         w = self.decoders[req.decode_rank]  # type: ignore[index]
-        return w.blocks_for(req.num_prompt_tokens + (req.predicted_tokens or 0))
+        return w.blocks_for(req.num_prefill_tokens + (req.predicted_tokens or 0))

@@ -1,0 +1,331 @@
+"""`ecoserve profile`: measure our own engine's step times and fit a latency profile in
+DistServe's form (bench/profile_fit.py fits), for the simulator and the sim engine.
+
+Each sample is one `LLMEngine.step()` (schedule, prepare, forward, sample: a worker's step)
+with the KV pool, block size and torch threads a serving worker gets (`--threads` defaults to
+cores / 2: what `serve` gives each of its default 1 prefill + 1 decode workers). A prefill
+batch is whole prompts queued together and admitted in one step; a decode batch is sequences
+whose context is already in the pool, set up as a decode worker sets up a request once its KV
+has arrived. The grid (profile_fit.make_grid) runs prompts of 16 .. `--max-len` tokens alone
+and in batches of up to `--max-len` tokens, and decode batches of 1 .. `--max-batch` at three
+context lengths, uniform and spread (the torch decode path pads every sequence to the longest).
+Points are timed in `--repeats` rounds, every point once a round, so load drifting on a shared
+machine hits them alike; each keeps its median. A decode batch is set up afresh each round and
+times one step (in the first round, after an untimed one).
+
+On the CPU with one thread, steps are timed by this thread's CPU time (`--clock auto`): all of
+a step's work runs on it, so on a quiet machine it equals the wall time, and on a busy one it
+does not grow with the time other processes hold the core (one on the same physical core
+still slows it some). The JSON loads with
+`ecoserve.sim.latency.load_profile`; its other keys say how it was measured. No torch at
+import: the CLI imports `add_arguments` while it builds its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from ecoserve.bench.profile_fit import (
+    MIN_LEN, DecodeFit, DecodeSample, Fit, Grid, PrefillSample, fit_decode, fit_prefill, make_grid,
+)
+
+if TYPE_CHECKING:
+    from ecoserve.engine.llm_engine import LLMEngine
+
+QUICK = dict(max_len=256, max_batch=16, repeats=3)  # --quick
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Everything but the model options (cli._add_model_args)."""
+    p.add_argument("--out", required=True, help="write the profile here (.json; folders are created)")
+    p.add_argument(
+        "--max-len", type=int, default=512,
+        help="longest prompt and decode context, and the most tokens in a prefill batch",
+    )
+    p.add_argument("--max-batch", type=int, default=128, help="largest decode batch (and prefill batch)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each grid point (the median is kept)")
+    p.add_argument("--threshold", type=int, default=None, help="fix the decode small/large batch threshold")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: ECOSERVE_NUM_THREADS or cores/2)")
+    p.add_argument(
+        "--clock", default="auto", choices=["auto", "wall", "cpu"],
+        help="time steps by the wall clock, or by this thread's CPU time (CPU, 1 thread: immune to other processes "
+        "on a busy machine); auto: cpu when profiling the CPU with 1 thread, else wall",
+    )
+    p.add_argument("--quick", action="store_true", help="a small grid for tests: max-len 256, max-batch 16, 3 repeats")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: from --kv-cache-gib)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=None, help="KV pool = this share of free GPU memory")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV pool size (when neither of the above)")
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+class StepTimer:
+    """Times `engine.step()` on batches built the way the prefill and decode workers build them.
+
+    `cpu_clock` times by this thread's CPU time instead of the wall clock: with one torch thread
+    on the CPU all of a step's work runs on this thread, so on a quiet machine the two agree,
+    and on a busy one (other processes taking turns on the cores) only the wall time grows.
+    Every step also records the share of its wall time the process spent on the CPU.
+    """
+
+    def __init__(self, engine: LLMEngine, threads: int, cpu_clock: bool = False) -> None:
+        import torch
+
+        self.engine = engine
+        self.cuda = engine.device == "cuda"
+        self._sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self._ids = itertools.count()
+        self.threads, self.cpu_clock = threads, cpu_clock
+        self.cpu_shares: list[float] = []  # process CPU time / (wall time · threads), per timed step
+
+    def _prompt(self, n: int) -> list[int]:
+        start, vocab = next(self._ids) * 7919, self.engine.spec.vocab_size
+        return [3 + (start + i) % (vocab - 3) for i in range(n)]
+
+    def _timed_step(self) -> float:
+        self._sync()
+        wall, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+        self.engine.step()
+        self._sync()
+        wall, cpu, thread = time.perf_counter() - wall, time.process_time() - cpu, time.thread_time() - thread
+        if not self.cuda:
+            self.cpu_shares.append(cpu / (wall * self.threads))
+        return (thread if self.cpu_clock else wall) * 1e3
+
+    def prefill(self, lens: list[int]) -> float:
+        """One step prefilling whole prompts of `lens` tokens; each finishes on its first token."""
+        from ecoserve.engine.sampling_params import SamplingParams
+
+        eng, params = self.engine, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        rids = [f"profile-{next(self._ids)}" for _ in lens]
+        for rid, n in zip(rids, lens):
+            eng.add_request(rid, self._prompt(n), params)
+        ms = self._timed_step()
+        if eng.last_num_scheduled_tokens != sum(lens) or eng.has_unfinished():
+            raise RuntimeError(f"the engine did not prefill {lens} in one step; raise its token budget or batch size")
+        for rid in rids:
+            eng.pop_finished(rid)
+        return ms
+
+    def decode(self, ctxs: list[int], warmup: bool = False) -> DecodeSample:
+        """One timed decode step (after an untimed one if `warmup`) over sequences holding
+        `ctxs` tokens of KV, set up as a decode worker sets up a request whose KV has arrived."""
+        from ecoserve.engine.sampling_params import SamplingParams
+
+        eng, params = self.engine, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        seqs = []
+        for n in ctxs:
+            seq = eng.new_sequence(f"profile-{next(self._ids)}", self._prompt(n), params)
+            seq.block_table.ensure_capacity(n, eng.pool)
+            seq.output_token_ids.append(self._prompt(1)[0])  # the first token, from the prefill side
+            seq.num_computed_tokens = n
+            eng.scheduler.add_running(seq)
+            seqs.append(seq)
+        for _ in range(1 + warmup):
+            ctx = [s.num_computed_tokens + 1 for s in seqs]  # the keys attention reads this step
+            ms = self._timed_step()
+            if eng.last_num_scheduled_tokens != len(ctxs):
+                raise RuntimeError(f"the engine did not decode all {len(ctxs)} sequences in one step")
+        for s in seqs:
+            eng.release(s.request_id)
+        return DecodeSample(len(ctx), sum(ctx), max(ctx), ms)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def writable_json_path(out: str) -> Path:
+    """`out` as a Path, its folder created; ValueError naming the problem when it cannot be written."""
+    path = Path(out).expanduser()
+    if path.suffix != ".json":
+        raise ValueError(f"--out must name a .json file (load_profile reads profiles by that suffix), got {out!r}")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        problem = exc.strerror or str(exc)
+        raise ValueError(f"cannot write the profile to {out}: {problem}; give --out a writable path") from None
+    if not existed:
+        path.unlink()  # leave nothing behind if the run fails
+    return path
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    if args.quick:
+        settings.update(QUICK)
+    for key in ("max_len", "max_batch", "repeats"):
+        if settings[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
+    if settings["threads"] is None:
+        from ecoserve.envs import num_threads
+
+        settings["threads"] = num_threads() or max(1, (os.cpu_count() or 1) // 2)
+    elif settings["threads"] < 1:
+        raise ValueError(f"--threads must be >= 1, got {settings['threads']}")
+    return settings
+
+
+def _clock(clock: str, device: str, threads: int) -> str:
+    if clock == "auto":
+        return "cpu" if device == "cpu" and threads == 1 else "wall"
+    if clock == "cpu" and (device != "cpu" or threads != 1):
+        raise ValueError(f"--clock cpu needs the CPU and --threads 1, got {device} and {threads}; use --clock wall")
+    return clock
+
+
+def _build_engine(s: dict[str, Any]) -> LLMEngine:
+    import torch
+
+    from ecoserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from ecoserve.engine.llm_engine import LLMEngine
+
+    config = EngineConfig(
+        model=ModelConfig(model=s["model"], dtype=s["dtype"], device=s["device"]),
+        cache=CacheConfig(
+            block_size=s["block_size"], num_blocks=s["num_blocks"], gpu_memory_fraction=s["gpu_memory_fraction"],
+            kv_cache_gib=s["kv_cache_gib"],
+        ),
+        # Room for every grid batch in one step: up to max_len prompt tokens, or max_batch decodes.
+        scheduler=SchedulerConfig(s["max_batch"], max_num_batched_tokens=max(s["max_len"], s["max_batch"])),
+    )
+    engine = LLMEngine(config)
+    torch.set_num_threads(s["threads"])
+    room = engine.max_model_len - 2
+    if s["max_len"] > room:
+        raise ValueError(f"--max-len {s['max_len']} leaves no room to decode in the model's context: at most {room}")
+    return engine
+
+
+class Samples(NamedTuple):
+    prefill: list[PrefillSample]
+    decode: list[DecodeSample]
+
+
+def measure(timer: StepTimer, grid: Grid, repeats: int) -> Samples:
+    """Median step times over the grid, with a progress bar per phase."""
+    from tqdm.auto import tqdm
+
+    warm = [min(MIN_LEN, grid.prefill[0][0])] * min(2, len(grid.decode[-1]))
+    timer.prefill(warm)  # warm-up: thread pools, allocator, first-call paths
+    timer.decode(warm, warmup=True)
+    # Rounds, every point once a round: load drifting on a shared machine hits every point alike.
+    times: list[list[float]] = [[] for _ in grid.prefill]
+    with tqdm(total=len(grid.prefill) * repeats, desc="prefill steps", unit="step") as bar:
+        for _ in range(repeats):
+            for i, lens in enumerate(grid.prefill):
+                times[i].append(timer.prefill(lens))
+                bar.update()
+    prefill = [
+        PrefillSample(len(lens), sum(lens), sum(n * n for n in lens), float(np.median(t)))
+        for lens, t in zip(grid.prefill, times)
+    ]
+    steps: list[list[DecodeSample]] = [[] for _ in grid.decode]
+    with tqdm(total=len(grid.decode) * repeats, desc="decode steps", unit="step") as bar:
+        for r in range(repeats):
+            for i, ctxs in enumerate(grid.decode):
+                steps[i].append(timer.decode(ctxs, warmup=r == 0))  # a new shape's first step is untimed
+                bar.update()
+    decode = [sorted(st, key=lambda x: x.ms)[len(st) // 2] for st in steps]  # the median step, with its Σctx
+    return Samples(prefill, decode)
+
+
+def device_description(engine: LLMEngine, threads: int) -> str:
+    from ecoserve.bench.report import machine_info
+
+    info = machine_info()
+    if engine.device == "cuda":
+        return f"{info.get('gpu', 'a CUDA GPU')}"
+    return f"{info['cpu']} ({info['logical_cpus']} logical CPUs, {threads} torch thread{'s' * (threads > 1)})"
+
+
+def profile_document(
+    engine: LLMEngine, s: dict[str, Any], pf: Fit, dec: DecodeFit, samples: Samples, run_s: float,
+) -> dict[str, Any]:
+    """The profile (load_profile's keys first), then how it was measured."""
+    from ecoserve.bench.report import machine_info
+
+    spec, pool = engine.spec, engine.pool
+    kv_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * engine.dtype.itemsize
+    where = device_description(engine, s["threads"])
+    summary: dict[str, Any] = {
+        "decode_threshold": dec.threshold, "run_s": round(run_s, 1), "clock": s["clock"], "cpu_share": s["cpu_share"],
+    }
+    for name, fit in (("prefill", pf), ("decoding_smallbs", dec.small), ("decoding_largebs", dec.large)):
+        summary[f"{name}_r2"], summary[f"{name}_max_rel_err"] = fit.r2, fit.max_rel_err
+        summary[f"{name}_samples"] = fit.num_samples
+    return {
+        "prefill": list(pf.coeffs),
+        "decoding_smallbs": list(dec.small.coeffs),
+        "decoding_largebs": list(dec.large.coeffs),
+        "decoding_large_small_bs_threshold": dec.threshold,
+        "max_num_tokens": pool.num_blocks * pool.block_size,
+        "kv_bytes_per_token": kv_bytes,  # K and V, all layers
+        "source": f"fitted by `ecoserve profile` on {where}, {s['clock']} clock",
+        "units": "ms; prefill over Σl and Σl² of the prompt lengths, decode over Σ(context) and batch",
+        "model": s["model"],
+        "model_id": engine.model_id,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "device": f"{engine.device}: {where}",
+        "block_size": pool.block_size,
+        "num_blocks": pool.num_blocks,
+        "token_budget": s["max_len"],  # the most prompt tokens of a measured prefill batch
+        "num_samples": {"prefill": len(samples.prefill), "decode": len(samples.decode)},
+        "summary": summary,
+        "machine": machine_info(),
+        "settings": s,
+        "samples": {"prefill": [asdict(x) for x in samples.prefill], "decode": [asdict(x) for x in samples.decode]},
+    }
+
+
+def print_fits(title: str, pf: Fit, dec: DecodeFit) -> None:
+    from ecoserve.bench.report import print_table
+
+    rows = []
+    t = dec.threshold
+    for name, fit in (("prefill", pf), (f"decode < {t}", dec.small), (f"decode >= {t}", dec.large)):
+        a, b, c = fit.coeffs
+        quality = (f"{fit.r2:.3f}", f"{fit.max_rel_err:.0%}") if fit.num_samples else ("-", "-")
+        rows.append((name, f"{a:.3g}", f"{b:.3g}", f"{c:.3g}", *quality, fit.num_samples))
+    print_table(title, ["fit", "a ms", "b", "c", "R²", "max err", "n"], rows)
+    print("prefill ms = a + b·Σl + c·Σl²; decode ms = a + b·Σctx + c·batch (below / at or above the threshold)")
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    s = _settings(args)
+    out = writable_json_path(args.out)
+    engine = _build_engine(s)
+    margin = 2 + engine.pool.block_size  # growth while decoding, block rounding
+    capacity = engine.pool.num_blocks * engine.pool.block_size
+    grid = make_grid(s["max_len"], s["max_batch"], capacity, min(MIN_LEN, s["max_len"]), margin)
+    if not grid.prefill:
+        raise ValueError(f"the KV pool ({capacity} tokens) holds no prefill batch of the grid; raise --num-blocks")
+    s["clock"] = _clock(s["clock"], engine.device, s["threads"])
+    timer = StepTimer(engine, s["threads"], cpu_clock=s["clock"] == "cpu")
+    samples = measure(timer, grid, s["repeats"])
+    s["cpu_share"] = float(np.median(timer.cpu_shares)) if timer.cpu_shares else None
+    if s["clock"] == "wall" and s["cpu_share"] is not None and s["cpu_share"] < 0.8:
+        print(
+            f"warning: this process ran only {s['cpu_share']:.0%} of the time it was timed (other processes share "
+            "the cores), so these wall times are inflated; profile on a quiet machine, or with --threads 1 --clock cpu"
+        )
+    pf, dec = fit_prefill(samples.prefill), fit_decode(samples.decode, s["threshold"])
+    doc = profile_document(engine, s, pf, dec, samples, time.perf_counter() - start)
+    out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print_fits(f"{engine.model_id}, {doc['dtype']}, {doc['device']}", pf, dec)
+    print(f"wrote {out} (KV capacity {doc['max_num_tokens']} tokens; {doc['summary']['run_s']:.0f} s)")
+    return 0

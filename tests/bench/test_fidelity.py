@@ -1,0 +1,91 @@
+"""`ecoserve bench sim-fidelity` end to end on tiny-llama: a quick profile fit, a real 1 prefill
++ 1 decode cluster and the simulator on the same handful of requests. Checks the JSON's shape
+and that both sides saw the same requests; the 20% figure is a benchmark result, not asserted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from ecoserve.bench.fidelity import add_arguments, build_requests, settings_from
+from ecoserve.bench.fidelity_report import FIGURES
+from ecoserve.cli import main
+
+NUM_REQUESTS = 5
+
+
+def test_tiny_run_compares_both_sides_on_the_same_requests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, prof = tmp_path / "fidelity.json", tmp_path / "tiny.profile.json"
+    code = main([
+        "bench", "sim-fidelity", "--model", "tiny-llama", "--fit", "--quick", "--fit-out", str(prof),
+        "--num-requests", str(NUM_REQUESTS), "--rate", "5", "--max-output-len", "12", "--num-blocks", "128",
+        "--no-progress", "--out", str(out),
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Simulator fidelity" in printed and "same requests on both sides: True" in printed
+    doc = json.loads(out.read_text())
+    s = doc["summary"]
+    assert s["same_requests"] is True
+    assert (s["num_requests"], s["measured_completed"], s["sim_completed"]) == (NUM_REQUESTS,) * 3
+    for key, _ in FIGURES:
+        measured, sim = s[f"{key}_measured_ms"], s[f"{key}_sim_ms"]
+        assert measured > 0 and sim > 0, key
+        assert s[f"{key}_error"] == pytest.approx((sim - measured) / measured)
+    assert s["max_abs_error"] == pytest.approx(max(abs(s[f"{k}_error"]) for k, _ in FIGURES))
+    assert s["within_tolerance"] == (s["max_abs_error"] <= 0.2)
+    assert s["prefill_stretch"] >= 1.0 and s["decode_stretch"] >= 1.0
+    # Both sides saw each request at its arrival time with its lengths; outputs forced in full.
+    rows = doc["requests"]
+    assert [r["index"] for r in rows] == list(range(NUM_REQUESTS))
+    for r in rows:
+        m, x = r["measured"], r["simulated"]
+        assert m["status"] == "ok" and m["output_tokens"] == x["output_tokens"] == r["output_len"]
+        assert r["prompt_len"] <= 256 and r["output_len"] <= 12  # the quick profile's range; the clip
+        assert m["ttft_ms"] > 0 and x["ttft_ms"] > 0 and m["e2e_ms"] >= m["ttft_ms"]
+    # The simulator was given the cluster's settings, and the profile the fit wrote.
+    st = doc["settings"]
+    assert (st["profile"], st["num_blocks"], st["token_budget"], st["threads"]) == (str(prof), 128, 256, 1)
+    assert json.loads(prof.read_text())["model"] == "tiny-llama"
+    assert {"prefill rank 0", "decode rank 1", "coordinator"} <= set(doc["cpu"])
+    assert doc["cpu"]["decode rank 1"]["run_s"] > 0 and doc["cpu"]["decode rank 1"]["sim_busy_s"] > 0
+    assert set(doc["ttft_split"]) == {"measured", "simulated"} and "machine" in doc
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_requests_stay_within_the_profiled_range_with_poisson_arrivals() -> None:
+    s = settings_from(parse("--num-requests", "30", "--rate", "0.5", "--max-output-len", "64"))
+    assert (s.max_prompt_len, s.token_budget, s.num_blocks, s.threads) == (512, 512, 1456, 1)  # the bundled profile's
+    reqs = build_requests(s)
+    assert len(reqs) == 30 and reqs[0].arrival_s == 0.0
+    assert all(r.prompt_len <= 512 and r.output_len <= 64 for r in reqs)
+    gaps = [b.arrival_s - a.arrival_s for a, b in zip(reqs, reqs[1:])]
+    assert all(g > 0 for g in gaps) and 0.5 < (len(gaps) / sum(gaps)) / 0.5 < 2  # about the asked rate
+    assert build_requests(s) == reqs, "seeded: the same list every time"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--model", "tiny-llama"), "no bundled profile for 'tiny-llama'"),
+    (("--rate", "0"), "--rate must be a finite number"),
+    (("--num-requests", "0"), "--num-requests must be >= 1"),
+    (("--max-prompt-len", "8", "--num-requests", "5"), "have prompts <= 8 tokens"),
+])
+def test_bad_settings_are_one_line_errors(argv: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "sim-fidelity", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_profile_of_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bundled = json.loads(Path(settings_from(parse()).profile).read_text())
+    other = tmp_path / "p.json"
+    other.write_text(json.dumps(bundled | {"model": "tiny-llama"}))
+    assert main(["bench", "sim-fidelity", "--profile", str(other)]) == 2
+    assert "was fitted on 'tiny-llama', not 'smollm2-135m'" in capsys.readouterr().err
