@@ -96,9 +96,10 @@ def model_tps(model: str) -> list[int]:
 
 def instances(layout: Layout, model: str) -> list[InstanceSpec]:
     out: list[InstanceSpec] = []
-    out += [InstanceSpec("prefill", profile_for(model, layout.tp_prefill), layout.tp_prefill)] * layout.prefill
-    out += [InstanceSpec("decode", profile_for(model, layout.tp_decode), layout.tp_decode)] * layout.decode
-    out += [InstanceSpec("mixed", profile_for(model, layout.tp_mixed), layout.tp_mixed)] * layout.mixed
+    for role, count, tp in (("prefill", layout.prefill, layout.tp_prefill), ("decode", layout.decode, layout.tp_decode),
+                            ("mixed", layout.mixed, layout.tp_mixed)):
+        if count:
+            out += [InstanceSpec(role, profile_for(model, tp), tp)] * count
     return out
 
 

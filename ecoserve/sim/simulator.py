@@ -457,12 +457,12 @@ class SimWorker:
         self.done_prefill: list[p.RunPrefill] = []
         self.pre_preempted: list[str] = []
         decode = self.role != "prefill"
-        if decode:
+        if decode and (self.arrived or self.to_resume or self.local_waiting):
             # Joining requests get room for the token this step writes (growth of those already
             # running was made at the end of the previous step).
             self._rejoin(prefill_lens, self.pre_preempted)
         n = len(self.running) if decode else 0
-        if self.role != "decode":
+        if self.role != "decode" and self.prefill_queue:
             self._take_prefill(prefill_lens, self.budget - n)
         ms = 0.0
         if prefill_lens:
@@ -519,15 +519,23 @@ class SimWorker:
         n = self.step_batch
         finished: list[tuple[str, str]] = []
         near: list[str] = []
-        resumed = [s.rid for s in self.rejoined if s.rejoined and s.active]
-        for s in self.rejoined:
-            s.rejoined = False
-        self.rejoined.clear()
+        resumed: list[str] = []
+        if self.rejoined:
+            resumed = [s.rid for s in self.rejoined if s.rejoined and s.active]
+            for s in self.rejoined:
+                s.rejoined = False
+            self.rejoined.clear()
         preempted = self.pre_preempted
         if n:
             self.steps += 1
             self.sum_ctx += n
             heap = self.heap
+            if not heap or heap[0][0] > self.steps:  # the common step: nothing happens to anyone
+                view = sim.views[self.rank]
+                view.decode_steps, view.free_blocks = self.steps, self.free
+                if preempted or resumed:
+                    sim.to_coordinator(DecodeProgress(self.rank, finished, resumed, preempted, near))
+                return
             due: list[_Seq] = []
             while heap and heap[0][0] <= self.steps:
                 _, _, rid, version = heapq.heappop(heap)
@@ -804,8 +812,11 @@ class Simulator:
                 self.dirty = False
                 for w in self.workers:
                     self.views[w.rank].free_blocks = w.free
-                self.schedule_calls += 1
-                lc.schedule()  # workers given work start their steps as they handle it
+                # A round with every queue empty decides nothing (no policy acts without a waiting
+                # prompt, KV, extension or resume), so it is skipped.
+                if lc.waiting or lc.kv_waiting or lc.near_limit or lc.preempted:
+                    self.schedule_calls += 1
+                    lc.schedule()  # workers given work start their steps as they handle it
             if sampled:
                 sampled = False
                 if any(e[2] != _SAMPLE for e in self.events) or any(w.busy for w in self.workers):
