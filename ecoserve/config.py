@@ -174,10 +174,16 @@ class CoordinatorConfig:
     # Times a request goes back to the queue after losing its worker or its KV transfer before
     # it fails with an error naming the lost ranks (0: fail at once).
     max_retries: int = 2
+    # A request whose KV transfer failed waits this long before it is queued again: a peer that
+    # died fails transfers at once, and this is the time to notice the death before a retry is
+    # placed on it again.
+    retry_backoff_s: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ValueError(f"max_retries must be an integer >= 0 (0: never retry), got {self.max_retries!r}")
+        if not 0 <= self.retry_backoff_s < float("inf"):
+            raise ValueError(f"retry_backoff_s must be a number of seconds >= 0, got {self.retry_backoff_s!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.heartbeat_timeout_s > 0 or not self.transfer_deadline_s > 0:

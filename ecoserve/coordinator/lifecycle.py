@@ -67,6 +67,7 @@ class Lifecycle:
             "clients_disconnected": 0,
         }
         self.lost: dict[int, str] = {}  # lost rank -> why
+        self.backoff: dict[str, tuple[float, Request]] = {}  # retried, queued again at that time
         self.prediction_abs_error = 0.0  # sum over finished predicted requests of |raw prediction - length|
         self.dispatch_ms = Reservoir()  # front door -> dispatch decision, per request
         self.schedule_us = Reservoir()  # one policy.schedule() call
@@ -90,6 +91,8 @@ class Lifecycle:
         self.kick()
 
     def schedule(self) -> None:
+        if self.backoff:
+            self._requeue_due()
         state = SchedulerState(
             self.clock(), self.waiting, self.kv_waiting, self.registry.views, self.ledger, self.near_limit,
             self.preempted, self.requests,
@@ -283,7 +286,8 @@ class Lifecycle:
             return
         if msg.state != "done":  # this side freed its blocks; the retry aborts the other side
             self.counters["transfers_failed"] += 1
-            self.retry(req, f"KV transfer {msg.state} on rank {msg.rank}: {msg.message}")
+            reason = f"KV transfer {msg.state} on rank {msg.rank}: {msg.message}"
+            self.retry(req, reason, self.config.retry_backoff_s)
             return
         if msg.rank == req.decode_rank:  # the receiver has the KV: decoding starts there
             self.planner.finish(req.request_id)
@@ -372,9 +376,9 @@ class Lifecycle:
             return req.decode_rank == rank
         return rank in (req.prefill_rank, req.decode_rank)
 
-    def retry(self, req: Request, reason: str) -> None:
-        """Queue `req` again after `reason` cost it its work (Request.retry), or fail it with
-        every reason once it has used its `max_retries`."""
+    def retry(self, req: Request, reason: str, backoff_s: float = 0.0) -> None:
+        """Queue `req` again (after `backoff_s`) now that `reason` cost it its work
+        (Request.retry), or fail it with every reason once it has used its `max_retries`."""
         limit = self.config.max_retries
         if req.num_retries >= limit:
             earlier = "".join(f"; before that: {r}" for r in reversed(req.retry_reasons))
@@ -392,10 +396,26 @@ class Lifecycle:
             req.request_id += "+"
         self.requests[req.request_id] = req
         self.by_client[(req.client, req.client_request_id)] = req.request_id
-        self.waiting.push(req)
+        if backoff_s > 0:
+            self.backoff[req.request_id] = (self.clock() + backoff_s, req)
+        else:
+            self.waiting.push(req)
         self.counters["retries"] += 1
         log.warning("request %s retried as %s: %s", old, req.request_id, reason)
         self.kick()
+
+    def next_retry_in(self) -> float | None:
+        """Seconds until the next backed-off retry is due (schedule then); None when none waits."""
+        if not self.backoff:
+            return None
+        return max(0.0, min(due for due, _ in self.backoff.values()) - self.clock())
+
+    def _requeue_due(self) -> None:
+        now = self.clock()
+        for rid, (due, req) in list(self.backoff.items()):
+            if due <= now:
+                del self.backoff[rid]
+                self.waiting.push(req)
 
     def can_serve(self) -> bool:
         """Whether the live workers can still carry a request from prompt to last token."""
@@ -455,6 +475,7 @@ class Lifecycle:
 
     def _forget(self, req: Request) -> None:
         self._drop_holdings(req)
+        self.backoff.pop(req.request_id, None)
         self.requests.pop(req.request_id, None)
         self.by_client.pop((req.client, req.client_request_id), None)
 
@@ -477,6 +498,7 @@ class Lifecycle:
         values = {
             "requests_in_flight": float(len(self.requests)),
             "queue_waiting_prefill": float(len(self.waiting)),
+            "queue_retry_backoff": float(len(self.backoff)),
             "queue_kv_waiting": float(len(self.kv_waiting)),
             "requests_releasing": float(len(self.releasing)),
             "reserved_blocks": float(
@@ -506,8 +528,9 @@ class Lifecycle:
 
 
 def _timings(req: Request) -> dict[str, float]:
+    # `is None`, not falsiness: a simulated clock starts at 0.0, a time like any other.
     end = req.events[-1].time
-    first_token = req.first_time(S.TRANSFERRING) or req.first_time(S.DECODING) or end
+    first_token = _first(req.first_time(S.TRANSFERRING), req.first_time(S.DECODING), end)
     prefilling = req.first_time(S.PREFILLING)
     decoding = req.first_time(S.DECODING)
     n = len(req.output_token_ids)
@@ -516,7 +539,11 @@ def _timings(req: Request) -> dict[str, float]:
         ttft_ms=(first_token - req.arrival) * ms if n else 0.0,
         tpot_ms=(end - first_token) * ms / (n - 1) if n > 1 else 0.0,
         e2e_ms=(end - req.arrival) * ms,
-        queue_ms=((prefilling or end) - req.arrival) * ms,
-        prefill_ms=(first_token - prefilling) * ms if prefilling and n else 0.0,
-        transfer_ms=(decoding - first_token) * ms if decoding else 0.0,
+        queue_ms=(_first(prefilling, end) - req.arrival) * ms,
+        prefill_ms=(first_token - prefilling) * ms if prefilling is not None and n else 0.0,
+        transfer_ms=(decoding - first_token) * ms if decoding is not None else 0.0,
     )
+
+
+def _first(*times: float | None) -> float:
+    return next(t for t in times if t is not None)

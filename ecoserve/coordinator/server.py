@@ -346,7 +346,14 @@ class Coordinator:
 
     async def _schedule_loop(self) -> None:
         while True:
-            await self.lifecycle.dirty.wait()
+            wake = self.lifecycle.next_retry_in()  # a retry waiting out its backoff
+            if wake is None:
+                await self.lifecycle.dirty.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self.lifecycle.dirty.wait(), wake)
+                except asyncio.TimeoutError:
+                    pass
             self.lifecycle.dirty.clear()
             if self._ready.is_set():
                 self.lifecycle.schedule()

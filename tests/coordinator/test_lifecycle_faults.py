@@ -24,7 +24,7 @@ def make_cluster(policy: str = "distserve", prefill: int = 1, decode: int = 2, m
     options: dict[str, Any] = {"predictor": "oracle"} if policy == "ecoserve" else {}
     specs = [WorkerSpec("prefill", pool)] * prefill + [WorkerSpec("decode", pool)] * decode + [WorkerSpec("mixed", pool)] * mixed
     cluster = FakeCluster(make_policy(policy, **options), specs)
-    cluster.lifecycle.config = CoordinatorConfig(max_retries=max_retries)
+    cluster.lifecycle.config = CoordinatorConfig(max_retries=max_retries, retry_backoff_s=0.0)
     return cluster
 
 
@@ -196,6 +196,24 @@ def test_a_failed_transfer_is_aborted_on_both_sides_and_retried(policy: str) -> 
     assert cluster.lifecycle.releasing[rid] == {src, dst}, "both sides are told to free the old attempt"
     assert cluster.lifecycle.counters["transfers_failed"] == 1
     check_end(cluster, ids, {r: 30 for r in ids})
+
+
+def test_a_failed_transfer_s_retry_waits_out_the_backoff_first() -> None:
+    """A peer that died fails its transfers at once; the backoff leaves time to notice."""
+    cluster = make_cluster()
+    cluster.lifecycle.config = CoordinatorConfig(retry_backoff_s=0.05)
+    cluster.lifecycle.clock = lambda: cluster.tick / 100  # 10 ms a tick
+    (rid,) = submit(cluster, 1)
+    step_until(cluster, lambda: bool(cluster.lifecycle.transfer_blocks))
+    cluster.fail_transfer(rid)
+    req = live(cluster, rid)
+    assert req.request_id in cluster.lifecycle.backoff and req not in cluster.lifecycle.waiting
+    assert cluster.lifecycle.stats()["queue_retry_backoff"] == 1
+    assert cluster.lifecycle.next_retry_in() == pytest.approx(0.05)
+    start = cluster.tick
+    step_until(cluster, lambda: req.status is not S.WAITING_PREFILL)
+    assert cluster.tick - start >= 5 and not cluster.lifecycle.backoff
+    check_end(cluster, [rid], {rid: 30})
 
 
 def test_with_no_retries_a_failed_transfer_fails_the_request_with_its_reason() -> None:

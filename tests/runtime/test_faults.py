@@ -124,13 +124,13 @@ def pid_of(stats: dict[str, float], rank: int) -> int:
 def test_dead_prefill_and_decode_workers_requests_finish_elsewhere_with_the_same_tokens(
     cluster, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
 ) -> None:
-    """2 prefill + 3 decode workers under ecoserve; three die by SIGKILL: prefill rank 0 when
-    its 3rd send is due (the decode side's receive waits on a dead peer), decode rank 3 after
-    60 tokens (mid-stream), decode rank 4 right after taking its 2nd receive (the prefill side
-    sends to a dead peer). Every request still gets exactly the fault-free tokens. A death can
-    cost a request two retries (its transfer fails before the death is known, and the retry is
-    placed on the dying rank again), so six are allowed."""
-    monkeypatch.setenv("ECOSERVE_FAULT", "0:die_on_send=3;3:die_after_tokens=60;4:die_on_receive=2")
+    """2 prefill + 3 decode workers (distserve spreads the work over all of them); three die by
+    SIGKILL: prefill rank 0 when its 3rd send is due (the decode side's receive waits on a dead
+    peer), decode rank 3 after 30 tokens (mid-stream), decode rank 4 right after taking its
+    first receive (the prefill side sends to a dead peer). Every request still gets exactly the
+    fault-free tokens. A death can cost a request two retries (its transfer fails before the
+    death is known, and the retry is placed on the dying rank again), so six are allowed."""
+    monkeypatch.setenv("ECOSERVE_FAULT", "0:die_on_send=3;3:die_after_tokens=30;4:die_on_receive=1")
     n = 16
 
     async def run(addr: str) -> tuple[list[Outcome], dict[str, float]]:
@@ -140,7 +140,7 @@ def test_dead_prefill_and_decode_workers_requests_finish_elsewhere_with_the_same
             await still_serves(client)
             return list(outs), stats
 
-    with cluster("tiny-llama", 2, 3, 0, *SIM, "--policy", "ecoserve", "--max-retries", "6") as addr:
+    with cluster("tiny-llama", 2, 3, 0, *SIM, "--max-retries", "6") as addr:
         outs, stats = asyncio.run(run(addr))
     for i, out in enumerate(outs):
         out.check(sim_reference(i, 40))
@@ -151,19 +151,20 @@ def test_dead_prefill_and_decode_workers_requests_finish_elsewhere_with_the_same
 
 
 def test_a_stalled_worker_is_declared_lost_by_heartbeat_fenced_and_ignored(cluster) -> None:  # type: ignore[no-untyped-def]
-    """SIGSTOP a decode worker mid-stream: within the heartbeat timeout it is declared lost and
-    its requests resume on the other decode worker. Woken up (SIGCONT), its late tokens are
-    ignored and it obeys the Shutdown it was sent."""
+    """Under ecoserve, SIGSTOP a decode worker mid-stream: within the heartbeat timeout it is
+    declared lost and its requests resume on the other decode worker, under new reservations.
+    Woken up (SIGCONT), its late tokens are ignored and it obeys the Shutdown it was sent."""
     timeout_s = 1.5
 
     async def run(addr: str) -> tuple[list[Outcome], dict[str, float], float]:
         async with await AsyncClient.connect(addr, timeout=30) as client:
-            pid = pid_of(await client.stats(), 1)
             started = [asyncio.Event() for _ in range(8)]
             outs = [Outcome() for _ in range(8)]
             tasks = [asyncio.ensure_future(stream(client, *job(i, 150), outs[i], started[i])) for i in range(8)]
             for ev in started:
                 await asyncio.wait_for(ev.wait(), 60)
+            stats = await client.stats()  # stop the decode worker running more (ecoserve may use only one)
+            pid = pid_of(stats, max((1, 2), key=lambda r: stats[f"rank{r}.running"]))
             os.kill(pid, signal.SIGSTOP)
             t0 = time.monotonic()
             while not (await client.stats())["workers_lost"]:
@@ -180,7 +181,7 @@ def test_a_stalled_worker_is_declared_lost_by_heartbeat_fenced_and_ignored(clust
             await still_serves(client)
             return outs, stats, detected
 
-    with cluster("tiny-llama", 1, 2, 0, "--engine", "sim", "--sim-time-scale", "0.5",
+    with cluster("tiny-llama", 1, 2, 0, "--engine", "sim", "--sim-time-scale", "0.5", "--policy", "ecoserve",
                  "--heartbeat-timeout", str(timeout_s)) as addr:
         outs, stats, detected = asyncio.run(run(addr))
     assert detected < timeout_s + 1.0, f"declared lost {detected:.2f} s after it stopped"
