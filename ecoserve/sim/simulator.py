@@ -229,6 +229,12 @@ class SimWorker:
         self.heap: list[tuple[int, int, str, int]] = []  # (step, tie, rid, version)
         self.rejoined: list[_Seq] = []  # came back into the batch at this step's start
         self.sum_ctx = 0
+        # Padded profiles (decode cost by the longest context): each active request's context
+        # is `steps + offset`, offset = prompt + produced - joined, constant while it runs; the
+        # offsets are counted and kept in a max-heap (negated, stale entries skipped).
+        self.padded = spec.profile.decode_context == "padded"
+        self.offsets: dict[int, int] = {}
+        self.offset_heap: list[int] = []
         self.n_prefill_steps = 0
         self.busy_s = 0.0
 
@@ -376,6 +382,10 @@ class SimWorker:
         seq.active, seq.joined = True, self.steps
         seq.version += 1
         self.sum_ctx += seq.prompt + seq.produced
+        if self.padded:
+            off = seq.prompt + seq.produced - self.steps
+            self.offsets[off] = self.offsets.get(off, 0) + 1
+            heapq.heappush(self.offset_heap, -off)
         self._schedule_event(seq)
 
     def _leave(self, seq: _Seq) -> None:
@@ -383,6 +393,15 @@ class SimWorker:
         seq.active = False
         seq.version += 1
         self.sum_ctx -= seq.prompt + seq.produced
+        if self.padded:
+            self.offsets[seq.prompt + seq.produced - seq.joined] -= 1
+
+    def max_ctx(self) -> int:
+        """The longest context in the running batch (padded profiles only)."""
+        heap, offsets = self.offset_heap, self.offsets
+        while heap and not offsets.get(-heap[0]):
+            offsets.pop(-heapq.heappop(heap), None)
+        return self.steps + -heap[0] if heap else 0
 
     def _schedule_event(self, seq: _Seq) -> None:
         """Push the step (after `self.steps`) at which something next happens to `seq`."""
@@ -468,7 +487,7 @@ class SimWorker:
         if prefill_lens:
             ms += self.profile.prefill_ms(sum(prefill_lens), sum(x * x for x in prefill_lens))
         if n:
-            ms += self.profile.decode_ms(n, self.sum_ctx)
+            ms += self.profile.decode_ms(n, self.sum_ctx, self.max_ctx() if self.padded else None)
         self.step_batch = n
         if not ms and not self.extra_s:
             if self.pre_preempted:
@@ -768,20 +787,27 @@ class Simulator:
         self.misses = 0
         self.end_s = 0.0
         stopped = False
-        n = 0
-        for i, item in enumerate(workload):
-            self._push(item.arrival_s, _ARRIVAL, (f"r{i}", item))
-            n += 1
+        # Arrivals are read in time order beside the event heap (which then holds only the
+        # workers' few pending events, so each push and pop is cheap).
+        arrivals = sorted(((item.arrival_s, i, item) for i, item in enumerate(workload)), key=lambda x: (x[0], x[1]))
+        n = len(arrivals)
         if n and self.sample_every_s > 0:
             self._push(0.0, _SAMPLE, None)
         lc = self.lifecycle
         done_before = 0
         sampled = False
-        while self.events:
-            t = self.events[0][0]
+        nxt = 0
+        inf = math.inf
+        while self.events or nxt < n:
+            t = min(self.events[0][0] if self.events else inf, arrivals[nxt][0] if nxt < n else inf)
             if t > max_sim_s:
                 break
             self.now = t
+            while nxt < n and arrivals[nxt][0] == t:
+                _, i, item = arrivals[nxt]
+                nxt += 1
+                self.n_events += 1
+                self._arrive(f"r{i}", item, slo_ttft_ms, slo_tpot_ms)
             while self.events and self.events[0][0] == t:
                 _, _, kind, payload = heapq.heappop(self.events)
                 self.n_events += 1
@@ -791,9 +817,6 @@ class Simulator:
                     payload.read_inbox()
                     if not payload.busy:
                         self.start_step(payload)
-                elif kind == _ARRIVAL:
-                    arrival_id, item = payload
-                    self._arrive(arrival_id, item, slo_ttft_ms, slo_tpot_ms)
                 elif kind == _TRANSFER:
                     src, dst, rid = payload
                     if rid in src.held:
@@ -810,16 +833,16 @@ class Simulator:
                     sampled = True
             if self.dirty:
                 self.dirty = False
-                for w in self.workers:
-                    self.views[w.rank].free_blocks = w.free
                 # A round with every queue empty decides nothing (no policy acts without a waiting
                 # prompt, KV, extension or resume), so it is skipped.
                 if lc.waiting or lc.kv_waiting or lc.near_limit or lc.preempted:
+                    for w in self.workers:
+                        self.views[w.rank].free_blocks = w.free
                     self.schedule_calls += 1
                     lc.schedule()  # workers given work start their steps as they handle it
             if sampled:
                 sampled = False
-                if any(e[2] != _SAMPLE for e in self.events) or any(w.busy for w in self.workers):
+                if nxt < n or any(e[2] != _SAMPLE for e in self.events) or any(w.busy for w in self.workers):
                     self._push(t + self.sample_every_s, _SAMPLE, None)
                 elif lc.requests:  # nothing can happen any more, yet requests are live: a bug
                     raise RuntimeError(self._stall_report())
