@@ -238,7 +238,7 @@ def render(data: dict[str, Any], args: Any) -> str:
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     eco, vl = v["sweeps"].get("ecoserve"), v["sweeps"].get("vllm")
     if eco and vl:
-        jct = [1 - a["jct_mean_s"] / b["jct_mean_s"] for a, b in zip(eco, vl) if b["jct_mean_s"] > 0]
+        jct = [a["jct_mean_s"] / b["jct_mean_s"] - 1 for a, b in zip(eco, vl) if b["jct_mean_s"] > 0]
         att = [a["attainment"] - b["attainment"] for a, b in zip(eco, vl)]
         lines += ["", f"EcoServe against vllm over the sweep: JCT {min(jct):+.0%} to {max(jct):+.0%} "
                   f"(negative = lower), attainment {min(att):+.2f} to {max(att):+.2f} (absolute)."]
