@@ -29,15 +29,6 @@ DISAGGREGATED = ("ecoserve", "distserve")
 COLOCATED = ("vllm", "orca")
 POLICY_NAMES = DISAGGREGATED + COLOCATED
 
-# DistServe's SLO settings (its evaluation): (model, workload) -> (TTFT ms, TPOT ms).
-DISTSERVE_SLOS: dict[tuple[str, str], tuple[float, float]] = {
-    ("opt-13b", "sharegpt"): (250.0, 100.0),
-    ("opt-66b", "sharegpt"): (2500.0, 150.0),
-    ("opt-66b", "humaneval"): (125.0, 200.0),
-    ("opt-66b", "summarization"): (15000.0, 150.0),
-}
-
-
 @dataclass(frozen=True)
 class Layout:
     """A cluster shape: instance counts and tensor-parallel degrees."""

@@ -27,7 +27,7 @@ from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
 from ecoserve.kv_cache import BlockPool
 
 
-class _Codec:
+class NullCodec:
     """Token ids only: the fake cluster has no text."""
 
     def decode(self, token_ids: list[int]) -> str:
@@ -337,7 +337,7 @@ class FakeCluster:
             )
             self.registry.last_seen[rank] = float("inf")
         self.lifecycle = Lifecycle(
-            policy, self.registry, _Codec(), self._to_client, self._to_worker, CoordinatorConfig(),  # type: ignore[arg-type]
+            policy, self.registry, NullCodec(), self._to_client, self._to_worker, CoordinatorConfig(),  # type: ignore[arg-type]
         )
         self._ids = 0
 

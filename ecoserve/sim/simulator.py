@@ -41,6 +41,7 @@ from ecoserve.coordinator.policy import Policy, WorkerView
 from ecoserve.coordinator.request import Request, RequestStatus as S
 from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
 from ecoserve.data.workload import WorkloadRequest
+from ecoserve.sim.fake_cluster import NullCodec
 from ecoserve.sim.latency import LatencyProfile
 
 
@@ -637,14 +638,6 @@ class SimWorker:
 # --- the simulator ---------------------------------------------------------------------------------
 
 
-class _Codec:
-    def decode(self, token_ids: Any) -> str:
-        return ""
-
-    def new_text(self, req: Request) -> str:
-        return ""
-
-
 @dataclass
 class RequestResult:
     arrival_s: float
@@ -703,7 +696,7 @@ class Simulator:
             self.registry.last_seen[rank] = math.inf
         self.views = self.registry.views
         self.lifecycle = SimLifecycle(
-            policy, self.registry, _Codec(), self._to_client, self._to_worker, CoordinatorConfig(),  # type: ignore[arg-type]
+            policy, self.registry, NullCodec(), self._to_client, self._to_worker, CoordinatorConfig(),  # type: ignore[arg-type]
             clock=lambda: self.now,
         )
         self.extend_ahead = policy.extend_ahead
