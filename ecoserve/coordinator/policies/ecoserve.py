@@ -240,7 +240,13 @@ class EcoServePolicy(BasePolicy):
             assert req.decode_rank is not None and req.predicted_tokens is not None
             if req.predicted_tokens >= req.max_tokens or req.decode_rank not in r.decoders:
                 continue
-            new_total = self._next_horizon(req.predicted_tokens, req.max_tokens)
+            # The worker caps a request at whole blocks, so it may already hold up to a block's
+            # slack past its reservation by the time we hear: the next horizon starts past that
+            # slack, or the extension could be smaller than what the worker holds (it refuses).
+            reserved = state.ledger.reservation_tokens(req.request_id)
+            w = r.decoders[req.decode_rank]
+            slack = w.blocks_for(reserved) * w.block_size - reserved if reserved is not None else 0
+            new_total = self._next_horizon(req.predicted_tokens + slack, req.max_tokens)
             old = state.ledger.member_shape(req.request_id, r.decoders[req.decode_rank].decode_steps)
             if old is None:
                 continue
