@@ -9,6 +9,7 @@
     ecoserve bench scheduler --queued 1000,10000,100000 --running 1000 --out FILE.json
     ecoserve bench sim-fidelity --policy distserve --num-requests 40 --rate 0.25 --out FILE.json
     ecoserve bench serve --addr ADDR --workload azure-conv --num-requests N --rate R --out FILE.json
+    ecoserve bench soak --duration S [--engine sim|model] [--kill-every S] [--out FILE.json]
     ecoserve demo
     ecoserve keys generate --out DIR [--client NAME]    (then serve --auth curve --keys DIR)
     ecoserve profile --model M --out FILE.json [--quick] [--max-batch N] [--max-len N] [--repeats N]
@@ -174,6 +175,12 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from ecoserve.bench.serve import run_serve_benchmark
 
     return run_serve_benchmark(args)
+
+
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from ecoserve.bench.soak import run_soak_benchmark
+
+    return run_soak_benchmark(args)
 
 
 def _cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
@@ -362,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(bsv)
     bsv.set_defaults(func=_cmd_bench_serve)
+
+    soak = bench.add_parser("soak", help="sustained load on a local cluster while workers are killed: lost requests, leaked blocks, memory")
+    from ecoserve.bench.soak import add_arguments as add_soak_arguments
+
+    add_soak_arguments(soak)
+    soak.set_defaults(func=_cmd_bench_soak)
 
     sch = bench.add_parser("scheduler", help="one scheduling round's decision time per policy, no sockets")
     from ecoserve.bench.scheduler import add_arguments as add_scheduler_arguments

@@ -1,0 +1,138 @@
+"""A network partition between two hosts (tests/runtime/test_two_hosts.py's namespaces): node 0
+runs the coordinator, a prefill and a decode worker, node 1 a second decode worker. Mid-generation
+node 1's veth goes down: within the heartbeat timeout node 1's worker is declared lost, each of
+its requests ends exactly once (resumed on node 0's decode worker, or failed with an error), and
+node 0 keeps serving. Simulated workers (`--engine sim`), so the test is about the runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ecoserve.bench.cluster import child_pids
+from tests.runtime.test_two_hosts import _launch, _tail, needs_netns, two_hosts  # noqa: F401
+
+HEARTBEAT_S = 3.0
+SIM = ("--engine", "sim", "--sim-time-scale", "0.5", "--heartbeat-timeout", str(HEARTBEAT_S), "--max-retries", "4")
+
+# Runs in node 0's namespace: streams 8 requests, says "cut" once node 1's rank decodes some,
+# reads a line when the link is down, then waits for every request and checks the survivors.
+CLIENT = textwrap.dedent("""
+    import asyncio, json, sys, time
+    from ecoserve import RequestError, SamplingParams
+    from ecoserve.client import AsyncClient
+
+    async def one(client, i, out, started):
+        at, s = 0, client.stream([5 + i] * (20 + i), SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
+        rec = out[i] = {"ends": 0, "gaps": 0, "error": None, "tokens": 0}
+        try:
+            async for d in s:
+                rec["gaps"] += d.index != at
+                at = d.index + len(d.token_ids)
+                started[i].set()
+            rec["tokens"] = len(s.completion.token_ids)
+        except RequestError as exc:
+            rec["error"] = str(exc)
+        rec["ends"] += 1
+        rec["t"] = time.monotonic()
+
+    async def main(addr, pid):
+        async with await AsyncClient.connect(addr, timeout=60) as client:
+            out, started = {}, [asyncio.Event() for _ in range(8)]
+            tasks = [asyncio.ensure_future(one(client, i, out, started)) for i in range(8)]
+            for ev in started:
+                await asyncio.wait_for(ev.wait(), 60)
+            stats = await client.stats()
+            rank = next(int(k[4:].split(".")[0]) for k, v in stats.items() if k.endswith(".pid") and int(v) == pid)
+            for _ in range(150):  # until node 1's rank holds some requests' KV
+                stats = await client.stats()
+                if stats[f"rank{rank}.used_blocks"]:
+                    break
+                await asyncio.sleep(0.1)
+            on_node1 = stats[f"rank{rank}.used_blocks"]
+            print("cut", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            t0 = time.monotonic()
+            while not (await client.stats())["workers_lost"]:
+                await asyncio.sleep(0.1)
+            detected = time.monotonic() - t0
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            ended = max(r["t"] for r in out.values()) - t0
+            after = await client.generate([9] * 30, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), timeout=60)
+            for _ in range(100):
+                stats = await client.stats()
+                if not (stats["kv_used_blocks"] or stats["reserved_blocks"] or stats["requests_releasing"]):
+                    break
+                await asyncio.sleep(0.2)
+        print(json.dumps({"out": out, "on_node1": on_node1, "detected": detected, "ended": ended,
+                          "after": len(after.token_ids), "stats": stats}), flush=True)
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+""")
+
+
+@needs_netns
+def test_a_partitioned_decode_host_is_lost_and_its_requests_end_once(two_hosts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ns_a, ns_b, va, vb, addr_a, _ = two_hosts
+    ready = tmp_path / "ready"
+    port = 29500 + int(uuid.uuid4().hex[:3], 16) % 400
+    logs = [open(tmp_path / f"node{i}.log", "w+") for i in (0, 1)]
+    node0 = subprocess.Popen(_launch(ns_a, 0, addr_a, port, "prefill", va, "--decode", "1", *SIM, "--port", "0",
+                                     "--ready-file", str(ready)), stdout=logs[0], stderr=subprocess.STDOUT)
+    node1 = subprocess.Popen(_launch(ns_b, 1, addr_a, port, "decode", vb, *SIM), stdout=logs[1], stderr=subprocess.STDOUT)
+    nodes: list[subprocess.Popen[Any]] = [node0, node1]
+    client: subprocess.Popen[str] | None = None
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            if any(n.poll() is not None for n in nodes) or time.monotonic() > deadline:
+                pytest.fail("a node exited or the cluster did not come up:\n" + "\n".join(_tail(lg) for lg in logs))
+            time.sleep(0.2)
+        (node1_worker,) = child_pids(node1.pid)
+        client = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, "-c", CLIENT, ready.read_text(),
+                                   str(node1_worker)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert client.stdin is not None and client.stdout is not None
+        assert client.stdout.readline().strip() == "cut", "the client did not start streaming:\n" + _tail(logs[0])
+        subprocess.run(["ip", "-n", ns_b, "link", "set", "dev", vb, "down"], check=True)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        line = client.stdout.readline()
+        assert client.wait(90) == 0 and line, "the client failed:\n" + _tail(logs[0])
+        result = json.loads(line)
+        print({k: v for k, v in result.items() if k != "stats"})
+        # 1. Node 1's worker held requests when the link went down; it is declared lost within
+        #    the heartbeat timeout (plus the monitor's period).
+        assert result["on_node1"] > 0 and result["detected"] < HEARTBEAT_S + 2, result["detected"]
+        # 2. Every request ended exactly once, with no gap or duplicate, soon after the loss.
+        for rec in result["out"].values():
+            assert rec["ends"] == 1 and rec["gaps"] == 0, rec
+            assert rec["tokens"] == 300 or rec["error"], rec
+        assert result["ended"] < 30, result["ended"]
+        # 3. Node 0 still serves and its accounting returns to zero.
+        stats = result["stats"]
+        assert result["after"] == 16 and stats["workers_lost"] == 1 and stats["workers_alive"] == 2
+        assert stats["kv_used_blocks"] == 0 and stats["reserved_blocks"] == 0 and stats["requests_releasing"] == 0
+        node0.send_signal(signal.SIGTERM)
+        assert node0.wait(60) == 0, "node 0 exits cleanly with node 1 cut off:\n" + _tail(logs[0])
+    finally:
+        for proc in [*nodes, *([client] if client is not None else [])]:
+            if proc.poll() is None:
+                for pid in child_pids(proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
