@@ -54,6 +54,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=128, help="largest decode batch (and prefill batch)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each grid point (the median is kept)")
     p.add_argument("--threshold", type=int, default=None, help="fix the decode small/large batch threshold")
+    p.add_argument(
+        "--decode-context", default="auto", choices=["auto", "sum", "padded"],
+        help="decode cost by Σctx (DistServe's form) or by batch·max(ctx) (padded batches, our CPU path); "
+        "auto: whichever fits the samples better",
+    )
+    p.add_argument(
+        "--refit", default=None, metavar="PROFILE",
+        help="measure nothing: fit again from the samples a profile file holds (with --threshold, --decode-context) "
+        "and write it to --out",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: ECOSERVE_NUM_THREADS or cores/2)")
     p.add_argument(
         "--clock", default="auto", choices=["auto", "wall", "cpu"],
@@ -261,21 +271,13 @@ def profile_document(
     spec, pool = engine.spec, engine.pool
     kv_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * engine.dtype.itemsize
     where = device_description(engine, s["threads"])
-    summary: dict[str, Any] = {
-        "decode_threshold": dec.threshold, "run_s": round(run_s, 1), "clock": s["clock"], "cpu_share": s["cpu_share"],
-    }
-    for name, fit in (("prefill", pf), ("decoding_smallbs", dec.small), ("decoding_largebs", dec.large)):
-        summary[f"{name}_r2"], summary[f"{name}_max_rel_err"] = fit.r2, fit.max_rel_err
-        summary[f"{name}_samples"] = fit.num_samples
-    return {
-        "prefill": list(pf.coeffs),
-        "decoding_smallbs": list(dec.small.coeffs),
-        "decoding_largebs": list(dec.large.coeffs),
-        "decoding_large_small_bs_threshold": dec.threshold,
+    keys, quality = fit_keys(pf, dec)
+    summary = {"run_s": round(run_s, 1), "clock": s["clock"], "cpu_share": s["cpu_share"]} | quality
+    return keys | {
         "max_num_tokens": pool.num_blocks * pool.block_size,
         "kv_bytes_per_token": kv_bytes,  # K and V, all layers
         "source": f"fitted by `ecoserve profile` on {where}, {s['clock']} clock",
-        "units": "ms; prefill over Σl and Σl² of the prompt lengths, decode over Σ(context) and batch",
+        "units": _units(dec.context),
         "model": s["model"],
         "model_id": engine.model_id,
         "dtype": str(engine.dtype).removeprefix("torch."),
@@ -291,6 +293,52 @@ def profile_document(
     }
 
 
+def fit_keys(pf: Fit, dec: DecodeFit) -> tuple[dict[str, Any], dict[str, Any]]:
+    """load_profile's keys for these fits, and their quality for the document's `summary`."""
+    keys = {
+        "prefill": list(pf.coeffs),
+        "decoding_smallbs": list(dec.small.coeffs),
+        "decoding_largebs": list(dec.large.coeffs),
+        "decoding_large_small_bs_threshold": dec.threshold,
+        "decoding_context": dec.context,
+    }
+    quality: dict[str, Any] = {"decode_threshold": dec.threshold, "decode_context": dec.context}
+    for name, fit in (("prefill", pf), ("decoding_smallbs", dec.small), ("decoding_largebs", dec.large)):
+        quality[f"{name}_r2"], quality[f"{name}_max_rel_err"] = fit.r2, fit.max_rel_err
+        quality[f"{name}_samples"] = fit.num_samples
+    return keys, quality
+
+
+def _units(context: str) -> str:
+    decode = "batch·max(context) and batch" if context == "padded" else "Σ(context) and batch"
+    return f"ms; prefill over Σl and Σl² of the prompt lengths, decode over {decode}"
+
+
+def _context(choice: str) -> str | None:
+    return None if choice == "auto" else choice
+
+
+def refit_profile(args: argparse.Namespace) -> int:
+    """`--refit`: the fits of a profile file again, from its own samples."""
+    try:
+        doc = json.loads(Path(args.refit).expanduser().read_text(encoding="utf-8"))
+        samples = Samples([PrefillSample(**x) for x in doc["samples"]["prefill"]],
+                          [DecodeSample(**x) for x in doc["samples"]["decode"]])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--refit {args.refit}: not a profile written by `ecoserve profile` with its samples ({exc})") from None
+    out = writable_json_path(args.out)
+    pf, dec = fit_prefill(samples.prefill), fit_decode(samples.decode, args.threshold, _context(args.decode_context))
+    keys, quality = fit_keys(pf, dec)
+    doc = keys | {k: v for k, v in doc.items() if k not in keys}
+    doc["units"] = _units(dec.context)
+    doc["summary"] = dict(doc.get("summary", {})) | quality
+    doc.setdefault("settings", {})["refit"] = {"threshold": args.threshold, "decode_context": args.decode_context}
+    out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print_fits(f"{doc.get('model_id', args.refit)}, refitted from {len(samples.prefill) + len(samples.decode)} samples", pf, dec)
+    print(f"wrote {out}")
+    return 0
+
+
 def print_fits(title: str, pf: Fit, dec: DecodeFit) -> None:
     from ecoserve.bench.report import print_table
 
@@ -301,10 +349,13 @@ def print_fits(title: str, pf: Fit, dec: DecodeFit) -> None:
         quality = (f"{fit.r2:.3f}", f"{fit.max_rel_err:.0%}") if fit.num_samples else ("-", "-")
         rows.append((name, f"{a:.3g}", f"{b:.3g}", f"{c:.3g}", *quality, fit.num_samples))
     print_table(title, ["fit", "a ms", "b", "c", "R²", "max err", "n"], rows)
-    print("prefill ms = a + b·Σl + c·Σl²; decode ms = a + b·Σctx + c·batch (below / at or above the threshold)")
+    ctx = "batch·max(ctx)" if dec.context == "padded" else "Σctx"
+    print(f"prefill ms = a + b·Σl + c·Σl²; decode ms = a + b·{ctx} + c·batch (below / at or above the threshold)")
 
 
 def run_profile(args: argparse.Namespace) -> int:
+    if args.refit:
+        return refit_profile(args)
     start = time.perf_counter()
     s = _settings(args)
     out = writable_json_path(args.out)
@@ -323,7 +374,7 @@ def run_profile(args: argparse.Namespace) -> int:
             f"warning: this process ran only {s['cpu_share']:.0%} of the time it was timed (other processes share "
             "the cores), so these wall times are inflated; profile on a quiet machine, or with --threads 1 --clock cpu"
         )
-    pf, dec = fit_prefill(samples.prefill), fit_decode(samples.decode, s["threshold"])
+    pf, dec = fit_prefill(samples.prefill), fit_decode(samples.decode, s["threshold"], _context(s["decode_context"]))
     doc = profile_document(engine, s, pf, dec, samples, time.perf_counter() - start)
     out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print_fits(f"{engine.model_id}, {doc['dtype']}, {doc['device']}", pf, dec)

@@ -3,12 +3,14 @@ form fitted to measured steps, and the grid of batches to measure. numpy only, n
 
     prefill step (ms) = a + b·Σl + c·Σl²        over the prompt lengths l of the batch
     decode step (ms)  = a + b·Σctx + c·batch    one (a, b, c) below the threshold, one at or above
+                   or a + b·batch·max(ctx) + c·batch  ("padded": the torch CPU path pads every
+                                                       sequence of a batch to the longest)
 
 The fit is least squares (numpy.linalg.lstsq) of the relative error, since step times span two
 orders of magnitude, with every coefficient held >= 0: each subset of the three columns is
 solved and the best feasible solution kept, which is the exact non-negative least-squares
 optimum for three unknowns. The decode threshold is the measured batch size that gives the
-smallest total error over both fits, unless one is given.
+smallest total error over both fits, unless one is given; so is the decode context form.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class DecodeFit:
     threshold: int  # batches of this size and more use `large`
     small: Fit
     large: Fit
+    context: str = "sum"  # "sum": b·Σctx; "padded": b·batch·max(ctx)
 
 
 def fit_prefill(samples: Sequence[PrefillSample]) -> Fit:
@@ -90,8 +93,11 @@ def fit_prefill(samples: Sequence[PrefillSample]) -> Fit:
     return fit_step_model(x, np.array([s.ms for s in samples]))
 
 
-def fit_decode(samples: Sequence[DecodeSample], threshold: int | None = None) -> DecodeFit:
-    """The two decode fits, split at `threshold`, or at the grid batch size fitting best."""
+def fit_decode(samples: Sequence[DecodeSample], threshold: int | None = None, context: str | None = None) -> DecodeFit:
+    """The two decode fits, split at `threshold`, or at the grid batch size fitting best, with
+    the context form `context` ("sum" or "padded"), or the one fitting best (ties: "sum")."""
+    if context not in (None, "sum", "padded"):
+        raise ValueError(f"the decode context form is 'sum' or 'padded', got {context!r}")
     batches = sorted({s.batch for s in samples})
     # Each side needs two batch sizes, or its c (per request) is not separable from its a.
     candidates = [t for t in batches if sum(b < t for b in batches) >= 2 and sum(b >= t for b in batches) >= 2]
@@ -104,21 +110,23 @@ def fit_decode(samples: Sequence[DecodeSample], threshold: int | None = None) ->
         candidates = [threshold]
     if not candidates:  # too few batch sizes to split: one fit for both sides
         candidates = [batches[-1] + 1]
-    fits = [_split_fit(samples, t) for t in candidates]
+    forms = [context] if context else ["sum", "padded"]
+    fits = [_split_fit(samples, t, form) for form in forms for t in candidates]
     return min(fits, key=lambda f: f.small.sq_rel_err + f.large.sq_rel_err)
 
 
-def _split_fit(samples: Sequence[DecodeSample], threshold: int) -> DecodeFit:
+def _split_fit(samples: Sequence[DecodeSample], threshold: int, context: str = "sum") -> DecodeFit:
     def fit(part: list[DecodeSample]) -> Fit:
-        x = np.array([[1.0, s.sum_ctx, s.batch] for s in part]).reshape(-1, 3)
+        ctx = [s.batch * s.max_ctx if context == "padded" else s.sum_ctx for s in part]
+        x = np.array([[1.0, c, s.batch] for c, s in zip(ctx, part)]).reshape(-1, 3)
         return fit_step_model(x, np.array([s.ms for s in part]))
 
     small = [s for s in samples if s.batch < threshold]
     large = [s for s in samples if s.batch >= threshold]
     if not large:  # threshold above the grid: the large-batch fit extrapolates the small one
         f = fit(small)
-        return DecodeFit(threshold, f, Fit(f.coeffs, f.r2, f.max_rel_err, 0, 0.0))
-    return DecodeFit(threshold, fit(small), fit(large))
+        return DecodeFit(threshold, f, Fit(f.coeffs, f.r2, f.max_rel_err, 0, 0.0), context)
+    return DecodeFit(threshold, fit(small), fit(large), context)
 
 
 # --- the grid --------------------------------------------------------------------------------

@@ -92,8 +92,8 @@ def step_time_ms(profile: LatencyProfile, prefills: list[ScheduledChunk], decode
     sum_len = sum(c.num_new_tokens for c in prefills)
     # A chunk of n queries after s cached tokens attends to s + n keys: n·(s + n), l² when s = 0.
     sum_sq = sum(c.num_new_tokens * (c.seq.num_computed_tokens + c.num_new_tokens) for c in prefills)
-    sum_ctx = sum(c.seq.num_computed_tokens + 1 for c in decodes)
-    return profile.prefill_ms(sum_len, sum_sq) + profile.decode_ms(len(decodes), sum_ctx)
+    ctx = [c.seq.num_computed_tokens + 1 for c in decodes]
+    return profile.prefill_ms(sum_len, sum_sq) + profile.decode_ms(len(decodes), sum(ctx), max(ctx, default=0))
 
 
 def _mix64(x: int) -> int:

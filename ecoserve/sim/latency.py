@@ -7,11 +7,14 @@
 A profile is named `<model>-tp<N>` (DistServe's fits of its own engine, e.g. `opt-13b-tp1`) or
 `vllm-<model>-tp<N>` (its fits of the vLLM baseline), or is a JSON file holding one profile:
 `{"prefill": [a, b, c], "decoding_smallbs": [a, b, c], "decoding_largebs": [a, b, c],
-"decoding_large_small_bs_threshold": 95, "max_num_tokens": 66144, "kv_bytes_per_token": 819200}`
-(the last two keys optional; any others are ignored). `max_num_tokens` is the KV capacity
-DistServe measured for that model and degree (pipeline degree 1), or the pool of the worker a
-fitted profile was measured on (`ecoserve profile`); `kv_bytes_per_token` its K and V bytes
-per token over all layers. No torch here: the coordinator, the CLI and the simulator use it too.
+"decoding_large_small_bs_threshold": 95, "max_num_tokens": 66144, "kv_bytes_per_token": 819200,
+"decoding_context": "sum"}` (the last three keys optional; any others are ignored).
+`max_num_tokens` is the KV capacity DistServe measured for that model and degree (pipeline
+degree 1), or the pool of the worker a fitted profile was measured on (`ecoserve profile`);
+`kv_bytes_per_token` its K and V bytes per token over all layers. `decoding_context` "padded"
+(ours, for engines that pad a decode batch to its longest sequence, as our CPU path does)
+replaces Σctx by batch·max(ctx) in the decode form; "sum", DistServe's, is the default.
+No torch here: the coordinator, the CLI and the simulator use it too.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_PROFILE = "opt-13b-tp1"
+DECODE_CONTEXTS = ("sum", "padded")
 _FITS = {"": "distserve-profiler-a100-80g.distserve.json", "vllm-": "distserve-profiler-a100-80g.vllm.json"}
 _CAPACITY_FILE = "distserve-max_num_tokens.csv"
 
@@ -42,6 +46,7 @@ class LatencyProfile:
     large_batch_threshold: int
     max_num_tokens: int | None = None  # KV capacity in tokens, when the source gives one
     kv_bytes_per_token: int | None = None  # K and V, all layers, when the source gives it
+    decode_context: str = "sum"  # "sum": b·Σctx; "padded": b·batch·max(ctx) (DECODE_CONTEXTS)
 
     def prefill_ms(self, sum_len: int, sum_len_sq: int) -> float:
         """A prefill batch with Σl = `sum_len` and Σl² = `sum_len_sq`; 0 for an empty one."""
@@ -50,11 +55,16 @@ class LatencyProfile:
         a, b, c = self.prefill
         return a + b * sum_len + c * sum_len_sq
 
-    def decode_ms(self, batch: int, sum_context: int) -> float:
-        """A decode step over `batch` requests holding `sum_context` tokens; 0 for an empty one."""
+    def decode_ms(self, batch: int, sum_context: int, max_context: int | None = None) -> float:
+        """A decode step over `batch` requests holding `sum_context` tokens, the longest
+        `max_context` (which a "padded" profile needs); 0 for an empty one."""
         if batch == 0:
             return 0.0
         a, b, c = self.decode_large if batch >= self.large_batch_threshold else self.decode_small
+        if self.decode_context == "padded":
+            if max_context is None:
+                raise ValueError(f"profile {self.name} models padded decode batches: give the longest context too")
+            return a + b * batch * max_context + c * batch
         return a + b * sum_context + c * batch
 
 
@@ -121,7 +131,10 @@ def _profile(name: str, raw: Any, max_num_tokens: Any, source: str) -> LatencyPr
     for key, value in (("max_num_tokens", max_num_tokens), ("kv_bytes_per_token", kv_bytes)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"latency profile {source}: {key} must be an integer >= 1 or absent, got {value!r}")
-    return LatencyProfile(name, coeffs[0], coeffs[1], coeffs[2], threshold, max_num_tokens, kv_bytes)
+    context = raw.get("decoding_context", "sum")
+    if context not in DECODE_CONTEXTS:
+        raise ValueError(f"latency profile {source}: decoding_context must be one of {DECODE_CONTEXTS}, got {context!r}")
+    return LatencyProfile(name, coeffs[0], coeffs[1], coeffs[2], threshold, max_num_tokens, kv_bytes, context)
 
 
 def _finite(value: Any) -> bool:

@@ -183,6 +183,10 @@ class HardwareConfig:
     # step running when it came, so a KV transfer starts once both ends are between steps);
     # False hands every message to its worker at once.
     messages_between_steps: bool = False
+    # Prefill workers fill their token budget with a chunk of the next prompt, as our engine's
+    # FCFS batcher does (True), or run whole prompts, as DistServe's engine does (False). Mixed
+    # workers always chunk.
+    chunked_prefill: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,7 @@ class SimWorker:
         self.link_latency_s = hw.link_latency_s
         self.busy = False
         self.defer = hw.messages_between_steps
+        self.chunked = hw.chunked_prefill or spec.role == "mixed"
         self.inbox: list[Any] = []  # messages that came during the running step (defer)
         self.steps = 0
         self.extra_s = 0.0  # swap / recompute time added to the next step
@@ -482,11 +487,12 @@ class SimWorker:
             # running was made at the end of the previous step).
             self._rejoin(prefill_lens, self.pre_preempted)
         n = len(self.running) if decode else 0
+        cross = 0
         if self.role != "decode" and self.prefill_queue:
-            self._take_prefill(prefill_lens, self.budget - n)
+            cross = self._take_prefill(prefill_lens, self.budget - n)
         ms = 0.0
         if prefill_lens:
-            ms += self.profile.prefill_ms(sum(prefill_lens), sum(x * x for x in prefill_lens))
+            ms += self.profile.prefill_ms(sum(prefill_lens), sum(x * x for x in prefill_lens) + cross)
         if n:
             ms += self.profile.decode_ms(n, self.sum_ctx, self.max_ctx() if self.padded else None)
         self.step_batch = n
@@ -499,31 +505,37 @@ class SimWorker:
         self.busy_s += seconds
         return seconds
 
-    def _take_prefill(self, lens: list[int], budget: int) -> None:
+    def _take_prefill(self, lens: list[int], budget: int) -> int:
+        """Queued prompts (or chunks) into `lens` up to `budget` tokens. Returns Σ n·s over the
+        chunks of n tokens that continue a prompt after s done ones: their queries attend to
+        those s keys too, so the step's Σl² term is Σn² + Σn·s (as engine/sim.py costs it)."""
         mixed = self.role == "mixed"
+        cross = 0
         while self.prefill_queue:
             entry = self.prefill_queue[0]
             msg, left, taken = entry
             if not taken:
                 n = self.blocks_for(len(msg.prompt_token_ids) + (1 if mixed else 0))
                 if not self._take(n):
-                    return  # no room for its KV yet
+                    return cross  # no room for its KV yet
                 entry[2] = n
-            if mixed:  # chunked prefill under the budget left by decoding
+            if self.chunked:  # chunked prefill under the budget (left by decoding, on a mixed worker)
                 if budget <= 0:
-                    return
+                    return cross
                 chunk = min(left, budget)
             else:  # whole prompts; a prompt over the budget runs alone
-                if lens and sum(lens) + left > budget:
-                    return
+                if lens and left > budget:
+                    return cross
                 chunk = left
+            cross += chunk * (len(msg.prompt_token_ids) - left)
             lens.append(chunk)
             budget -= chunk
             entry[1] = left - chunk
             if entry[1] > 0:
-                return
+                return cross
             self.prefill_queue.popleft()
             self.done_prefill.append(msg)
+        return cross
 
     def finish_step(self) -> None:
         """The step started by `start` has ended: apply what it did."""

@@ -7,16 +7,20 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from ecoserve.bench.fidelity import add_arguments, build_requests, settings_from
-from ecoserve.bench.fidelity_report import FIGURES
+from ecoserve.bench.fidelity import add_arguments
+from ecoserve.bench.fidelity_runs import build_requests, settings_from
+from ecoserve.bench.fidelity_report import FIGURES, Batch, Latencies, back_to_back, compare, profile_cpu_s, real_batches
+from ecoserve.bench.serve_metrics import RequestResult
 from ecoserve.cli import main
 
 NUM_REQUESTS = 5
 
 
+@pytest.mark.slow  # a quick profile fit, then a two-worker cluster: about 40 s on the 2-core machine
 def test_tiny_run_compares_both_sides_on_the_same_requests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, prof = tmp_path / "fidelity.json", tmp_path / "tiny.profile.json"
     code = main([
@@ -37,7 +41,7 @@ def test_tiny_run_compares_both_sides_on_the_same_requests(tmp_path: Path, capsy
         assert s[f"{key}_error"] == pytest.approx((sim - measured) / measured)
     assert s["max_abs_error"] == pytest.approx(max(abs(s[f"{k}_error"]) for k, _ in FIGURES))
     assert s["within_tolerance"] == (s["max_abs_error"] <= 0.2)
-    assert s["prefill_stretch"] >= 1.0 and s["decode_stretch"] >= 1.0
+    assert 0 < s["cpu_share"] <= 1.01 and len(doc["cpu_share"]["shares"]) >= 1  # the probe ran during the replay
     # Both sides saw each request at its arrival time with its lengths; outputs forced in full.
     rows = doc["requests"]
     assert [r["index"] for r in rows] == list(range(NUM_REQUESTS))
@@ -52,7 +56,7 @@ def test_tiny_run_compares_both_sides_on_the_same_requests(tmp_path: Path, capsy
     assert json.loads(prof.read_text())["model"] == "tiny-llama"
     assert {"prefill rank 0", "decode rank 1", "coordinator"} <= set(doc["cpu"])
     assert doc["cpu"]["decode rank 1"]["run_s"] > 0 and doc["cpu"]["decode rank 1"]["sim_busy_s"] > 0
-    assert set(doc["ttft_split"]) == {"measured", "simulated"} and "machine" in doc
+    assert set(doc["split"]) == {"measured", "simulated", "simulated_cpu_share"} and "machine" in doc
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -89,3 +93,27 @@ def test_a_profile_of_another_model_is_refused(tmp_path: Path, capsys: pytest.Ca
     other.write_text(json.dumps(bundled | {"model": "tiny-llama"}))
     assert main(["bench", "sim-fidelity", "--profile", str(other)]) == 2
     assert "was fitted on 'tiny-llama', not 'smollm2-135m'" in capsys.readouterr().err
+
+
+def test_figures_and_errors_are_taken_alike_on_both_sides() -> None:
+    real = Latencies([100.0, 200.0, 300.0], [10.0, None, 30.0], [1000.0, 2000.0, 3000.0])
+    sim = Latencies([110.0, 220.0, 330.0], [9.0, None, 27.0], [1000.0, 2000.0, 3000.0])
+    rows = {r.key: r for r in compare(real, sim)}
+    assert rows["ttft_p50"].measured_ms == 200.0 and rows["ttft_p90"].measured_ms == pytest.approx(280.0)
+    assert rows["ttft_p50"].error == pytest.approx(0.1) and rows["tpot_p50"].error == pytest.approx(-0.1)
+    assert rows["jct_mean"].error == 0.0 and rows["tpot_p90"].within(0.2) and not rows["ttft_p90"].within(0.05)
+
+
+def test_real_steps_are_rebuilt_from_token_times() -> None:
+    # r0 (prompt 10) and r1 (prompt 50) prefill in separate steps; r0 decodes alone at 1.0 s,
+    # r1 joins it at 1.1 s; both decode at 1.2 s. A step's tokens arrive within a millisecond.
+    r0 = RequestResult(0, 0.0, 0.0, 10, 4, "ok", 2.0, [0.5, 1.0, 1.1, 1.2])
+    r1 = RequestResult(1, 0.0, 0.0, 50, 3, "ok", 2.0, [0.9, 1.1001, 1.2001])
+    prefill, decode = real_batches(SimpleNamespace(requests=[r0, r1]), gap_s=0.02)
+    assert prefill == [Batch(1, 10, 100, 10), Batch(1, 50, 2500, 50)]
+    assert [(b.size, b.sum_len, b.max_len) for b in decode] == [(1, 11, 11), (2, 12 + 51, 51), (2, 13 + 52, 52)]
+    # Each step after the first shares r0 with the one before: the worker ran them back to back.
+    assert [b.wall_s for b in decode] == [None, pytest.approx(0.1), pytest.approx(0.1)]
+    prof = SimpleNamespace(prefill_ms=lambda n, sq: 1.0 + n, decode_ms=lambda b, n, m: 10.0 * b)
+    assert profile_cpu_s(prof, prefill, decode) == (pytest.approx(0.062), pytest.approx(0.05))
+    assert back_to_back(prof, decode) == (2, pytest.approx(0.2), pytest.approx(0.04))

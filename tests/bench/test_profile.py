@@ -70,6 +70,41 @@ def test_fit_keeps_coefficients_non_negative_and_threshold_can_be_fixed() -> Non
         fit_step_model(x[:2], ms[:2])
 
 
+def padded_samples() -> list[DecodeSample]:
+    """An engine that pads each batch to its longest sequence: 20 + 0.01·batch·max + 1.5·batch."""
+    out = []
+    for batch in (1, 2, 4, 8, 16, 32):
+        for ctx in (64, 256, 1024):
+            for ctxs in ([ctx] * batch, [max(1, ctx * (i + 1) // batch) for i in range(batch)]):
+                out.append(DecodeSample(batch, sum(ctxs), max(ctxs), 20 + 0.01 * batch * max(ctxs) + 1.5 * batch))
+    return out
+
+
+def test_decode_fit_takes_the_context_form_that_fits() -> None:
+    dec = fit_decode(padded_samples(), threshold=1000)  # above the grid: one fit for every batch
+    assert dec.context == "padded" and dec.small.coeffs == pytest.approx((20, 0.01, 1.5), rel=1e-6)
+    by_sum = fit_decode(padded_samples(), threshold=1000, context="sum")
+    assert by_sum.context == "sum" and by_sum.small.max_rel_err > 0.05 > dec.small.max_rel_err
+    # Uniform batches alone (every context the same) cannot tell the forms apart: DistServe's wins.
+    assert fit_decode(decode_samples()).context == "sum"
+    with pytest.raises(ValueError, match="'sum' or 'padded'"):
+        fit_decode(padded_samples(), context="longest")
+
+
+def test_refit_rewrites_the_fits_from_the_samples_a_profile_holds(tmp_path: Path) -> None:
+    src, out = tmp_path / "src.json", tmp_path / "refit.json"
+    samples = {"prefill": [vars(s) for s in prefill_samples(PREFILL)], "decode": [vars(s) for s in padded_samples()]}
+    src.write_text(json.dumps({"model": "m", "summary": {"run_s": 1.0}, "samples": samples}))
+    assert main(["profile", "--refit", str(src), "--out", str(out)]) == 0
+    prof, doc = load_profile(str(out)), json.loads(out.read_text())
+    assert prof.decode_context == "padded" and prof.decode_small == pytest.approx((20, 0.01, 1.5), rel=1e-6)
+    assert prof.prefill == pytest.approx(PREFILL, rel=1e-6)
+    assert doc["model"] == "m" and doc["summary"]["run_s"] == 1.0 and doc["summary"]["decode_context"] == "padded"
+    assert main(["profile", "--refit", str(src), "--decode-context", "sum", "--out", str(out)]) == 0
+    assert load_profile(str(out)).decode_context == "sum"
+    assert main(["profile", "--refit", str(tmp_path / "none.json"), "--out", str(out)]) == 2
+
+
 def test_grid_stays_within_the_budget_the_batch_and_the_pool() -> None:
     grid = make_grid(max_len=1024, max_batch=128, capacity=20_000, margin=21)
     assert [16] in grid.prefill and [1024] in grid.prefill and [16] * 64 in grid.prefill
