@@ -319,6 +319,19 @@ class WorkerSpec:
     host_blocks: int = 0
 
 
+def lifecycle_leaks(lc: Lifecycle) -> list[str]:
+    """What an idle coordinator should no longer hold: live requests, pending releases,
+    planned transfers, queued work, decode-side reservations."""
+    problems = []
+    if lc.requests or lc.releasing or lc.transfer_blocks or len(lc.waiting) or lc.kv_waiting:
+        problems.append(f"coordinator still tracks {len(lc.requests)} requests, {len(lc.releasing)} releasing")
+    try:
+        lc.ledger.assert_empty()
+    except AssertionError as exc:
+        problems.append(str(exc))
+    return problems
+
+
 class FakeCluster:
     def __init__(self, policy: Policy, workers: list[WorkerSpec], transfer_ticks: int = 1) -> None:
         self.transfer_ticks = transfer_ticks
@@ -404,18 +417,12 @@ class FakeCluster:
             self.step()
 
     def assert_no_leaks(self) -> None:
-        lc = self.lifecycle
         problems = [f for w in self.workers.values() if w.alive for f in w.leaks()]
-        if lc.requests or lc.releasing or lc.transfer_blocks or len(lc.waiting) or lc.kv_waiting:
-            problems.append(f"coordinator still tracks {len(lc.requests)} requests, {len(lc.releasing)} releasing")
+        problems += lifecycle_leaks(self.lifecycle)
         for v in self.registry.views.values():
             if v.committed_blocks or v.reserved_blocks or v.queued_prefill_tokens:
                 problems.append(f"rank {v.rank}: committed {v.committed_blocks}, reserved {v.reserved_blocks}, "
                                 f"queued {v.queued_prefill_tokens}")
-        try:
-            lc.ledger.assert_empty()
-        except AssertionError as exc:
-            problems.append(str(exc))
         if problems:
             raise AssertionError("; ".join(problems))
 

@@ -41,7 +41,7 @@ from ecoserve.coordinator.policy import Policy, WorkerView
 from ecoserve.coordinator.request import Request, RequestStatus as S
 from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
 from ecoserve.data.workload import WorkloadRequest
-from ecoserve.sim.fake_cluster import NullCodec
+from ecoserve.sim.fake_cluster import NullCodec, lifecycle_leaks
 from ecoserve.sim.latency import LatencyProfile
 
 
@@ -898,14 +898,7 @@ class Simulator:
         self.kv_samples.append((self.now, used, reserved, cap))
 
     def assert_no_leaks(self) -> None:
-        problems = [f for w in self.workers for f in w.leaks()]
-        lc = self.lifecycle
-        if lc.requests or lc.releasing or lc.transfer_blocks or len(lc.waiting) or lc.kv_waiting:
-            problems.append(f"coordinator still tracks {len(lc.requests)} requests")
-        try:
-            lc.ledger.assert_empty()
-        except AssertionError as exc:
-            problems.append(str(exc))
+        problems = [f for w in self.workers for f in w.leaks()] + lifecycle_leaks(self.lifecycle)
         if problems:
             raise AssertionError("; ".join(problems))
 
