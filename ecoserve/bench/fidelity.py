@@ -18,14 +18,21 @@ cluster on this machine.
    per worker with the profile, the same pool and token budget, workers that read messages
    only between steps (as the live worker loop does) and chunk prompts to fill the budget (as
    our engine does); a KV transfer costs bytes / link rate + latency, the gloo figures
-   `bench kv-transfer` measured on this machine.
+   `bench kv-transfer` measured on this machine. With `--calibrate N` (default 20) the real
+   cluster first replays N other requests (those after the measured ones in the trace, other
+   arrival times), and each role's step times are scaled by its CPU time there over the
+   profile's time for the same steps: a profile fitted on one process alone misses what the
+   two workers cost each other on a small machine. The measured slice is never used to fit.
 5. The table: TTFT and TPOT p50/p90 and mean JCT, measured against simulated, each error and
-   whether it is within `--tolerance`; JSON with the same `summary`, both sides' requests, and
-   where the real time went: each process's CPU time and its wait for a CPU (schedstat) against
-   the simulated busy time, and the share of a CPU a busy thread got during the replay
-   (`cpu_share.CPUProbe`). The simulator gives each worker a core of its own; on a shared
-   machine the workers wait for one, so a second simulation with every step stretched by
-   1 / that share is reported beside the first: a diagnosis, not the prediction.
+   whether it is within `--tolerance`; the same for the profile as fitted; JSON with the same
+   `summary`, both sides' requests, and where the real time went: each process's CPU time and
+   its wait for a CPU (schedstat) against the profile on the steps it ran (rebuilt from token
+   times) and the simulated busy time, and the share of a CPU a busy thread got during the
+   replay (`cpu_share.CPUProbe`). The simulator gives each worker a core of its own; on a
+   shared machine the workers wait for one, so a simulation with every step stretched by
+   1 / that share is reported too: a diagnosis, not the prediction. `--engine sim` (workers
+   that sleep the profile's step times) checks the simulator against the live system's
+   mechanics alone: coordinator, worker loops, transfers.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from ecoserve.bench.cpu_share import load_average
 from ecoserve.bench.fidelity_runs import (
     LINK_GBS, LINK_LATENCY_MS, POLICIES, RealRun, Settings, build_requests, run_real, run_sim, settings_from,
 )
+from ecoserve.sim.latency import LatencyProfile, load_profile
 from ecoserve.data.workload import WorkloadRequest
 
 
@@ -77,6 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-latency-ms", type=float, default=LINK_LATENCY_MS, help="fixed cost of one KV transfer")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO carried by every request, both sides")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO carried by every request, both sides")
+    p.add_argument(
+        "--calibrate", type=int, default=20, metavar="N",
+        help="first replay N other requests of the trace (those after the measured ones) and scale each role's "
+        "step times in the simulator by its CPU time there over the profile's for the same steps (0: the profile "
+        "as fitted; model engine, 1 prefill + 1 decode)",
+    )
     p.add_argument("--tolerance", type=float, default=0.2, help="the error a figure may have (0.2: 20%%)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -87,20 +101,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # --- the command --------------------------------------------------------------------------------
 
 
-def _real_steps(s: Settings, real: RealRun, cpu: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The profile on the steps the real workers ran (rebuilt from token times; one worker per
-    role only): against their CPU time (the profile's own error, whatever the waiting; model
-    engine), and against the wall time of decode steps run back to back (what the live loop
-    adds per step, waiting for a CPU included)."""
-    from ecoserve.sim.latency import load_profile
+def _steps(prof: LatencyProfile, run: RealRun) -> tuple[list[rep.Batch], list[rep.Batch]]:
+    # Tokens of one step arrive within about a millisecond; steps are >= the shortest decode apart.
+    return rep.real_batches(run.result, gap_s=0.5 * prof.decode_ms(1, 1, 1) / 1e3)
 
-    names = ("prefill rank 0", "decode rank 1")
+
+def calibration(s: Settings, run: RealRun | None) -> dict[str, float]:
+    """Each role's CPU time in the calibration replay over the profile's time for the same steps:
+    the factor its step times take in the simulator ({} without a calibration replay). CPU time,
+    not wall time, so waiting for a CPU does not count; what slows the steps themselves does
+    (the two workers sharing the machine's caches and memory, the worker loop's own work)."""
+    if run is None:
+        return {}
+    prof = load_profile(s.profile)
+    prefill, decode = _steps(prof, run)
+    out = {}
+    for role, seconds in zip(("prefill", "decode"), rep.profile_cpu_s(prof, prefill, decode)):
+        used = run.cpu.get(f"{role} rank {0 if role == 'prefill' else 1}")
+        if used is not None and seconds > 0:
+            out[role] = used.main_run_s / seconds
+    return out
+
+
+def _real_steps(s: Settings, real: RealRun, cpu: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The profile as fitted on the steps the measured replay ran (one worker per role only):
+    against their CPU time (model engine), and against the wall time of the decode steps run
+    back to back (what the live loop adds per step, waiting for a CPU included)."""
     if (s.prefill, s.decode) != (1, 1):
         return {}
     prof = load_profile(s.profile)
-    prefill, decode = rep.real_batches(real.result, gap_s=0.5 * prof.decode_ms(1, 1, 1) / 1e3)
+    prefill, decode = _steps(prof, real)
     n, wall, model = rep.back_to_back(prof, decode)
     out = {"decode_steps_timed": float(n), "decode_step_wall_over_profile": wall / model if model else math.nan}
+    names = ("prefill rank 0", "decode rank 1")
     if s.engine == "model" and all(name in cpu for name in names):
         for name, steps, seconds in zip(names, (prefill, decode), rep.profile_cpu_s(prof, prefill, decode)):
             cpu[name] |= {"real_steps": len(steps), "profile_on_real_steps_s": seconds}
@@ -115,11 +148,12 @@ class Diagnosis:
 
     cpu: dict[str, dict[str, Any]]  # process -> CPU time, wait, steps rebuilt, the profile on them, sim busy
     steps: dict[str, float]  # the profile on the real steps (_real_steps)
-    shared_rows: list[rep.Row]  # the simulator with every step / the measured CPU share (engine model)
+    shared_rows: list[rep.Row]  # the prediction with every step / the measured CPU share (model engine)
     split: dict[str, dict[str, float]]
 
 
-def diagnose(s: Settings, requests: list[WorkloadRequest], real: RealRun, res: Any, sim: Any) -> Diagnosis:
+def diagnose(s: Settings, requests: list[WorkloadRequest], real: RealRun, res: Any, sim: Any,
+             scale: dict[str, float]) -> Diagnosis:
     cpu: dict[str, dict[str, Any]] = {
         name: {"run_s": c.main_run_s, "wait_s": c.main_wait_s, "all_threads_run_s": c.all_run_s,
                "all_threads_wait_s": c.all_wait_s} for name, c in real.cpu.items()}
@@ -130,7 +164,7 @@ def diagnose(s: Settings, requests: list[WorkloadRequest], real: RealRun, res: A
     steps = _real_steps(s, real, cpu)
     if s.engine == "sim":  # sleeping workers: the CPU share says little about their steps
         return Diagnosis(cpu, steps, [], split)
-    shared, _ = run_sim(s, requests, real.cpu_share)
+    shared, _ = run_sim(s, requests, {role: scale.get(role, 1.0) / real.cpu_share for role in ("prefill", "decode")})
     split["simulated_cpu_share"] = rep.split_means(real.result, shared)["simulated"]
     return Diagnosis(cpu, steps, rep.compare(rep.measured(real.result), rep.simulated(shared)), split)
 
@@ -145,39 +179,46 @@ def run_fidelity(args: argparse.Namespace) -> int:
     print(f"{len(requests)} {s.workload} requests (prompts <= {s.max_prompt_len} tokens, outputs clipped to "
           f"{s.max_output_len}), Poisson {s.rate:g} req/s over {arrival_span_s(requests):.0f} s; {s.policy}, "
           f"{s.prefill} prefill + {s.decode} decode ({s.engine} engine), {s.num_blocks} KV blocks and {s.threads} "
-          f"torch thread(s) per worker, token budget {s.token_budget}; profile {s.profile}; load average "
-          f"{load_average()}", flush=True)
+          f"torch thread(s) per worker, token budget {s.token_budget}; profile {s.profile}; calibration replay "
+          f"{s.calibrate} requests; load average {load_average()}", flush=True)
     real = run_real(s, requests, progress=not args.no_progress)
-    res, sim = run_sim(s, requests)
+    scale = calibration(s, real.calibration)
+    res, sim = run_sim(s, requests, scale)
     same = rep.same_requests(requests, real.result, res)
     rows = rep.compare(rep.measured(real.result), rep.simulated(res))
-    diag = diagnose(s, requests, real, res, sim)
+    plain_rows = rep.compare(rep.measured(real.result), rep.simulated(run_sim(s, requests)[0])) if scale else rows
+    diag = diagnose(s, requests, real, res, sim, scale)
 
-    engine = " (sim engine: workers sleep the profile's step times)" if s.engine == "sim" else ""
-    rep.print_comparison(f"Simulator fidelity: {s.model}{engine}, {s.policy}, {s.prefill}P+{s.decode}D, "
-                         f"{len(requests)} {s.workload} requests at {s.rate:g} req/s", rows, s.tolerance)
+    how = (f"profile x{scale.get('prefill', 1):.2f} prefill, x{scale.get('decode', 1):.2f} decode (calibrated on "
+           f"{s.calibrate} other requests)" if scale else "profile as fitted")
+    if s.engine == "sim":
+        how = "sim engine: workers sleep the profile's step times"
+    rep.print_comparison(f"Simulator fidelity: {s.model}, {s.policy}, {s.prefill}P+{s.decode}D, {len(requests)} "
+                         f"{s.workload} requests at {s.rate:g} req/s; {how}", rows, s.tolerance)
+    if scale:
+        rep.print_comparison("The same with the profile as fitted (no calibration)", plain_rows, s.tolerance)
     rep.print_split(diag.split)
     rep.print_cpu(diag.cpu)
     if "decode_step_wall_over_profile" in diag.steps:
         print(f"decode steps run back to back: {diag.steps['decode_steps_timed']:.0f}, their wall time "
-              f"{diag.steps['decode_step_wall_over_profile']:.2f}x the profile's")
+              f"{diag.steps['decode_step_wall_over_profile']:.2f}x the profile's (as fitted)")
     print(f"load average before / after the replay: {real.load_before} / {real.load_after}; a busy thread got "
           f"{real.cpu_share:.0%} of a CPU on average ({len(real.cpu_shares)} probes)")
     if diag.shared_rows:
-        rep.print_comparison(f"Diagnosis, not the prediction: the simulator with every step {1 / real.cpu_share:.2f}x "
+        rep.print_comparison(f"Diagnosis, not the prediction: the prediction with every step {1 / real.cpu_share:.2f}x "
                              "longer (the CPU share measured during the replay)", diag.shared_rows, s.tolerance)
     run_s = time.perf_counter() - start
     verdict = "within" if all(r.within(s.tolerance) for r in rows) else "NOT within"
     print(f"same requests on both sides: {same}; simulator {verdict} {s.tolerance:.0%} on every figure; "
           f"real replay {real.wall_s:.0f} s, whole run {run_s:.0f} s")
     if args.out:
-        _write(args.out, s, requests, real, res, rows, diag, same=same, run_s=run_s)
+        _write(args.out, s, requests, real, res, rows, plain_rows, scale, diag, same=same, run_s=run_s)
         print(f"wrote {args.out}")
     return 0 if same else 1
 
 
 def _write(out: str, s: Settings, requests: list[WorkloadRequest], real: RealRun, res: Any, rows: list[rep.Row],
-           diag: Diagnosis, same: bool, run_s: float) -> None:
+           plain_rows: list[rep.Row], scale: dict[str, float], diag: Diagnosis, same: bool, run_s: float) -> None:
     from ecoserve.bench.report import write_json
     from ecoserve.bench.serve_metrics import summarize
 
@@ -185,18 +226,21 @@ def _write(out: str, s: Settings, requests: list[WorkloadRequest], real: RealRun
     summary = rep.summary(
         rows, s.tolerance, num_requests=len(requests), same_requests=same,
         measured_completed=sum(r.status == "ok" for r in real.result.requests), sim_completed=len(res.requests),
+        calibration_prefill=scale.get("prefill"), calibration_decode=scale.get("decode"),
+        uncalibrated_max_abs_error=max(abs(r.error) for r in plain_rows),
+        uncalibrated_within_tolerance=all(r.within(s.tolerance) for r in plain_rows),
         cpu_share=real.cpu_share,
         cpu_share_max_abs_error=max(abs(r.error) for r in shared) if shared else None,
-        cpu_share_within_tolerance=all(r.within(s.tolerance) for r in shared) if shared else None,
         **diag.steps,
         load_avg_before=real.load_before[0] if real.load_before else None,
         load_avg_after=real.load_after[0] if real.load_after else None,
-        real_replay_s=real.wall_s, run_s=run_s,
+        real_replay_s=real.wall_s, calibration_replay_s=real.calibration.wall_s if real.calibration else None,
+        run_s=run_s,
     )
+    figures = {name: {r.key: {"simulated_ms": r.simulated_ms, "error": r.error} for r in rs}
+               for name, rs in (("uncalibrated", plain_rows), ("cpu_share", shared))}
     write_json(
-        out, summary, dataclasses.asdict(s),
-        cpu_share={"shares": real.cpu_shares,
-                   "figures": {r.key: {"simulated_ms": r.simulated_ms, "error": r.error} for r in shared}},
+        out, summary, dataclasses.asdict(s), other_simulations=figures, cpu_shares=real.cpu_shares,
         split=diag.split, cpu=diag.cpu,
         real={"summary": summarize(real.result), "load_before": real.load_before, "load_after": real.load_after},
         sim={"duration_s": res.duration_s, "counters": res.counters, "worker_busy": res.worker_busy},

@@ -57,6 +57,7 @@ class Settings:
     slo_tpot_ms: float | None
     tolerance: float
     seed: int
+    calibrate: int  # requests of the calibration replay (0: none)
     server_args: list[str] = field(default_factory=list)
 
 
@@ -95,6 +96,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     for name in ("num_requests", "max_output_len", "prefill", "decode"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.calibrate < 0 or (args.calibrate and args.engine == "model" and (args.prefill, args.decode) != (1, 1)):
+        raise ValueError(f"--calibrate takes 0 or a number of requests, with --prefill 1 --decode 1 (each worker's "
+                         f"steps are rebuilt from token times); got {args.calibrate} with {args.prefill}P+{args.decode}D")
     if not args.rate > 0 or args.rate == float("inf"):
         raise ValueError(f"--rate must be a finite number of requests/s > 0, got {args.rate}")
     if not (args.link_gbs > 0 and args.link_latency_ms >= 0 and 0 < args.tolerance < 1):
@@ -135,35 +139,47 @@ def settings_from(args: argparse.Namespace) -> Settings:
         link_bytes_per_s=args.link_gbs * 1e9,
         link_latency_s=(SIM_ENGINE_LINK_LATENCY_MS if sim_engine else args.link_latency_ms) / 1e3,
         slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, tolerance=args.tolerance, seed=args.seed,
+        calibrate=args.calibrate if args.engine == "model" else 0,
         server_args=server_args,
     )
 
 
-def build_requests(s: Settings) -> list[WorkloadRequest]:
-    """The first `num_requests` of the workload with prompts <= max_prompt_len, outputs clipped,
-    Poisson arrivals at `rate`."""
+def build_requests(s: Settings, offset: int = 0, count: int | None = None, seed: int | None = None,
+                   ) -> list[WorkloadRequest]:
+    """`count` (default `num_requests`) requests of the workload with prompts <= max_prompt_len,
+    from the `offset`-th such one on, outputs clipped, Poisson arrivals at `rate` (`seed`)."""
     from ecoserve.data.synthetic import with_arrivals
     from ecoserve.sim.workloads import make_workload
 
-    pool = make_workload(s.workload, max(1000, 20 * s.num_requests), 1.0, s.seed)  # lengths; arrivals redrawn
+    count = s.num_requests if count is None else count
+    pool = make_workload(s.workload, max(1000, 20 * (offset + count)), 1.0, s.seed)  # lengths; arrivals redrawn
     kept = [dataclasses.replace(r, output_len=min(r.output_len, s.max_output_len))
-            for r in pool if r.prompt_len <= s.max_prompt_len][: s.num_requests]
-    if len(kept) < s.num_requests:
-        raise ValueError(f"only {len(kept)} {s.workload} requests have prompts <= {s.max_prompt_len} tokens; "
-                         "ask for fewer or raise --max-prompt-len")
-    return with_arrivals(kept, s.rate, seed=s.seed)
+            for r in pool if r.prompt_len <= s.max_prompt_len][offset: offset + count]
+    if len(kept) < count:
+        raise ValueError(f"only {len(kept)} {s.workload} requests have prompts <= {s.max_prompt_len} tokens "
+                         f"after the first {offset}; ask for fewer (--num-requests, --calibrate) or raise --max-prompt-len")
+    return with_arrivals(kept, s.rate, seed=s.seed if seed is None else seed)
+
+
+def calibration_requests(s: Settings) -> list[WorkloadRequest]:
+    """The requests after the measured ones in the trace, on other arrival times."""
+    return build_requests(s, offset=s.num_requests, count=s.calibrate, seed=s.seed + 1) if s.calibrate else []
+
 
 # --- the two sides ------------------------------------------------------------------------------
 
 
 @dataclass
 class RealRun:
+    """One timed replay on the real cluster."""
+
     result: Any  # serve_metrics.BenchResult
     wall_s: float
-    cpu: dict[str, CPUTime]  # process -> its CPU time over the timed replay
+    cpu: dict[str, CPUTime]  # process -> its CPU time over the replay
     cpu_shares: list[float]  # what a busy thread got, every probe period of the replay
     load_before: list[float]
     load_after: list[float]
+    calibration: RealRun | None = None  # the calibration replay before it, if any
 
     @property
     def cpu_share(self) -> float:
@@ -171,6 +187,7 @@ class RealRun:
 
 
 def run_real(s: Settings, requests: list[WorkloadRequest], progress: bool) -> RealRun:
+    """Start the cluster, warm it up, replay the calibration requests (if any), then `requests`."""
     from ecoserve.bench.cluster import local_cluster
 
     extra = [*s.server_args, "--num-blocks", str(s.num_blocks), "--block-size", str(s.block_size),
@@ -182,7 +199,6 @@ def run_real(s: Settings, requests: list[WorkloadRequest], progress: bool) -> Re
 async def _replay(addr: str, s: Settings, requests: list[WorkloadRequest], progress: bool) -> RealRun:
     from ecoserve.bench.cluster import child_pids
     from ecoserve.bench.serve import connect, run_benchmark
-    from ecoserve.client_types import SLO
 
     client = await connect(addr)
     stats = await client.stats(timeout=10.0)
@@ -193,6 +209,18 @@ async def _replay(addr: str, s: Settings, requests: list[WorkloadRequest], progr
     pids |= {"coordinator": pid for pid in serve[:1]}
     # Untimed: the first call of every path (allocator, thread pools), a short and a long prompt.
     await run_benchmark(addr, [WorkloadRequest(0.0, 16, 4), WorkloadRequest(0.0, s.max_prompt_len, 4)], progress=False)
+    calibration = None
+    if s.calibrate:
+        calibration = await _timed(addr, s, calibration_requests(s), pids, progress)
+    run = await _timed(addr, s, requests, pids, progress)
+    run.calibration = calibration
+    return run
+
+
+async def _timed(addr: str, s: Settings, requests: list[WorkloadRequest], pids: dict[str, int], progress: bool) -> RealRun:
+    from ecoserve.bench.serve import run_benchmark
+    from ecoserve.client_types import SLO
+
     before = {name: cpu_time(pid) for name, pid in pids.items()}
     load_before, own, t0 = load_average(), time.process_time(), time.perf_counter()
     with CPUProbe() as probe:
@@ -207,17 +235,21 @@ async def _replay(addr: str, s: Settings, requests: list[WorkloadRequest], progr
     return RealRun(result, wall, cpu, probe.shares, load_before, load_average())
 
 
-def run_sim(s: Settings, requests: list[WorkloadRequest], cpu_share: float = 1.0) -> tuple[Any, Any]:
-    """(SimResult, Simulator) of `requests`; every step takes 1 / `cpu_share` times the profile's."""
+def run_sim(s: Settings, requests: list[WorkloadRequest], scale: dict[str, float] | None = None) -> tuple[Any, Any]:
+    """(SimResult, Simulator) of `requests`; `scale[role]` multiplies that role's step times."""
     from ecoserve.coordinator.policies import make_policy
     from ecoserve.sim.latency import load_profile
     from ecoserve.sim.simulator import HardwareConfig, InstanceSpec, Simulator
 
-    prof = load_profile(s.profile)
-    if cpu_share != 1.0:
-        k = 1.0 / cpu_share
-        prof = dataclasses.replace(prof, name=f"{prof.name} x{k:.2f}", prefill=_times(prof.prefill, k),
-                                   decode_small=_times(prof.decode_small, k), decode_large=_times(prof.decode_large, k))
+    base = load_profile(s.profile)
+
+    def profile(role: str) -> Any:
+        k = (scale or {}).get(role, 1.0)
+        if k == 1.0:
+            return base
+        return dataclasses.replace(base, name=f"{base.name} x{k:.2f}", prefill=_times(base.prefill, k),
+                                   decode_small=_times(base.decode_small, k), decode_large=_times(base.decode_large, k))
+
     hw = HardwareConfig(
         block_size=s.block_size, prefill_token_budget=s.token_budget, mixed_token_budget=s.token_budget,
         link_bytes_per_s=s.link_bytes_per_s, link_latency_s=s.link_latency_s,
@@ -226,12 +258,11 @@ def run_sim(s: Settings, requests: list[WorkloadRequest], cpu_share: float = 1.0
         messages_between_steps=True,  # as the live single-threaded worker loop reads them
         chunked_prefill=True,  # as our engine's FCFS batcher fills its token budget
     )
-    specs = [InstanceSpec("prefill", prof, 1, s.num_blocks)] * s.prefill
-    specs += [InstanceSpec("decode", prof, 1, s.num_blocks)] * s.decode
+    specs = [InstanceSpec("prefill", profile("prefill"), 1, s.num_blocks)] * s.prefill
+    specs += [InstanceSpec("decode", profile("decode"), 1, s.num_blocks)] * s.decode
     sim = Simulator(make_policy(s.policy, **s.options), specs, hw)
     return sim.run(requests, s.slo_ttft_ms, s.slo_tpot_ms), sim
 
 
 def _times(coeffs: tuple[float, float, float], k: float) -> tuple[float, float, float]:
     return (coeffs[0] * k, coeffs[1] * k, coeffs[2] * k)
-

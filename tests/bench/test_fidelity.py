@@ -11,11 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from ecoserve.bench.fidelity import add_arguments
-from ecoserve.bench.fidelity_runs import build_requests, settings_from
+from ecoserve.bench.cpu_share import CPUTime
+from ecoserve.bench.fidelity import add_arguments, calibration
+from ecoserve.bench.fidelity_runs import RealRun, build_requests, calibration_requests, settings_from
 from ecoserve.bench.fidelity_report import FIGURES, Batch, Latencies, back_to_back, compare, profile_cpu_s, real_batches
 from ecoserve.bench.serve_metrics import RequestResult
 from ecoserve.cli import main
+from ecoserve.sim.latency import load_profile
 
 NUM_REQUESTS = 5
 
@@ -26,7 +28,7 @@ def test_tiny_run_compares_both_sides_on_the_same_requests(tmp_path: Path, capsy
     code = main([
         "bench", "sim-fidelity", "--model", "tiny-llama", "--fit", "--quick", "--fit-out", str(prof),
         "--num-requests", str(NUM_REQUESTS), "--rate", "5", "--max-output-len", "12", "--num-blocks", "128",
-        "--no-progress", "--out", str(out),
+        "--calibrate", "3", "--no-progress", "--out", str(out),
     ])
     assert code == 0
     printed = capsys.readouterr().out
@@ -41,7 +43,10 @@ def test_tiny_run_compares_both_sides_on_the_same_requests(tmp_path: Path, capsy
         assert s[f"{key}_error"] == pytest.approx((sim - measured) / measured)
     assert s["max_abs_error"] == pytest.approx(max(abs(s[f"{k}_error"]) for k, _ in FIGURES))
     assert s["within_tolerance"] == (s["max_abs_error"] <= 0.2)
-    assert 0 < s["cpu_share"] <= 1.01 and len(doc["cpu_share"]["shares"]) >= 1  # the probe ran during the replay
+    assert 0 < s["cpu_share"] <= 1.01 and len(doc["cpu_shares"]) >= 1  # the probe ran during the replay
+    # Calibrated on 3 other requests first: each role's CPU time over the profile's for its steps.
+    assert s["calibration_prefill"] > 0 and s["calibration_decode"] > 0 and s["calibration_replay_s"] > 0
+    assert set(doc["other_simulations"]) == {"uncalibrated", "cpu_share"}
     # Both sides saw each request at its arrival time with its lengths; outputs forced in full.
     rows = doc["requests"]
     assert [r["index"] for r in rows] == list(range(NUM_REQUESTS))
@@ -74,6 +79,24 @@ def test_requests_stay_within_the_profiled_range_with_poisson_arrivals() -> None
     gaps = [b.arrival_s - a.arrival_s for a, b in zip(reqs, reqs[1:])]
     assert all(g > 0 for g in gaps) and 0.5 < (len(gaps) / sum(gaps)) / 0.5 < 2  # about the asked rate
     assert build_requests(s) == reqs, "seeded: the same list every time"
+    # The calibration replay: the 20 requests after these in the trace, on other arrival times.
+    calib, both = calibration_requests(s), build_requests(s, count=50)
+    assert len(calib) == s.calibrate == 20
+    assert [(r.prompt_len, r.output_len) for r in calib] == [(r.prompt_len, r.output_len) for r in both[30:]]
+    assert [r.arrival_s for r in calib] != [r.arrival_s for r in both[30:]]
+
+
+def test_calibration_is_each_roles_cpu_time_over_the_profiles_for_its_steps() -> None:
+    s = settings_from(parse())
+    prof = load_profile(s.profile)
+    # One prefill step of a 100-token prompt, then two decode steps of it alone.
+    req = RequestResult(0, 0.0, 0.0, 100, 3, "ok", 2.0, [1.0, 1.5, 2.0])
+    prefill_s = prof.prefill_ms(100, 100 * 100) / 1e3
+    decode_s = (prof.decode_ms(1, 101, 101) + prof.decode_ms(1, 102, 102)) / 1e3
+    cpu = {"prefill rank 0": CPUTime(2 * prefill_s, 0, 0, 0), "decode rank 1": CPUTime(0.5 * decode_s, 0, 0, 0)}
+    run = RealRun(SimpleNamespace(requests=[req]), 1.0, cpu, [], [], [])
+    assert calibration(s, run) == {"prefill": pytest.approx(2.0), "decode": pytest.approx(0.5)}
+    assert calibration(s, None) == {}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -81,6 +104,7 @@ def test_requests_stay_within_the_profiled_range_with_poisson_arrivals() -> None
     (("--rate", "0"), "--rate must be a finite number"),
     (("--num-requests", "0"), "--num-requests must be >= 1"),
     (("--max-prompt-len", "8", "--num-requests", "5"), "have prompts <= 8 tokens"),
+    (("--prefill", "2", "--calibrate", "5"), "--calibrate takes 0 or a number of requests, with --prefill 1"),
 ])
 def test_bad_settings_are_one_line_errors(argv: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "sim-fidelity", *argv]) == 2
