@@ -267,6 +267,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return main_entry(args)
 
 
+def _add_kv_transfer_arguments(parser: argparse.ArgumentParser) -> None:
+    from ecoserve.kv_transfer.types import DEFAULT_GROUP_BLOCKS
+
+    parser.add_argument("--prompt-lens", type=int, nargs="+", default=[512, 4096])
+    parser.add_argument("--repeats", type=int, default=10, help="timed iterations per path")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--group-blocks", type=int, default=DEFAULT_GROUP_BLOCKS, help="blocks per message")
+    parser.add_argument("--poll-sleep-us", type=float, default=50.0, help="sleep between the worker's polls (0: spin)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="out/bench_kv_transfer.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecoserve", description="EcoServe LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -353,9 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     res.set_defaults(func=_cmd_results)
 
     kvt = bench.add_parser("kv-transfer", help="paged KV transfer between two ranks against a bare send/recv")
-    from ecoserve.bench.kv_transfer import add_arguments as add_kv_transfer_arguments
-
-    add_kv_transfer_arguments(kvt)
+    _add_kv_transfer_arguments(kvt)  # here: the benchmark's module imports torch, which `sim` does without
     kvt.set_defaults(func=_cmd_bench_kv_transfer)
 
     crd = bench.add_parser("coordinator", help="the coordinator's own cost with many requests in flight")

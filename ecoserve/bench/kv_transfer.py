@@ -34,6 +34,7 @@ import os
 import resource
 import socket
 import statistics
+import sys
 import time
 import traceback
 from multiprocessing.queues import Queue
@@ -46,24 +47,12 @@ from torch import Tensor
 from ecoserve.bench.report import print_table, write_json
 from ecoserve.kv_cache import BlockPool
 from ecoserve.kv_transfer.backend import TorchDistBackend
-from ecoserve.kv_transfer.engine import DEFAULT_GROUP_BLOCKS, KVTransferWorker
+from ecoserve.kv_transfer.engine import KVTransferWorker
 from ecoserve.kv_transfer.types import TransferPlan, TransferState
 
 # SmolLM2-135M's KV layout
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 30, 3, 64, 16
 BARE_TAG, ACK_TAG = 2**31 - 1, 2**31 - 2  # above any tag the worker uses in this run
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt-lens", type=int, nargs="+", default=[512, 4096])
-    parser.add_argument("--repeats", type=int, default=10, help="timed iterations per path")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--group-blocks", type=int, default=DEFAULT_GROUP_BLOCKS, help="blocks per message")
-    parser.add_argument("--poll-sleep-us", type=float, default=50.0,
-                        help="sleep between the worker's polls (0: spin)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="out/bench_kv_transfer.json")
 
 
 def _rank_main(rank: int, init_method: str, settings: dict[str, Any], results: Queue[Any]) -> None:
@@ -282,15 +271,12 @@ def run_kv_transfer_benchmark(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ecoserve.bench.kv_transfer", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return run_kv_transfer_benchmark(parser.parse_args())
+    from ecoserve.cli import build_parser
+
+    return run_kv_transfer_benchmark(build_parser().parse_args(["bench", "kv-transfer", *sys.argv[1:]]))
 
 
-__all__ = ["add_arguments", "run_kv_transfer_benchmark"]
+__all__ = ["run_kv_transfer_benchmark"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -2,6 +2,15 @@
 
 from ecoserve.kv_cache.block_pool import BlockPool, OutOfBlocksError
 from ecoserve.kv_cache.block_table import BlockTable
-from ecoserve.kv_cache.host_pool import HostSwapSpace
 
 __all__ = ["BlockPool", "BlockTable", "HostSwapSpace", "OutOfBlocksError"]
+
+
+def __getattr__(name: str) -> object:
+    # The swap space holds torch tensors: imported on first use, so the torch-free users of the
+    # block pool (coordinator, simulator) do not pay for torch.
+    if name == "HostSwapSpace":
+        from ecoserve.kv_cache.host_pool import HostSwapSpace
+
+        return HostSwapSpace
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,11 +42,10 @@ import torch
 from torch import Tensor
 
 from ecoserve.kv_transfer.backend import TransferBackend, TransferError, TransferHandle
-from ecoserve.kv_transfer.types import CompatRecord, TransferPlan, TransferState, TransferUpdate
+from ecoserve.kv_transfer.types import DEFAULT_GROUP_BLOCKS, CompatRecord, TransferPlan, TransferState, TransferUpdate
 
 MAX_CHUNKS = 1 << 14  # messages per transfer at most; spaces out the tags
 TAG_SPACE = 2**31
-DEFAULT_GROUP_BLOCKS = 256  # blocks per message: 4,096 tokens at block size 16 (fewer, larger messages)
 _POOL_MAX_BYTES = 256 << 20  # free CPU chunk buffers kept for reuse, at most
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, fields
 
+DEFAULT_GROUP_BLOCKS = 256  # blocks per KV message: 4,096 tokens at block size 16 (fewer, larger messages)
+
 
 class TransferState(enum.Enum):
     """Where one side's half of a transfer stands; polled through ``KVTransferWorker.poll``."""

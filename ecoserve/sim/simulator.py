@@ -16,8 +16,10 @@ latency model (`sim.latency.LatencyProfile`, DistServe's form):
   the worker's next step; recomputing costs a prefill of everything it had.
 
 Speed: a decode worker advances its whole batch one step per event and touches a request only
-when something happens to it (a new KV block, its end, the point where it nears its
-reservation), so the cost is per step and per block, not per token. The coordinator sees the
+when something happens to it (its end, the point where it nears or reaches its reservation);
+KV blocks are granted per step to every request crossing a block boundary at once (requests
+are counted by the step residue at which they cross), so the cost is per step and per request,
+not per token or per block. The coordinator sees the
 same state a live one would: each decode step's count and free blocks on the worker views,
 and a request's output length (`TokenCount`, a live count standing in for the token list the
 simulator does not need). Per-token `TokenEvents` are replaced by one `DecodeProgress` per step
@@ -135,7 +137,7 @@ class _Seq:
 
     __slots__ = (
         "rid", "prompt", "target", "max_tokens", "produced", "joined", "blocks", "cap", "version", "active",
-        "host_blocks", "mode", "worker", "count", "near_for", "req", "rejoined",
+        "host_blocks", "mode", "worker", "count", "near_for", "req", "rejoined", "cls", "granted",
     )
 
     def __init__(self, worker: SimWorker, rid: str, prompt: int, target: int, max_tokens: int, produced: int,
@@ -146,6 +148,8 @@ class _Seq:
         self.mode: str | None = None
         self.near_for = -1  # the prediction it was last reported near
         self.rejoined = False
+        self.cls = 0  # while active: its block class (SimWorker.classes)
+        self.granted = -1  # the step at which it got its block in an exhausted step
         self.count: TokenCount = req.output_token_ids  # type: ignore[assignment]
         self.count.seq = self
 
@@ -156,10 +160,6 @@ class _Seq:
         if self.active:
             self.produced += self.worker.steps - self.joined
             self.joined = self.worker.steps
-
-    def blocks_for_next_exceeds(self) -> bool:
-        """Whether the token the next step writes needs another block."""
-        return self.worker.blocks_for(self.prompt + self.produced) > self.blocks
 
     def detach(self) -> None:
         self.sync()
@@ -235,6 +235,14 @@ class SimWorker:
         self.heap: list[tuple[int, int, str, int]] = []  # (step, tie, rid, version)
         self.rejoined: list[_Seq] = []  # came back into the batch at this step's start
         self.sum_ctx = 0
+        # Block accounting without a per-request event per block: an active request holds
+        # blocks_for(prompt + produced) (room for the token the next step writes), so it needs a
+        # new block after each step s with (prompt + produced - 1) % block_size == 0, i.e. with
+        # (cls + s) % block_size == 0 for its class cls, fixed while it runs. `classes` counts the
+        # active requests per class: a step takes that many blocks at once. Between a step's end
+        # and that grant (`ungranted`), what the step's requests hold is one token less.
+        self.classes = [0] * self.block_size
+        self.ungranted = 0
         # Padded profiles (decode cost by the longest context): each active request's context
         # is `steps + offset`, offset = prompt + produced - joined, constant while it runs; the
         # offsets are counted and kept in a max-heap (negated, stale entries skipped).
@@ -385,9 +393,13 @@ class SimWorker:
     # --- the decode batch ---------------------------------------------------------------------------
 
     def _join(self, seq: _Seq) -> None:
+        """`seq` (holding blocks_for(prompt + produced)) joins the running batch."""
         seq.active, seq.joined = True, self.steps
         seq.version += 1
-        self.sum_ctx += seq.prompt + seq.produced
+        ctx = seq.prompt + seq.produced
+        self.sum_ctx += ctx
+        seq.cls = (ctx - self.steps - 1) % self.block_size
+        self.classes[seq.cls] += 1
         if self.padded:
             off = seq.prompt + seq.produced - self.steps
             self.offsets[off] = self.offsets.get(off, 0) + 1
@@ -395,10 +407,14 @@ class SimWorker:
         self._schedule_event(seq)
 
     def _leave(self, seq: _Seq) -> None:
+        """`seq` leaves the running batch; `seq.blocks` is what it holds then."""
         seq.sync()
         seq.active = False
         seq.version += 1
-        self.sum_ctx -= seq.prompt + seq.produced
+        ctx = seq.prompt + seq.produced
+        self.sum_ctx -= ctx
+        self.classes[seq.cls] -= 1
+        seq.blocks = self.blocks_for(ctx - (self.ungranted and seq.granted != self.steps))
         if self.padded:
             self.offsets[seq.prompt + seq.produced - seq.joined] -= 1
 
@@ -417,40 +433,56 @@ class SimWorker:
         pred = seq.req.predicted_tokens
         if ahead and pred is not None and pred < seq.max_tokens and seq.near_for != pred:
             k = min(k, max(1, pred - ahead - q))
-        k = min(k, seq.blocks * self.block_size + 1 - seq.prompt - q)  # needs another block then
+        if seq.cap is not None:  # its next token would need a block past its reservation then
+            k = min(k, self.blocks_for(seq.cap) * self.block_size + 1 - seq.prompt - q)
         k = max(k, 1)
         heapq.heappush(self.heap, (self.steps + k, next(self.sim.ties), seq.rid, seq.version))
 
-    def _ensure_blocks(self, seq: _Seq, tokens: int, preempted: list[str]) -> bool:
-        """Grow `seq` to hold `tokens`; on exhaustion drop the newest requests (recompute later),
-        as a live worker does. False if `seq` itself was dropped or is held at its cap."""
-        need = self.blocks_for(tokens)
-        if seq.cap is not None and need > self.blocks_for(seq.cap):
+    def _at_cap(self, seq: _Seq) -> bool:
+        """Whether the token the next step writes needs a block past `seq`'s reservation."""
+        return seq.cap is not None and self.blocks_for(seq.prompt + seq.produced) > self.blocks_for(seq.cap)
+
+    def _hold_at_cap(self, seq: _Seq) -> None:
+        """Out of the batch until its reservation is extended."""
+        self._leave(seq)
+        del self.running[seq.rid]
+        self.capped[seq.rid] = seq
+
+    def _drop_for_room(self, seq: _Seq, preempted: list[str]) -> None:
+        """Out of the batch, its blocks freed, to come back (recomputed) when there is room, as
+        a live worker drops its newest requests when its pool runs out."""
+        if seq.active:
             self._leave(seq)
             del self.running[seq.rid]
-            self.capped[seq.rid] = seq
-            return False
-        while need > seq.blocks:
-            if self._take(need - seq.blocks):
-                seq.blocks = need
-                break
-            victim = next(reversed(self.running.values()))
-            self._leave(victim)
-            del self.running[victim.rid]
-            self.free += victim.blocks
-            victim.blocks = 0
-            self.local_waiting.appendleft(victim)
-            preempted.append(victim.rid)
-            if victim is seq:
-                return False
-        return True
+        self.free += seq.blocks
+        seq.blocks = 0
+        self.local_waiting.appendleft(seq)
+        preempted.append(seq.rid)
+
+    def _grow_exhausted(self, cls: int, preempted: list[str]) -> None:
+        """This step's requests of class `cls` each need a block and the pool has fewer: in batch
+        order each takes one, or the newest request (maybe itself) is dropped to make room."""
+        for seq in [s for s in self.running.values() if s.cls == cls]:
+            while seq.active:
+                if self.free:
+                    self.free -= 1
+                    seq.granted = self.steps
+                    break
+                self._drop_for_room(next(reversed(self.running.values())), preempted)
 
     def _rejoin(self, step_prefill: list[int], preempted: list[str]) -> None:
         """Requests coming back into the batch at this step start (cost added to the step)."""
         for seq in self.arrived:
+            if self._at_cap(seq):
+                self.capped[seq.rid] = seq
+                continue
+            need = self.blocks_for(seq.prompt + seq.produced)
+            if not self._take(need - seq.blocks):
+                self._drop_for_room(seq, preempted)  # it would be the newest: no room even for itself
+                continue
+            seq.blocks = need
             self.running[seq.rid] = seq
             self._join(seq)
-            self._ensure_blocks(seq, seq.prompt + seq.produced, preempted)
         self.arrived.clear()
         for q in (self.to_resume, self.local_waiting):
             while q:
@@ -474,7 +506,8 @@ class SimWorker:
                 self.rejoined.append(seq)
                 self.running[seq.rid] = seq
                 self._join(seq)
-                self._ensure_blocks(seq, seq.prompt + seq.produced, preempted)
+                if self._at_cap(seq):
+                    self._hold_at_cap(seq)
 
     def start(self) -> float | None:
         """Start a step if there is work: returns its duration in seconds (None: idle)."""
@@ -561,45 +594,16 @@ class SimWorker:
         if n:
             self.steps += 1
             self.sum_ctx += n
+            self.ungranted = 1
             heap = self.heap
-            if not heap or heap[0][0] > self.steps:  # the common step: nothing happens to anyone
-                view = sim.views[self.rank]
-                view.decode_steps, view.free_blocks = self.steps, self.free
-                if preempted or resumed:
-                    sim.to_coordinator(DecodeProgress(self.rank, finished, resumed, preempted, near))
-                return
-            due: list[_Seq] = []
-            while heap and heap[0][0] <= self.steps:
-                _, _, rid, version = heapq.heappop(heap)
-                seq = self.running.get(rid)
-                if seq is not None and seq.version == version:
-                    seq.sync()
-                    due.append(seq)
-            # Endings first: their blocks are free before anyone needs a victim, and a request
-            # that has just produced its last token is never taken as one.
-            growing = []
-            for seq in due:
-                if seq.produced >= seq.target:
-                    self._leave(seq)
-                    del self.running[seq.rid]
-                    seq.detach()
-                    self.free += seq.blocks
-                    seq.blocks = 0
-                    finished.append((seq.rid, "length" if seq.produced >= seq.max_tokens else "stop"))
-                else:
-                    growing.append(seq)
-            for seq in growing:
-                if not seq.active:
-                    continue  # dropped for room by an earlier one in this loop
-                pred = seq.req.predicted_tokens
-                if (sim.extend_ahead and pred is not None and pred < seq.max_tokens and seq.near_for != pred
-                        and seq.produced + sim.extend_ahead >= pred):
-                    seq.near_for = pred
-                    near.append(seq.rid)
-                if seq.blocks_for_next_exceeds():
-                    if not self._ensure_blocks(seq, seq.prompt + seq.produced, preempted):
-                        continue
-                self._schedule_event(seq)
+            if heap and heap[0][0] <= self.steps:
+                self._due(finished, near)
+            grow = self.classes[-self.steps % self.block_size]
+            if grow <= self.free:
+                self.free -= grow
+            else:
+                self._grow_exhausted(-self.steps % self.block_size, preempted)
+            self.ungranted = 0
             sim.views[self.rank].decode_steps = self.steps
         sim.views[self.rank].free_blocks = self.free
         # A step that changed nothing but its clock and the blocks it took cannot make waiting
@@ -609,6 +613,40 @@ class SimWorker:
             sim.to_coordinator(DecodeProgress(self.rank, finished, resumed, preempted, near))
         if finished and self.to_receive:
             self._post_receives()
+
+    def _due(self, finished: list[tuple[str, str]], near: list[str]) -> None:
+        """The requests something happens to at this step: their end, nearing their reservation,
+        reaching it. Endings first: their blocks are free before anyone needs room, and a request
+        that has just produced its last token is never taken as a victim."""
+        sim, heap = self.sim, self.heap
+        due: list[_Seq] = []
+        while heap and heap[0][0] <= self.steps:
+            _, _, rid, version = heapq.heappop(heap)
+            seq = self.running.get(rid)
+            if seq is not None and seq.version == version:
+                seq.sync()
+                due.append(seq)
+        growing = []
+        for seq in due:
+            if seq.produced >= seq.target:
+                self._leave(seq)
+                del self.running[seq.rid]
+                seq.detach()
+                self.free += seq.blocks
+                seq.blocks = 0
+                finished.append((seq.rid, "length" if seq.produced >= seq.max_tokens else "stop"))
+            else:
+                growing.append(seq)
+        for seq in growing:
+            pred = seq.req.predicted_tokens
+            if (sim.extend_ahead and pred is not None and pred < seq.max_tokens and seq.near_for != pred
+                    and seq.produced + sim.extend_ahead >= pred):
+                seq.near_for = pred
+                near.append(seq.rid)
+            if self._at_cap(seq):
+                self._hold_at_cap(seq)
+            else:
+                self._schedule_event(seq)
 
     def _prefill_done(self, msg: p.RunPrefill) -> None:
         sim = self.sim

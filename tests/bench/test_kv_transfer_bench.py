@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from ecoserve.bench.kv_transfer import add_arguments, run_kv_transfer_benchmark
+from ecoserve.bench.kv_transfer import run_kv_transfer_benchmark
+from ecoserve.cli import build_parser
 
 
 @pytest.mark.slow
 def test_benchmark_writes_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "kv.json"
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(
-        ["--prompt-lens", "32", "40", "--repeats", "2", "--warmup", "1", "--out", str(out)]
+    args = build_parser().parse_args(
+        ["bench", "kv-transfer", "--prompt-lens", "32", "40", "--repeats", "2", "--warmup", "1", "--out", str(out)]
     )
     assert run_kv_transfer_benchmark(args) == 0
     doc = json.loads(out.read_text())

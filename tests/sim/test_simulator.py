@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -171,3 +173,12 @@ def test_profile_file_with_a_missing_coefficient(tmp_path, capsys) -> None:  # t
     assert main(["sim", "--model", str(bad), "--rate", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "prefill must be three finite numbers" in err
+
+
+def test_the_simulator_and_its_commands_import_no_torch() -> None:
+    """The simulator is pure Python: `ecoserve sim` and the comparisons start without torch."""
+    code = ("import sys; from ecoserve.cli import build_parser; build_parser(); "
+            "import ecoserve.sim.simulator, ecoserve.sim.experiment, ecoserve.bench.compare, ecoserve.bench.results; "
+            "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
+            "assert not loaded, f'torch was imported: {loaded[:3]}'")
+    subprocess.run([sys.executable, "-c", code], check=True)
