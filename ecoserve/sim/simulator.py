@@ -330,7 +330,7 @@ class SimWorker:
             return
         seq = self.running.get(rid) or self.receiving.get(rid)
         if seq is None:
-            for s in self.arrived:
+            for s in (*self.arrived, *self.local_waiting):
                 if s.rid == rid:
                     seq = s
         if seq is not None:

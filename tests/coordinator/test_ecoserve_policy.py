@@ -262,3 +262,30 @@ def test_a_request_extended_in_a_round_is_not_also_that_round_s_victim() -> None
     extended = {e.request_id for e in d.extensions}
     preempted = {p.request_id for p in d.preemptions}
     assert extended and not extended & preempted, (d.extensions, d.preemptions)
+
+
+def test_a_request_the_worker_dropped_while_held_at_its_cap_is_still_extended() -> None:
+    """A request held at its reservation can be the victim when an older one needs blocks (a
+    local recompute: PREEMPTED with no mode, its reservation kept). Recomputed up to its cap it
+    produces no token, so only an extension brings it back: it must still get one. A request
+    preempted by the coordinator's own order resumes by a Resume instead and is not extended."""
+    ledger = ReservationLedger(start_delay=0)
+    policy = EcoServePolicy(EcoServeConfig(predictor="fixed", predictor_options={"length": 32}, margin=0.0,
+                                           buckets=BucketScheme(bounds=(32, 64, 128))))
+    requests = {}
+    for rid, mode in (("local", None), ("ordered", "swap")):
+        req = _request(rid, 64, max_tokens=128)
+        policy.on_admit(req)
+        for status in (RequestStatus.PREFILLING, RequestStatus.TRANSFERRING, RequestStatus.DECODING,
+                       RequestStatus.PREEMPTED):
+            req.transition(status)
+        req.decode_rank, req.prefill_rank, req.decode_start_step, req.preempt_mode = 1, 0, 0, mode
+        req.output_token_ids = [1] * 32  # at its cap
+        requests[rid] = req
+    ledger.add(1, BS, 32, [("local", 64)], step=0)
+    ledger.started("local", 0)
+    workers = {0: WorkerView(0, "prefill", 100, BS, 512, 100), 1: WorkerView(1, "decode", 40, BS, 512, 40)}
+    workers[1].decode_steps = 31
+    state = SchedulerState(0.0, BucketQueues(), deque(), workers, ledger, dict(requests), {}, requests)
+    d = policy.schedule(state)
+    assert [e.request_id for e in d.extensions] == ["local"] and not d.preemptions

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterator
 
 from ecoserve.coordinator.ledger import Shape, Timeline, pending_shape, shape_max
@@ -235,7 +236,11 @@ class EcoServePolicy(BasePolicy):
         if self.config.ordering:
             reqs.sort(key=lambda q: -(q.num_prompt_tokens + len(q.output_token_ids)))
         for req in reqs:
-            if req.request_id in victims_taken or req.status is not RequestStatus.DECODING or req.resuming:
+            # A request the worker dropped for room (a local recompute: PREEMPTED, no mode) keeps
+            # its reservation; if it was held at its cap, no token can bring it back to DECODING
+            # until the cap is raised, so it is extended like a decoding one.
+            local = req.status is RequestStatus.PREEMPTED and req.preempt_mode is None
+            if req.request_id in victims_taken or not (req.status is RequestStatus.DECODING or local) or req.resuming:
                 continue
             assert req.decode_rank is not None and req.predicted_tokens is not None
             if req.predicted_tokens >= req.max_tokens or req.decode_rank not in r.decoders:
@@ -356,6 +361,8 @@ class EcoServePolicy(BasePolicy):
         c = self.config
         queue = state.waiting
         assert isinstance(queue, BucketQueues)
+        if not queue.buckets:
+            return
         room = {w.rank: c.queue_factor * w.token_budget - w.queued_prefill_tokens for w in prefillers}
         idle = {w.rank: w.queued_prefill_tokens == 0 for w in prefillers}
         avail = {w.rank: w.available_blocks for w in prefillers}
@@ -427,7 +434,8 @@ class EcoServePolicy(BasePolicy):
 class _Round:
     """Per-round working state. A decode worker's timeline is built only when a check needs it:
     while the sum of every cohort's plateau (`RankLedger.linear_blocks`, an upper bound of U at
-    all times) plus the candidate's stays within capacity, the candidate fits in O(1)."""
+    all times) plus the candidate's stays within capacity, the candidate fits in O(1). The
+    per-worker tallies are read on first use: most rounds only move KV and never need them."""
 
     def __init__(self, policy: EcoServePolicy, state: SchedulerState, decoders: dict[int, WorkerView]) -> None:
         self.policy = policy
@@ -435,13 +443,30 @@ class _Round:
         self.decoders = decoders
         self.timelines: dict[int, Timeline] = {}
         self.added: dict[int, list[Shape]] = {}  # committed this round before the timeline was built
-        ranks = state.ledger.ranks
-        self.exact = {r: ranks[r].reserved_blocks if r in ranks else 0 for r in decoders}
-        self.linear = {r: ranks[r].linear_blocks if r in ranks else 0.0 for r in decoders}
-        self.members = {r: ranks[r].members if r in ranks else 0 for r in decoders}
-        self.physical = {r: w.available_blocks for r, w in decoders.items()}
-        self.capacity = {r: w.num_blocks * (1 - policy.config.margin) for r, w in decoders.items()}
         self.blocked: set[int] = set()
+
+    @cached_property
+    def exact(self) -> dict[int, int]:
+        ranks = self.state.ledger.ranks
+        return {r: ranks[r].reserved_blocks if r in ranks else 0 for r in self.decoders}
+
+    @cached_property
+    def linear(self) -> dict[int, float]:
+        ranks = self.state.ledger.ranks
+        return {r: ranks[r].linear_blocks if r in ranks else 0.0 for r in self.decoders}
+
+    @cached_property
+    def members(self) -> dict[int, int]:
+        ranks = self.state.ledger.ranks
+        return {r: ranks[r].members if r in ranks else 0 for r in self.decoders}
+
+    @cached_property
+    def physical(self) -> dict[int, int]:
+        return {r: w.available_blocks for r, w in self.decoders.items()}
+
+    @cached_property
+    def capacity(self) -> dict[int, float]:
+        return {r: w.num_blocks * (1 - self.policy.config.margin) for r, w in self.decoders.items()}
 
     def timeline(self, rank: int) -> Timeline:
         tl = self.timelines.get(rank)
