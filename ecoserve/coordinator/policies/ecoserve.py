@@ -445,20 +445,21 @@ class _Round:
         self.added: dict[int, list[Shape]] = {}  # committed this round before the timeline was built
         self.blocked: set[int] = set()
 
+    def _ledger(self, name: str, default: Any) -> dict[int, Any]:
+        ranks = self.state.ledger.ranks
+        return {r: getattr(ranks[r], name) if r in ranks else default for r in self.decoders}
+
     @cached_property
     def exact(self) -> dict[int, int]:
-        ranks = self.state.ledger.ranks
-        return {r: ranks[r].reserved_blocks if r in ranks else 0 for r in self.decoders}
+        return self._ledger("reserved_blocks", 0)
 
     @cached_property
     def linear(self) -> dict[int, float]:
-        ranks = self.state.ledger.ranks
-        return {r: ranks[r].linear_blocks if r in ranks else 0.0 for r in self.decoders}
+        return self._ledger("linear_blocks", 0.0)
 
     @cached_property
     def members(self) -> dict[int, int]:
-        ranks = self.state.ledger.ranks
-        return {r: ranks[r].members if r in ranks else 0 for r in self.decoders}
+        return self._ledger("members", 0)
 
     @cached_property
     def physical(self) -> dict[int, int]:
