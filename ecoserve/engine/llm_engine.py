@@ -24,7 +24,8 @@ from ecoserve.engine.sampling_params import SamplingParams
 from ecoserve.engine.scheduler import FCFSScheduler
 from ecoserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from ecoserve.engine.sim import SimRunner, sim_num_blocks, sim_spec
-from ecoserve.kv_cache import BlockPool, BlockTable, HostSwapSpace, OutOfBlocksError
+from ecoserve.kv_cache import BlockPool, BlockTable, OutOfBlocksError
+from ecoserve.kv_cache.host_pool import HostSwapSpace
 from ecoserve.model.loader import load_model
 from ecoserve.model.registry import resolve_model
 from ecoserve.model.sampling import sample

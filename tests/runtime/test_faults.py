@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -106,6 +107,20 @@ async def settle(client: AsyncClient, timeout: float = 30.0) -> dict[str, float]
         if time.monotonic() > deadline:
             raise AssertionError(f"still held after {timeout} s: {held}")
         await asyncio.sleep(0.2)
+
+
+async def until(client: AsyncClient, ready: Callable[[dict[str, float]], Any], what: str,
+                timeout: float = 60.0) -> dict[str, float]:
+    """Stats once `ready(stats)` holds; fails naming `what` and the requests' phases after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = await client.stats()
+        if ready(stats):
+            return stats
+        if time.monotonic() > deadline:
+            phases = {k: v for k, v in stats.items() if k.startswith("status.") or k.startswith("queue_")}
+            raise AssertionError(f"{what}: not within {timeout} s: {phases}")
+        await asyncio.sleep(0.02)
 
 
 async def still_serves(client: AsyncClient, i: int = 99) -> None:
@@ -228,27 +243,36 @@ def test_transfer_faults_cancellations_and_a_vanished_client(cluster, monkeypatc
             assert b.completion is not None
             stats = await settle(client)
             assert stats["transfers_failed"] == 3 and stats["retries"] == 2 and stats["failed"] == 1
-            # 3. Twelve long requests: some decode, some wait with KV held on the prefill side
-            #    (the decode pool is full), some wait for prefill. Cancel them all.
-            outs = [Outcome() for _ in range(12)]
-            tasks = [asyncio.ensure_future(stream(client, [7 + i] * 100, SamplingParams(max_tokens=300, temperature=0,
-                                                                                        ignore_eos=True), outs[i]))
-                     for i in range(12)]
-            for _ in range(400):
-                phases = await client.stats()
-                if phases["status.decoding"] and phases["status.transferring"] and phases["status.waiting_prefill"]:
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                raise AssertionError(f"the phases never coexisted: { {k: v for k, v in phases.items() if 'status.' in k} }")
-            for out in outs:
+            # 3. Twelve requests, cancelled while they are in three phases at once: decoding, KV
+            #    held on the prefill side (the decode pool is full), waiting for prefill. The pool
+            #    sizes force those phases, not timing. Request 0 (10 + 600 tokens: at most 39 of
+            #    the 40 blocks) decodes alone and never preempts. Once it decodes, eleven
+            #    600-token prompts (38 blocks each) follow: distserve moves KV to a busy decode
+            #    worker only when its free blocks cover the prompt plus 5% headroom (40 blocks),
+            #    never while request 0 runs (600 steps, 6 s at least), so the first prompt's KV
+            #    stays on the prefill worker, filling its pool, and the rest wait for prefill.
+            sizes = [([7] * 10, 600)] + [([7 + i] * 600, 40) for i in range(1, 12)]
+            outs = [Outcome() for _ in sizes]
+
+            def send(i: int) -> asyncio.Future[Outcome]:
+                prompt, max_tokens = sizes[i]
+                params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+                return asyncio.ensure_future(stream(client, prompt, params, outs[i]))
+
+            tasks = [send(0)]
+            # A token from the decode worker: the coordinator then knows the decode pool's use.
+            await until(client, lambda s: s["status.decoding"] == 1 and len(outs[0].tokens) >= 2, "request 0 decoding")
+            tasks += [send(i) for i in range(1, 12)]
+            await until(client, lambda s: s["status.decoding"] and s["status.transferring"] and s["queue_kv_waiting"]
+                        and s["status.waiting_prefill"], "the phases never coexisted")
+            for out in reversed(outs):  # the queued ones first, the decoding one last: nothing moves meanwhile
                 assert await client.abort(out.stream_id)
             await asyncio.gather(*tasks)
             for out in outs:
                 out.check()
                 assert out.completion is not None and out.completion.finish_reason == "abort"
             stats = await settle(client)
-            assert stats["aborted"] == 12
+            assert stats["aborted"] == 12 and stats["preemptions"] == 0
             # 4. A client process streams three requests and is killed: the server notices the
             #    closed connection and aborts them everywhere.
             proc = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, addr], stdout=subprocess.PIPE, text=True)
