@@ -178,7 +178,8 @@ def test_a_stalled_worker_is_declared_lost_by_heartbeat_fenced_and_ignored(clust
             tasks = [asyncio.ensure_future(stream(client, *job(i, 150), outs[i], started[i])) for i in range(8)]
             for ev in started:
                 await asyncio.wait_for(ev.wait(), 60)
-            stats = await client.stats()  # stop the decode worker running more (ecoserve may use only one)
+            # Stop the decode worker running more (ecoserve may use only one), once one runs something.
+            stats = await until(client, lambda s: s["rank1.running"] + s["rank2.running"] > 0, "a decode worker running")
             pid = pid_of(stats, max((1, 2), key=lambda r: stats[f"rank{r}.running"]))
             os.kill(pid, signal.SIGSTOP)
             t0 = time.monotonic()
