@@ -251,6 +251,8 @@ class SimWorker:
         self.offset_heap: list[int] = []
         self.n_prefill_steps = 0
         self.busy_s = 0.0
+        self.done_prefill: list[p.RunPrefill] = []  # prompts the running step completes
+        self.pre_preempted: list[str] = []  # dropped for room as the running step started
 
     # --- accounting --------------------------------------------------------------------------------
 
@@ -512,8 +514,7 @@ class SimWorker:
     def start(self) -> float | None:
         """Start a step if there is work: returns its duration in seconds (None: idle)."""
         prefill_lens: list[int] = []
-        self.done_prefill: list[p.RunPrefill] = []
-        self.pre_preempted: list[str] = []
+        self.pre_preempted = []
         decode = self.role != "prefill"
         if decode and (self.arrived or self.to_resume or self.local_waiting):
             # Joining requests get room for the token this step writes (growth of those already
@@ -575,9 +576,9 @@ class SimWorker:
         sim = self.sim
         if self.done_prefill:
             self.n_prefill_steps += 1
-        for msg in self.done_prefill:
-            self._prefill_done(msg)
-        self.done_prefill = []
+            done, self.done_prefill = self.done_prefill, []
+            for msg in done:
+                self._prefill_done(msg)
         if self.role == "prefill":
             self.sim.views[self.rank].free_blocks = self.free
             return
@@ -790,10 +791,9 @@ class Simulator:
 
     def start_step(self, w: SimWorker) -> None:
         seconds = w.start()
-        if seconds is None:
-            return
-        w.busy = True
-        self._push(self.now + seconds, _STEP, w)
+        if seconds is not None:
+            w.busy = True
+            heapq.heappush(self.events, (self.now + seconds, next(self.ties), _STEP, w))
 
     def try_transfer(self, rid: str) -> None:
         """Start moving `rid`'s KV once the sender holds it, has the order, and the receiver has posted."""
@@ -857,7 +857,8 @@ class Simulator:
                 if kind == _STEP:
                     payload.busy = False
                     payload.finish_step()
-                    payload.read_inbox()
+                    if payload.inbox:
+                        payload.read_inbox()
                     if not payload.busy:
                         self.start_step(payload)
                 elif kind == _TRANSFER:
