@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Iterator
 
 from ecoserve.coordinator.ledger import Shape, Timeline, pending_shape, shape_max
@@ -445,29 +444,27 @@ class _Round:
         self.added: dict[int, list[Shape]] = {}  # committed this round before the timeline was built
         self.blocked: set[int] = set()
 
-    def _ledger(self, name: str, default: Any) -> dict[int, Any]:
-        ranks = self.state.ledger.ranks
-        return {r: getattr(ranks[r], name) if r in ranks else default for r in self.decoders}
+    def __getattr__(self, name: str) -> Any:
+        # Only for attributes not set yet: the per-worker tallies, read on first use (one pass).
+        if name in ("exact", "linear", "members", "physical", "capacity"):
+            self._count()
+            return self.__dict__[name]
+        raise AttributeError(name)
 
-    @cached_property
-    def exact(self) -> dict[int, int]:
-        return self._ledger("reserved_blocks", 0)
-
-    @cached_property
-    def linear(self) -> dict[int, float]:
-        return self._ledger("linear_blocks", 0.0)
-
-    @cached_property
-    def members(self) -> dict[int, int]:
-        return self._ledger("members", 0)
-
-    @cached_property
-    def physical(self) -> dict[int, int]:
-        return {r: w.available_blocks for r, w in self.decoders.items()}
-
-    @cached_property
-    def capacity(self) -> dict[int, float]:
-        return {r: w.num_blocks * (1 - self.policy.config.margin) for r, w in self.decoders.items()}
+    def _count(self) -> None:
+        ranks, keep = self.state.ledger.ranks, 1 - self.policy.config.margin
+        self.exact: dict[int, int] = {}
+        self.linear: dict[int, float] = {}
+        self.members: dict[int, int] = {}
+        self.physical: dict[int, int] = {}
+        self.capacity: dict[int, float] = {}
+        for r, w in self.decoders.items():
+            led = ranks.get(r)
+            self.exact[r] = led.reserved_blocks if led else 0
+            self.linear[r] = led.linear_blocks if led else 0.0
+            self.members[r] = led.members if led else 0
+            self.physical[r] = w.available_blocks
+            self.capacity[r] = w.num_blocks * keep
 
     def timeline(self, rank: int) -> Timeline:
         tl = self.timelines.get(rank)
