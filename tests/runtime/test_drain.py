@@ -11,6 +11,7 @@ import pytest
 
 from ecoserve import RequestError, SamplingParams
 from ecoserve.client import AsyncClient, Completion
+from tests.runtime.test_faults import until
 
 
 def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(cluster) -> None:  # type: ignore[no-untyped-def]
@@ -30,8 +31,7 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(cluster) -> No
             tasks = [asyncio.ensure_future(consume([i + 1] * (10 + i))) for i in range(3)]
             await asyncio.wait_for(first.wait(), 60)
             os.kill(pid, signal.SIGTERM)
-            while not (await client.stats())["draining"]:
-                await asyncio.sleep(0.02)
+            await until(client, lambda s: s["draining"], "the coordinator draining after SIGTERM", timeout=10)
             with pytest.raises(RequestError) as refused:
                 await client.generate([1, 2], SamplingParams(max_tokens=2))
             return list(await asyncio.gather(*tasks)), refused.value

@@ -183,8 +183,7 @@ def test_a_stalled_worker_is_declared_lost_by_heartbeat_fenced_and_ignored(clust
             pid = pid_of(stats, max((1, 2), key=lambda r: stats[f"rank{r}.running"]))
             os.kill(pid, signal.SIGSTOP)
             t0 = time.monotonic()
-            while not (await client.stats())["workers_lost"]:
-                await asyncio.sleep(0.05)
+            await until(client, lambda s: s["workers_lost"], "the stopped worker declared lost", timeout=30)
             detected = time.monotonic() - t0
             os.kill(pid, signal.SIGCONT)
             for _ in range(60):
@@ -314,8 +313,7 @@ def test_sigterm_to_every_process_drains_then_fails_what_is_left_at_the_deadline
             t0 = time.monotonic()
             for pid in pids:
                 os.kill(pid, signal.SIGTERM)
-            while not (await client.stats())["draining"]:
-                await asyncio.sleep(0.02)
+            await until(client, lambda s: s["draining"], "the coordinator draining after SIGTERM", timeout=10)
             with pytest.raises(RequestError) as refused:
                 await client.generate(*job(5, 4))
             assert refused.value.code == "shutting_down"
