@@ -66,12 +66,17 @@ def run_sim(args: Any, options: dict[str, Any]) -> int:
     return 0
 
 
-def compare_distserve(args: Any, options: dict[str, Any]) -> dict[str, Any]:
+def _setup(args: Any, options: dict[str, Any]) -> tuple[Path, Search, list[str]]:
+    """The output folder (made), the search both comparisons run, and the policies to compare."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     search = Search(args.profile, args.workload, SLO(args.slo_ttft_ms, args.slo_tpot_ms), args.num_requests,
                     args.min_duration_s, args.seed, policy_options=options)
-    policies = args.policies.split(",")
+    return out, search, args.policies.split(",")
+
+
+def compare_distserve(args: Any, options: dict[str, Any]) -> dict[str, Any]:
+    out, search, policies = _setup(args, options)
     best: dict[str, RunMetrics | None] = {}
     chosen: dict[str, Layout | None] = {}
     probes: dict[str, list[dict[str, Any]]] = {}
@@ -99,11 +104,7 @@ def compare_distserve(args: Any, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def compare_vllm(args: Any, options: dict[str, Any]) -> dict[str, Any]:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    search = Search(args.profile, args.workload, SLO(args.slo_ttft_ms, args.slo_tpot_ms), args.num_requests,
-                    args.min_duration_s, args.seed, policy_options=options)
-    policies = args.policies.split(",")
+    out, search, policies = _setup(args, options)
     chosen: dict[str, Layout] = {}
     goodputs: dict[str, float] = {}
     for pol in policies:

@@ -19,9 +19,8 @@ Speed: a decode worker advances its whole batch one step per event and touches a
 when something happens to it (its end, the point where it nears or reaches its reservation);
 KV blocks are granted per step to every request crossing a block boundary at once (requests
 are counted by the step residue at which they cross), so the cost is per step and per request,
-not per token or per block. The coordinator sees the
-same state a live one would: each decode step's count and free blocks on the worker views,
-and a request's output length (`TokenCount`, a live count standing in for the token list the
+not per token or per block. The coordinator sees the same state a live one would: each decode
+step's count and free blocks on the worker views, and a request's output length (`TokenCount`, a live count standing in for the token list the
 simulator does not need). Per-token `TokenEvents` are replaced by one `DecodeProgress` per step
 that lists only the requests something happened to; `SimLifecycle` folds it in exactly as
 `Lifecycle._on_tokens` folds a step's tokens. Deterministic: ties break by event order.
@@ -403,7 +402,7 @@ class SimWorker:
         seq.cls = (ctx - self.steps - 1) % self.block_size
         self.classes[seq.cls] += 1
         if self.padded:
-            off = seq.prompt + seq.produced - self.steps
+            off = ctx - self.steps
             self.offsets[off] = self.offsets.get(off, 0) + 1
             heapq.heappush(self.offset_heap, -off)
         self._schedule_event(seq)

@@ -182,3 +182,21 @@ def test_the_simulator_and_its_commands_import_no_torch() -> None:
             "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
             "assert not loaded, f'torch was imported: {loaded[:3]}'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compare_commands_write_their_tables_json_and_plots(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Both comparisons end to end on a small search: every policy gets a layout that meets the
+    goal (GPU count) or a goodput on the GPUs given, and the plots are written."""
+    common = ["--profile", "opt-13b", "--workload", "sharegpt", "--slo-ttft-ms", "250", "--slo-tpot-ms", "100",
+              "--num-requests", "100", "--min-duration-s", "10", "--quiet"]
+    assert main(["bench", "compare-distserve", *common, "--rate", "5", "--max-gpus", "4", "--out", str(tmp_path / "d")]) == 0
+    doc = json.loads((tmp_path / "d" / "compare_distserve.json").read_text())
+    for pol in ("ecoserve", "distserve"):
+        best = doc["best"][pol]
+        assert best["attainment"] >= doc["goal"] and 2 <= best["gpus"] <= 4, best
+    assert (tmp_path / "d" / "gpus.png").stat().st_size > 0
+    assert "fewest GPUs for 5.0 req/s" in capsys.readouterr().out
+    assert main(["bench", "compare-vllm", *common, "--gpus", "2", "--points", "2", "--out", str(tmp_path / "v")]) == 0
+    doc = json.loads((tmp_path / "v" / "compare_vllm.json").read_text())
+    assert set(doc["goodput"]) == {"ecoserve", "vllm", "orca", "distserve"} and all(g > 0 for g in doc["goodput"].values())
+    assert doc["gpus"] == 2 and (tmp_path / "v" / "jct_vs_rate.png").stat().st_size > 0
