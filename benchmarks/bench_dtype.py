@@ -12,7 +12,7 @@ import time
 import torch
 
 from ecoserve.bench.engine import decode_step_ms
-from ecoserve.bench.report import print_table, write_json
+from ecoserve.report import print_table, write_json
 from ecoserve.engine.llm import LLM
 
 

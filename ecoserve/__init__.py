@@ -18,7 +18,7 @@ _CLIENT_NAMES = ("Client", "AsyncClient", "Completion", "SLO", "RequestError")
 if TYPE_CHECKING:
     from ecoserve.client import SLO, AsyncClient, Client, Completion, RequestError
     from ecoserve.engine.llm import LLM, RequestOutput
-    from ecoserve.engine.sampling_params import SamplingParams
+    from ecoserve.params import SamplingParams
 
 
 def __getattr__(name: str) -> Any:
@@ -28,7 +28,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(llm, name)
     if name == "SamplingParams":
-        from ecoserve.engine.sampling_params import SamplingParams
+        from ecoserve.params import SamplingParams
 
         return SamplingParams
     if name in _CLIENT_NAMES:

@@ -172,7 +172,7 @@ def _cmd_bench_coordinator(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
-    from ecoserve.bench.serve import run_serve_benchmark
+    from ecoserve.bench.serve.run import run_serve_benchmark
 
     return run_serve_benchmark(args)
 
@@ -196,7 +196,7 @@ def _cmd_bench_scheduler(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_sim_fidelity(args: argparse.Namespace) -> int:
-    from ecoserve.bench.fidelity import run_fidelity
+    from ecoserve.bench.fidelity.run import run_fidelity
 
     return run_fidelity(args)
 
@@ -208,13 +208,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_predictor_train(args: argparse.Namespace) -> int:
-    from ecoserve.bench.predictor_train import run_train
+    from ecoserve.predictor.training.train import run_train
 
     return run_train(args)
 
 
 def _cmd_predictor_eval(args: argparse.Namespace) -> int:
-    from ecoserve.bench.predictor_eval import run_eval
+    from ecoserve.predictor.training.eval import run_eval
 
     return run_eval(args)
 
@@ -227,13 +227,13 @@ def _sim_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
-    from ecoserve.bench.compare import run_sim
+    from ecoserve.sim.compare import run_sim
 
     return run_sim(args, _sim_options(args))
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from ecoserve.bench import compare
+    from ecoserve.sim import compare
 
     fn = compare.compare_distserve if args.bench_command == "compare-distserve" else compare.compare_vllm
     fn(args, _sim_options(args))
@@ -241,7 +241,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from ecoserve.bench.results import run_results
+    from ecoserve.sim.results import run_results
 
     return run_results(args)
 
@@ -262,7 +262,7 @@ def _add_sim_args(p: argparse.ArgumentParser, profile_flag: str) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ecoserve.bench.cluster_demo import main_entry
+    from ecoserve.demo.cluster import main_entry
 
     return main_entry(args)
 
@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     crd.set_defaults(func=_cmd_bench_coordinator)
 
     bsv = bench.add_parser("serve", help="open-loop load on a running server: latency, SLO attainment, goodput")
-    from ecoserve.bench.serve import add_arguments as add_serve_arguments
+    from ecoserve.bench.serve.run import add_arguments as add_serve_arguments
 
     add_serve_arguments(bsv)
     bsv.set_defaults(func=_cmd_bench_serve)
@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sch.set_defaults(func=_cmd_bench_scheduler)
 
     fid = bench.add_parser("sim-fidelity", help="the simulator's TTFT/TPOT against the real cluster on the same requests")
-    from ecoserve.bench.fidelity import add_arguments as add_fidelity_arguments
+    from ecoserve.bench.fidelity.run import add_arguments as add_fidelity_arguments
 
     add_fidelity_arguments(fid)
     fid.set_defaults(func=_cmd_bench_sim_fidelity)
@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the main job: a local 1 prefill + 1 decode cluster serving a slice of a real trace"
     )
     _add_model_args(demo)
-    from ecoserve.bench.cluster_demo import add_arguments as add_demo_arguments
+    from ecoserve.demo.cluster import add_arguments as add_demo_arguments
 
     add_demo_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
@@ -502,8 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predictor", help="train or evaluate the learned response-length predictor (ShareGPT)")
     pred_sub = pred.add_subparsers(dest="predictor_command", required=True)
-    from ecoserve.bench.predictor_eval import add_arguments as add_predictor_eval_arguments
-    from ecoserve.bench.predictor_train import add_arguments as add_predictor_train_arguments
+    from ecoserve.predictor.training.eval import add_arguments as add_predictor_eval_arguments
+    from ecoserve.predictor.training.train import add_arguments as add_predictor_train_arguments
 
     ptrain = pred_sub.add_parser("train", help="fit and compare candidates; save the best torch-free one to --out")
     add_predictor_train_arguments(ptrain)

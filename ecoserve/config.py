@@ -35,7 +35,7 @@ class ModelConfig:
     seed: int = 0
     # "model" runs the weights. "sim" is a load-test tool (ecoserve/engine/sim.py): it keeps the
     # engine, the KV pool and KV transfer but models step times from `sim_profile` (a name in
-    # ecoserve.sim.latency or a profile JSON file), scaled by `sim_time_scale` (0: no waiting),
+    # ecoserve.latency.profile or a profile JSON file), scaled by `sim_time_scale` (0: no waiting),
     # and emits deterministic tokens; `model` then only gives the vocabulary and context length.
     engine: str = "model"
     sim_profile: str = "opt-13b-tp1"
@@ -56,7 +56,7 @@ class ModelConfig:
             self._check_sim()
 
     def _check_sim(self) -> None:
-        from ecoserve.sim.latency import load_profile
+        from ecoserve.latency.profile import load_profile
 
         load_profile(self.sim_profile)  # ValueError listing the profiles there are
         if not (isinstance(self.sim_time_scale, (int, float)) and 0 <= self.sim_time_scale < float("inf")):

@@ -58,7 +58,7 @@ def fault_injection() -> str:
     """Faults to inject into worker ranks, for tests only (``ECOSERVE_FAULT``; unset: none).
 
     ``RANK:FAULT=VALUE`` entries separated by ``;``, e.g. ``2:die_after_tokens=20;0:drop_send=1``.
-    A worker reads only its own rank's entries (ecoserve/engine/faults.py lists the faults);
+    A worker reads only its own rank's entries (ecoserve/runtime/faults.py lists the faults);
     the launcher's workers inherit the variable from the environment it was started in.
     """
     return os.environ.get("ECOSERVE_FAULT", "")

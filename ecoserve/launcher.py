@@ -226,7 +226,7 @@ def _worker_main(config_json: str) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = worker_config_from_json(config_json)
     config = dataclasses.replace(config, secret=config.secret or cluster_secret())
-    from ecoserve.engine.worker import WorkerRefused, serve_worker
+    from ecoserve.runtime.rank import WorkerRefused, serve_worker
 
     if config.role == "prefill":
         from ecoserve.prefill.worker import PrefillWorker as cls

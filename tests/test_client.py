@@ -17,7 +17,7 @@ import zmq
 
 from ecoserve import protocol
 from ecoserve.client import SLO, AsyncClient, Client, Completion, Delta, RequestError, ServerInfo
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 
 Handler = Callable[[protocol.Message], list[protocol.Message]]
 

@@ -1,1 +1,1 @@
-"""Benchmarks: offline engine throughput, load generation, metrics, DistServe/vLLM comparisons, plots."""
+"""Measurements only: engine throughput, KV transfer, serving load, scheduler and coordinator cost, soak, simulator fidelity, step-time profiling."""

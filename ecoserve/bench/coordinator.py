@@ -20,8 +20,8 @@ import asyncio
 import random
 from typing import Any
 
-from ecoserve.bench.cluster import local_cluster
-from ecoserve.bench.report import print_table, write_json
+from ecoserve.local_cluster import local_cluster
+from ecoserve.report import print_table, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def _load(addr: str, args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
     from ecoserve.client import AsyncClient
-    from ecoserve.engine.sampling_params import SamplingParams
+    from ecoserve.params import SamplingParams
 
     rng = random.Random(args.seed)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)

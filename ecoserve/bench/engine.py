@@ -21,11 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ecoserve.bench.memory import copy_bandwidth_gbs, weight_bytes_per_decode_step
-from ecoserve.bench.report import print_table, write_json
+from ecoserve.report import print_table, write_json
 from ecoserve.data.sharegpt import sharegpt_requests
 from ecoserve.engine.llm import LLM
 from ecoserve.engine.model_runner import ModelRunner
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 
 
 @dataclass(frozen=True)

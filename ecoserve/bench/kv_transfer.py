@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ecoserve.bench.report import print_table, write_json
+from ecoserve.report import print_table, write_json
 from ecoserve.kv_cache import BlockPool
 from ecoserve.kv_transfer.backend import TorchDistBackend
 from ecoserve.kv_transfer.engine import KVTransferWorker

@@ -17,7 +17,7 @@ On the CPU with one thread, steps are timed by this thread's CPU time (`--clock 
 a step's work runs on it, so on a quiet machine it equals the wall time, and on a busy one it
 does not grow with the time other processes hold the core (one on the same physical core
 still slows it some). The JSON loads with
-`ecoserve.sim.latency.load_profile`; its other keys say how it was measured. No torch at
+`ecoserve.latency.profile.load_profile`; its other keys say how it was measured. No torch at
 import: the CLI imports `add_arguments` while it builds its parser.
 """
 
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from ecoserve.bench.profile_fit import (
+from ecoserve.latency.fit import (
     MIN_LEN, DecodeFit, DecodeSample, Fit, Grid, PrefillSample, fit_decode, fit_prefill, make_grid,
 )
 
@@ -115,7 +115,7 @@ class StepTimer:
 
     def prefill(self, lens: list[int]) -> float:
         """One step prefilling whole prompts of `lens` tokens; each finishes on its first token."""
-        from ecoserve.engine.sampling_params import SamplingParams
+        from ecoserve.params import SamplingParams
 
         eng, params = self.engine, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
         rids = [f"profile-{next(self._ids)}" for _ in lens]
@@ -131,7 +131,7 @@ class StepTimer:
     def decode(self, ctxs: list[int], warmup: bool = False) -> DecodeSample:
         """One timed decode step (after an untimed one if `warmup`) over sequences holding
         `ctxs` tokens of KV, set up as a decode worker sets up a request whose KV has arrived."""
-        from ecoserve.engine.sampling_params import SamplingParams
+        from ecoserve.params import SamplingParams
 
         eng, params = self.engine, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         seqs = []
@@ -254,7 +254,7 @@ def measure(timer: StepTimer, grid: Grid, repeats: int) -> Samples:
 
 
 def device_description(engine: LLMEngine, threads: int) -> str:
-    from ecoserve.bench.report import machine_info
+    from ecoserve.report import machine_info
 
     info = machine_info()
     if engine.device == "cuda":
@@ -266,7 +266,7 @@ def profile_document(
     engine: LLMEngine, s: dict[str, Any], pf: Fit, dec: DecodeFit, samples: Samples, run_s: float,
 ) -> dict[str, Any]:
     """The profile (load_profile's keys first), then how it was measured."""
-    from ecoserve.bench.report import machine_info
+    from ecoserve.report import machine_info
 
     spec, pool = engine.spec, engine.pool
     kv_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * engine.dtype.itemsize
@@ -340,7 +340,7 @@ def refit_profile(args: argparse.Namespace) -> int:
 
 
 def print_fits(title: str, pf: Fit, dec: DecodeFit) -> None:
-    from ecoserve.bench.report import print_table
+    from ecoserve.report import print_table
 
     rows = []
     t = dec.threshold

@@ -57,7 +57,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ecoserve.bench.report import print_table, write_json
+from ecoserve.report import print_table, write_json
 from ecoserve.coordinator.ledger import ReservationLedger
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.policy import Decisions, FIFOQueue, Policy, SchedulerState, WorkerView

@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ecoserve.async_client import AsyncClient
-from ecoserve.bench.cluster import local_cluster
-from ecoserve.client_types import RequestError
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.client.aio import AsyncClient
+from ecoserve.local_cluster import local_cluster
+from ecoserve.client.types import RequestError
+from ecoserve.params import SamplingParams
 
 LOAD_FRACTION = 0.8
 CAPACITY_PROBE_S = 8.0

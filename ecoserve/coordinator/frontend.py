@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from ecoserve import protocol as p
 from ecoserve.coordinator.request import Request
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_STOP_TOKEN_IDS = 1024  # each is checked after every sampled token

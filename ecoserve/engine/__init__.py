@@ -1,1 +1,1 @@
-"""Single-process offline engine: sequences, a local FCFS continuous batcher and the step loop behind `LLM`."""
+"""Single-process offline engine: LLM, engine, FCFS batcher, sequence, model runner, and the simulated runner behind `--engine sim`."""

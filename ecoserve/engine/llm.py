@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ecoserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from ecoserve.engine.llm_engine import LLMEngine
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 from ecoserve.envs import set_offline_hub
 
 Prompt = str | list[int]

@@ -20,7 +20,7 @@ import torch
 from ecoserve.config import EngineConfig
 from ecoserve.envs import num_threads
 from ecoserve.engine.model_runner import ModelRunner, Runner, StepInputs, kv_cache_shape
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 from ecoserve.engine.scheduler import FCFSScheduler
 from ecoserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from ecoserve.engine.sim import SimRunner, sim_num_blocks, sim_spec
@@ -29,7 +29,7 @@ from ecoserve.kv_cache.host_pool import HostSwapSpace
 from ecoserve.model.loader import load_model
 from ecoserve.model.registry import resolve_model
 from ecoserve.model.sampling import sample
-from ecoserve.sim.latency import load_profile
+from ecoserve.latency.profile import load_profile
 
 
 PREEMPT_MODES = ("swap", "recompute")

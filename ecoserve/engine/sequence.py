@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 from ecoserve.kv_cache import BlockTable
 
 

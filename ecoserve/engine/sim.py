@@ -10,7 +10,7 @@ torch.distributed KV transfer between workers. `SimRunner` replaces `ModelRunner
   Each step writes, for every token it computes, K = the token id and V = its position; each
   decode step checks the KV of the token before it, so KV lost in a transfer or a swap stops
   the worker with an error instead of passing unseen.
-- Step time: a step lasts as long as the latency profile says (ecoserve.sim.latency, from
+- Step time: a step lasts as long as the latency profile says (ecoserve.latency.profile, from
   DistServe's A100 fits), times `sim_time_scale`, counted from the start of `prepare` (a step
   whose own work takes longer just takes longer). Prefill chunks cost a + b·Σn + c·Σn·(s+n)
   for chunks of n tokens after s cached ones (a + b·Σl + c·Σl² for whole prompts); decodes
@@ -51,7 +51,7 @@ from ecoserve.engine.scheduler import ScheduledChunk
 from ecoserve.engine.sequence import Sequence
 from ecoserve.model.attention import AttentionMetadata
 from ecoserve.model.hf_config import ModelSpec, check_model_type, eos_token_ids, read_config_json
-from ecoserve.sim.latency import LatencyProfile
+from ecoserve.latency.profile import LatencyProfile
 
 SIM_NUM_LAYERS = 2
 SIM_NUM_KV_HEADS = 1

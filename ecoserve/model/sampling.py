@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-30, 1e30  # the range float32 divides by without overflow

@@ -9,7 +9,7 @@ from typing import Any
 
 from ecoserve import protocol as p
 from ecoserve.engine.sequence import Sequence
-from ecoserve.engine.worker import Worker, sampling_params
+from ecoserve.runtime.rank import Worker, sampling_params
 from ecoserve.kv_transfer.types import TransferPlan
 
 

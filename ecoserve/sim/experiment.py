@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.data.workload import WorkloadRequest
-from ecoserve.sim.latency import LatencyProfile, load_profile, profile_names
+from ecoserve.latency.profile import LatencyProfile, load_profile, profile_names
 from ecoserve.sim.simulator import HardwareConfig, InstanceSpec, SimResult, Simulator, kv_bytes_per_token
 from ecoserve.sim.workloads import make_workload
 

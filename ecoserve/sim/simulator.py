@@ -43,7 +43,7 @@ from ecoserve.coordinator.request import Request, RequestStatus as S
 from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
 from ecoserve.data.workload import WorkloadRequest
 from ecoserve.sim.fake_cluster import NullCodec, lifecycle_leaks
-from ecoserve.sim.latency import LatencyProfile
+from ecoserve.latency.profile import LatencyProfile
 
 
 class TokenCount:

@@ -3,7 +3,7 @@
 - `sharegpt`: first human turn and first reply of ShareGPT conversations, as token lengths
   by the default model's tokenizer (SmolLM2's; OPT's tokenizer cannot be had offline, and both
   are byte-level BPEs of similar granularity). Lengths are precomputed into a bundled file by
-  `python -m ecoserve.bench.lengths` (text never ships twice).
+  `python -m ecoserve.sim.lengths` (text never ships twice).
 - `humaneval`: HumanEval prompts and their reference solutions' lengths (code completion),
   precomputed the same way.
 - `azure-conv`, `azure-code`: the Azure LLM inference traces 2023 (CC-BY; see
@@ -80,7 +80,7 @@ def _lengths(name: str) -> tuple[WorkloadRequest, ...]:
     entry = folder.joinpath(LENGTH_FILES[name])
     if not entry.is_file():
         raise ValueError(f"the {name} length file is missing from the package; build it with "
-                         "`python -m ecoserve.bench.lengths`")
+                         "`python -m ecoserve.sim.lengths`")
     rows = csv.DictReader(io.StringIO(entry.read_text(encoding="utf-8")))
     out = tuple(WorkloadRequest(0.0, int(r["prompt_len"]), int(r["output_len"])) for r in rows)
     return tuple(r for r in out if r.total_len <= MAX_TOTAL_LEN)

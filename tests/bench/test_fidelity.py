@@ -11,13 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from ecoserve.bench.cpu_share import CPUTime
-from ecoserve.bench.fidelity import add_arguments, calibration
-from ecoserve.bench.fidelity_runs import RealRun, build_requests, calibration_requests, settings_from
-from ecoserve.bench.fidelity_report import FIGURES, Batch, Latencies, back_to_back, compare, profile_cpu_s, real_batches
-from ecoserve.bench.serve_metrics import RequestResult
+from ecoserve.bench.fidelity.cpu_share import CPUTime
+from ecoserve.bench.fidelity.run import add_arguments, calibration
+from ecoserve.bench.fidelity.runs import RealRun, build_requests, calibration_requests, settings_from
+from ecoserve.bench.fidelity.report import FIGURES, Batch, Latencies, back_to_back, compare, profile_cpu_s, real_batches
+from ecoserve.bench.serve.metrics import RequestResult
 from ecoserve.cli import main
-from ecoserve.sim.latency import load_profile
+from ecoserve.latency.profile import load_profile
 
 NUM_REQUESTS = 5
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecoserve.bench.profile_fit import DecodeSample, PrefillSample, fit_decode, fit_prefill, fit_step_model, make_grid
+from ecoserve.latency.fit import DecodeSample, PrefillSample, fit_decode, fit_prefill, fit_step_model, make_grid
 from ecoserve.cli import main
-from ecoserve.sim.latency import load_profile
+from ecoserve.latency.profile import load_profile
 
 PREFILL = (12.0, 0.8, 2e-4)  # a, b, c
 SMALL, LARGE = (20.0, 0.002, 1.5), (35.0, 0.004, 0.9)  # decode below / at or above batch 32

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from ecoserve.bench.cluster import local_cluster
-from ecoserve.bench.serve import fetch_server_info, run_benchmark
-from ecoserve.bench.serve_metrics import summarize
+from ecoserve.local_cluster import local_cluster
+from ecoserve.bench.serve.run import fetch_server_info, run_benchmark
+from ecoserve.bench.serve.metrics import summarize
 from ecoserve.cli import main
-from ecoserve.client_types import SLO
+from ecoserve.client.types import SLO
 from ecoserve.data.workload import WorkloadRequest
 
 NUM_BLOCKS = 512  # per worker: small enough that the KV timeline shows use

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from ecoserve.bench.serve import _add_tokens
-from ecoserve.bench.serve_metrics import BenchResult, RequestResult, summarize
-from ecoserve.bench.serve_report import report_lines
-from ecoserve.bench.serve_workload import (
+from ecoserve.bench.serve.run import _add_tokens
+from ecoserve.bench.serve.metrics import BenchResult, RequestResult, summarize
+from ecoserve.bench.serve.report import report_lines
+from ecoserve.bench.serve.workload import (
     FIRST_PLAIN_ID, ArrivalSpec, WorkloadSpec, build_workload, prompt_token_ids, prompts_for,
 )
-from ecoserve.client_types import SLO, ServerInfo
+from ecoserve.client.types import SLO, ServerInfo
 from ecoserve.data.azure import load_azure_trace
 
 SERVER = ServerInfo("ecoserve", "tiny-llama", 49152, 2048, 2047, 2048)

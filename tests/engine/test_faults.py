@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ecoserve.engine.faults import Faults
+from ecoserve.runtime.faults import Faults
 
 
 def test_unset_means_no_fault() -> None:

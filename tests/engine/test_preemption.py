@@ -15,7 +15,7 @@ import torch
 
 from ecoserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from ecoserve.engine.llm_engine import LLMEngine
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 from ecoserve.engine.scheduler import FCFSScheduler
 from ecoserve.engine.sequence import Sequence, SequenceStatus
 from ecoserve.kv_cache import BlockPool, BlockTable

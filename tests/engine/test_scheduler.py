@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 from ecoserve.engine.scheduler import FCFSScheduler, SchedulerOutput
 from ecoserve.engine.sequence import Sequence, SequenceStatus
 from ecoserve.kv_cache import BlockPool, BlockTable

@@ -11,10 +11,10 @@ import torch
 
 from ecoserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from ecoserve.engine.llm_engine import LLMEngine
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 from ecoserve.engine.sim import SIM_HEAD_DIM, SIM_NUM_KV_HEADS, SIM_NUM_LAYERS, SimRunner, step_time_ms
 from ecoserve.engine.sequence import Sequence, SequenceStatus
-from ecoserve.sim.latency import load_profile, profile_names
+from ecoserve.latency.profile import load_profile, profile_names
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=50, seed=7, ignore_eos=True)

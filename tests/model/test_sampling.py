@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 from ecoserve.model.sampling import sample
 
 

@@ -13,10 +13,10 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from ecoserve.bench import predictor_train
-from ecoserve.bench.predictor_data import LengthData, conversation_of, load_length_data, part_of
-from ecoserve.bench.predictor_metrics import baseline_predictions, fit_baselines, kendall_tau, length_metrics
-from ecoserve.bench.predictor_train import QUANTILES, TEXT_CANDIDATES, train_text_candidate
+from ecoserve.predictor.training import train as predictor_train
+from ecoserve.predictor.training.data import LengthData, conversation_of, load_length_data, part_of
+from ecoserve.predictor.training.metrics import baseline_predictions, fit_baselines, kendall_tau, length_metrics
+from ecoserve.predictor.training.train import QUANTILES, TEXT_CANDIDATES, train_text_candidate
 from ecoserve.predictor.predictors import PredictionQuery, make_predictor
 
 

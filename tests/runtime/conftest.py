@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ecoserve.bench.cluster import local_cluster
+from ecoserve.local_cluster import local_cluster
 
 ClusterFactory = Callable[..., contextlib.AbstractContextManager[str]]
 

@@ -1,5 +1,5 @@
 """Fault injection on real clusters (`ecoserve serve` in a subprocess; ECOSERVE_FAULT makes
-chosen ranks misbehave, see ecoserve/engine/faults.py). For every fault: exactly one terminal
+chosen ranks misbehave, see ecoserve/runtime/faults.py). For every fault: exactly one terminal
 event per request, the tokens a client sees are those of a fault-free run (no duplicate, no
 gap), every surviving worker's blocks and transfers and the coordinator's accounting return to
 zero, and the cluster still serves. The cluster fixture checks a clean exit with no worker left.
@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from ecoserve import RequestError, SamplingParams
-from ecoserve.bench.cluster import is_running
+from ecoserve.local_cluster import is_running
 from ecoserve.client import AsyncClient, Completion
 from ecoserve.config import CacheConfig, EngineConfig, ModelConfig
 from ecoserve.engine.llm_engine import LLMEngine

@@ -34,8 +34,8 @@ import zmq.asyncio
 from ecoserve import SamplingParams
 from ecoserve import protocol as p
 from ecoserve.auth import ClientKeys, load_client_keys
-from ecoserve.bench.cluster import child_pids, local_cluster
-from ecoserve.bench.serve import fetch_server_info
+from ecoserve.local_cluster import child_pids, local_cluster
+from ecoserve.bench.serve.run import fetch_server_info
 from ecoserve.cli import main
 from ecoserve.client import SLO, AsyncClient, Client, RequestError
 

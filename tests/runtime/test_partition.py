@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ecoserve.bench.cluster import child_pids
+from ecoserve.local_cluster import child_pids
 from tests.runtime.test_two_hosts import _launch, _tail, needs_netns, two_hosts  # noqa: F401
 
 HEARTBEAT_S = 3.0

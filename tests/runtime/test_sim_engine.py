@@ -16,7 +16,7 @@ from ecoserve.client import AsyncClient, Completion
 from ecoserve.config import CacheConfig, EngineConfig, ModelConfig
 from ecoserve.coordinator.frontend import TextCodec
 from ecoserve.engine.llm_engine import LLMEngine
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 from ecoserve.model.registry import resolve_model
 
 SIM = ("--engine", "sim", "--sim-time-scale", "0.2")

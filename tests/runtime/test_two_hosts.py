@@ -24,7 +24,7 @@ from typing import IO
 import pytest
 
 from ecoserve import LLM, SamplingParams
-from ecoserve.bench.cluster import child_pids, is_running
+from ecoserve.local_cluster import child_pids, is_running
 
 MODEL = "tiny-llama"
 PROMPT_LENS = [40, 120, 7, 300, 64, 18]

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from ecoserve.cli import main
 from ecoserve.data.workload import WorkloadRequest
 from ecoserve.sim.experiment import SLO, Layout, Search, goodput, layouts, min_gpus, simulate
-from ecoserve.sim.latency import load_profile
+from ecoserve.latency.profile import load_profile
 from ecoserve.sim.simulator import HardwareConfig, InstanceSpec, Simulator
 from ecoserve.sim.workloads import WORKLOADS, make_workload
 from ecoserve.coordinator.policies import make_policy
@@ -178,7 +178,7 @@ def test_profile_file_with_a_missing_coefficient(tmp_path, capsys) -> None:  # t
 def test_the_simulator_and_its_commands_import_no_torch() -> None:
     """The simulator is pure Python: `ecoserve sim` and the comparisons start without torch."""
     code = ("import sys; from ecoserve.cli import build_parser; build_parser(); "
-            "import ecoserve.sim.simulator, ecoserve.sim.experiment, ecoserve.bench.compare, ecoserve.bench.results; "
+            "import ecoserve.sim.simulator, ecoserve.sim.experiment, ecoserve.sim.compare, ecoserve.sim.results; "
             "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
             "assert not loaded, f'torch was imported: {loaded[:3]}'")
     subprocess.run([sys.executable, "-c", code], check=True)

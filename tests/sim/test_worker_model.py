@@ -11,7 +11,7 @@ import pytest
 
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.data.workload import WorkloadRequest
-from ecoserve.sim.latency import LatencyProfile, load_profile
+from ecoserve.latency.profile import LatencyProfile, load_profile
 from ecoserve.sim.simulator import HardwareConfig, InstanceSpec, Simulator
 
 FLAT = LatencyProfile("flat", (100.0, 0.0, 0.0), (10.0, 0.0, 0.0), (10.0, 0.0, 0.0), 64, 10_000, 1)

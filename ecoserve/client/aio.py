@@ -25,8 +25,8 @@ import zmq.asyncio
 
 from ecoserve import protocol
 from ecoserve.auth import ClientKeys, load_client_keys
-from ecoserve.client_types import SLO, Completion, Delta, RequestError, ServerInfo, check_timeout, make_add_request
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.client.types import SLO, Completion, Delta, RequestError, ServerInfo, check_timeout, make_add_request
+from ecoserve.params import SamplingParams
 
 __all__ = ["AsyncClient", "AsyncStream"]
 

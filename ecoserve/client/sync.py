@@ -1,16 +1,4 @@
-"""The public client of an ecoserve server: `Client` (blocking) and `AsyncClient` (asyncio).
-
-    from ecoserve import SamplingParams
-    from ecoserve.client import Client
-
-    with Client("tcp://127.0.0.1:5555") as client:
-        print(client.generate("The capital of France is", SamplingParams(max_tokens=8)).text)
-        for delta in client.stream("Once upon a time"):
-            print(delta.text, end="")
-
-`Client` runs an `AsyncClient` on a private event loop in a daemon thread; both have the same
-methods. Importing this module does not import torch.
-"""
+"""`Client`: the blocking client, an `AsyncClient` on a private event loop in a daemon thread."""
 
 from __future__ import annotations
 
@@ -21,11 +9,11 @@ import weakref
 from collections.abc import Coroutine, Generator, Sequence
 from typing import Any, TypeVar, Union
 
-from ecoserve.async_client import AsyncClient, AsyncStream, AuthKeys
-from ecoserve.client_types import SLO, Completion, Delta, RequestError, ServerInfo
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.client.aio import AsyncClient, AsyncStream, AuthKeys
+from ecoserve.client.types import SLO, Completion, Delta, RequestError, ServerInfo
+from ecoserve.params import SamplingParams
 
-__all__ = ["AsyncClient", "AsyncStream", "Client", "Completion", "Delta", "RequestError", "SLO", "ServerInfo", "Stream"]
+__all__ = ["Client", "Stream"]
 
 _T = TypeVar("_T")
 _END = object()  # the pump's "the stream ended normally"

@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ecoserve.bench.predictor_data import LengthData, load_length_data, smollm2_encoder
-from ecoserve.bench.predictor_metrics import ANCHORS, baseline_predictions, length_metrics
-from ecoserve.bench.predictor_train import machine_info, metrics_row, print_table
+from ecoserve.predictor.training.data import LengthData, load_length_data, smollm2_encoder
+from ecoserve.predictor.training.metrics import ANCHORS, baseline_predictions, length_metrics
+from ecoserve.predictor.training.train import machine_info, metrics_row, print_table
 from ecoserve.predictor.learned import DEFAULT_DIR, META_FILE, load_length_model
 from ecoserve.predictor.predictors import LearnedPredictor, PredictionQuery
 
@@ -59,7 +59,7 @@ def _candidate_rows(folder: Path, test: LengthData, level: float, hidden: bool) 
             rows.append(metrics_row(f"candidate: {cand.name}", length_metrics(pred[:, 0], test.output_lens, pred[:, model.head(level)]),
                              "torch-free"))
         elif (cand / "head.json").is_file() and hidden:
-            from ecoserve.bench.predictor_hidden import HiddenHead, cached_hidden_features
+            from ecoserve.predictor.training.hidden import HiddenHead, cached_hidden_features
 
             head = HiddenHead.load(cand)
             x = cached_hidden_features(folder / "cache", "test", test.ids, test.prompts, head.max_tokens)

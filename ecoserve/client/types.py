@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from ecoserve import protocol
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 
 
 @dataclass(frozen=True)

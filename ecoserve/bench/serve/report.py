@@ -7,8 +7,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from ecoserve.bench.report import write_json
-from ecoserve.bench.serve_metrics import PERCENTILES, BenchResult, summarize
+from ecoserve.report import write_json
+from ecoserve.bench.serve.metrics import PERCENTILES, BenchResult, summarize
 
 WIDTH = 60
 

@@ -24,15 +24,15 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from ecoserve.async_client import AsyncClient
-from ecoserve.bench.serve_metrics import BenchResult, KVSample, RequestResult, kv_sample
-from ecoserve.bench.serve_report import plot_cdfs, print_report, write_result
-from ecoserve.bench.serve_workload import (
+from ecoserve.client.aio import AsyncClient
+from ecoserve.bench.serve.metrics import BenchResult, KVSample, RequestResult, kv_sample
+from ecoserve.bench.serve.report import plot_cdfs, print_report, write_result
+from ecoserve.bench.serve.workload import (
     TEXT_WORKLOADS, WORKLOADS, ArrivalSpec, Workload, WorkloadSpec, build_workload, prompts_for,
 )
-from ecoserve.client_types import SLO, RequestError, ServerInfo, check_timeout
+from ecoserve.client.types import SLO, RequestError, ServerInfo, check_timeout
 from ecoserve.data.workload import WorkloadRequest, arrival_span_s
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 
 __all__ = ["fetch_server_info", "print_report", "run_benchmark", "run_serve_benchmark"]
 

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ecoserve.client_types import ServerInfo
+from ecoserve.client.types import ServerInfo
 from ecoserve.data.azure import load_azure_trace
 from ecoserve.data.humaneval import humaneval_requests
 from ecoserve.data.sharegpt import sharegpt_requests

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from ecoserve.bench.report import print_table
+from ecoserve.report import print_table
 from ecoserve.data.sharegpt import sharegpt_requests
 from ecoserve.engine.llm import LLM
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.params import SamplingParams
 
 QUESTION = "What is the capital of France, and what is it famous for?"
 

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ecoserve.bench.cpu_share import CPUProbe, CPUTime, cpu_time, load_average
+from ecoserve.bench.fidelity.cpu_share import CPUProbe, CPUTime, cpu_time, load_average
 from ecoserve.data.workload import WorkloadRequest
 
 BUNDLED = {"smollm2-135m": "cpu-smollm2-135m.json"}  # --model -> bundled profile file
@@ -104,7 +104,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if not (args.link_gbs > 0 and args.link_latency_ms >= 0 and 0 < args.tolerance < 1):
         raise ValueError("need --link-gbs > 0, --link-latency-ms >= 0 and 0 < --tolerance < 1")
     path = _profile_path(args)
-    from ecoserve.sim.latency import load_profile
+    from ecoserve.latency.profile import load_profile
 
     prof = load_profile(path)
     doc = json.loads(Path(path).read_text())
@@ -188,7 +188,7 @@ class RealRun:
 
 def run_real(s: Settings, requests: list[WorkloadRequest], progress: bool) -> RealRun:
     """Start the cluster, warm it up, replay the calibration requests (if any), then `requests`."""
-    from ecoserve.bench.cluster import local_cluster
+    from ecoserve.local_cluster import local_cluster
 
     extra = [*s.server_args, "--num-blocks", str(s.num_blocks), "--block-size", str(s.block_size),
              "--max-num-batched-tokens", str(s.token_budget), "--threads-per-worker", str(s.threads)]
@@ -197,8 +197,8 @@ def run_real(s: Settings, requests: list[WorkloadRequest], progress: bool) -> Re
 
 
 async def _replay(addr: str, s: Settings, requests: list[WorkloadRequest], progress: bool) -> RealRun:
-    from ecoserve.bench.cluster import child_pids
-    from ecoserve.bench.serve import connect, run_benchmark
+    from ecoserve.local_cluster import child_pids
+    from ecoserve.bench.serve.run import connect, run_benchmark
 
     client = await connect(addr)
     stats = await client.stats(timeout=10.0)
@@ -218,8 +218,8 @@ async def _replay(addr: str, s: Settings, requests: list[WorkloadRequest], progr
 
 
 async def _timed(addr: str, s: Settings, requests: list[WorkloadRequest], pids: dict[str, int], progress: bool) -> RealRun:
-    from ecoserve.bench.serve import run_benchmark
-    from ecoserve.client_types import SLO
+    from ecoserve.bench.serve.run import run_benchmark
+    from ecoserve.client.types import SLO
 
     before = {name: cpu_time(pid) for name, pid in pids.items()}
     load_before, own, t0 = load_average(), time.process_time(), time.perf_counter()
@@ -238,7 +238,7 @@ async def _timed(addr: str, s: Settings, requests: list[WorkloadRequest], pids: 
 def run_sim(s: Settings, requests: list[WorkloadRequest], scale: dict[str, float] | None = None) -> tuple[Any, Any]:
     """(SimResult, Simulator) of `requests`; `scale[role]` multiplies that role's step times."""
     from ecoserve.coordinator.policies import make_policy
-    from ecoserve.sim.latency import load_profile
+    from ecoserve.latency.profile import load_profile
     from ecoserve.sim.simulator import HardwareConfig, InstanceSpec, Simulator
 
     base = load_profile(s.profile)

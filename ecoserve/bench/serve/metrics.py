@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ecoserve.client_types import SLO, ServerInfo
+from ecoserve.client.types import SLO, ServerInfo
 
 PERCENTILES = (50, 90, 99)
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ecoserve.bench.report import print_table
+from ecoserve.report import print_table
 from ecoserve.data.workload import WorkloadRequest
 
 # (key, label): the figures the issue names, in table order

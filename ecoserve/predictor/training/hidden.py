@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ecoserve.bench.predictor_fit import calibrate
+from ecoserve.predictor.training.fit import calibrate
 
 MODEL = "smollm2-135m"
 RIDGE_GRID = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)

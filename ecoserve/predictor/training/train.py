@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ecoserve.bench.predictor_data import DEFAULT_SEED, TOKENIZER_MODEL, LengthData, load_length_data, smollm2_encoder
-from ecoserve.bench.predictor_fit import FitConfig, calibrate, fit_heads
-from ecoserve.bench.predictor_metrics import LengthMetrics, baseline_predictions, fit_baselines, length_metrics
+from ecoserve.predictor.training.data import DEFAULT_SEED, TOKENIZER_MODEL, LengthData, load_length_data, smollm2_encoder
+from ecoserve.predictor.training.fit import FitConfig, calibrate, fit_heads
+from ecoserve.predictor.training.metrics import LengthMetrics, baseline_predictions, fit_baselines, length_metrics
 from ecoserve.predictor.features import FeatureSpec, dense_features, hashed_ngrams
 from ecoserve.predictor.learned import LengthModel
 
@@ -157,7 +157,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train_hidden(args: argparse.Namespace, out: Path, train: LengthData, val: LengthData) -> list[dict[str, Any]]:
-    from ecoserve.bench.predictor_hidden import cached_hidden_features, fit_hidden_head
+    from ecoserve.predictor.training.hidden import cached_hidden_features, fit_hidden_head
 
     t0 = time.perf_counter()
     n = min(args.hidden_states, len(train))

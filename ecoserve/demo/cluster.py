@@ -22,13 +22,13 @@ import asyncio
 import sys
 import time
 
-from ecoserve.bench.cluster import local_cluster
-from ecoserve.bench.serve import connect, print_report, run_benchmark
-from ecoserve.bench.serve_metrics import summarize
-from ecoserve.bench.serve_report import write_result
-from ecoserve.bench.serve_workload import ArrivalSpec, WorkloadSpec, build_workload
-from ecoserve.client_types import SLO
-from ecoserve.engine.sampling_params import SamplingParams
+from ecoserve.local_cluster import local_cluster
+from ecoserve.bench.serve.run import connect, print_report, run_benchmark
+from ecoserve.bench.serve.metrics import summarize
+from ecoserve.bench.serve.report import write_result
+from ecoserve.bench.serve.workload import ArrivalSpec, WorkloadSpec, build_workload
+from ecoserve.client.types import SLO
+from ecoserve.params import SamplingParams
 
 QUESTION = "What is the capital of France, and what is it famous for? Answer in three sentences."
 
@@ -110,7 +110,7 @@ async def _replay(addr: str, args: argparse.Namespace):  # type: ignore[no-untyp
 
 def main_entry(args: argparse.Namespace) -> int:
     if args.offline:
-        from ecoserve.bench.demo import run_offline_demo
+        from ecoserve.demo.offline import run_offline_demo
 
         return run_offline_demo(args)
     try:

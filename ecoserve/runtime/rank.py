@@ -20,8 +20,8 @@ import zmq
 from ecoserve import protocol as p
 from ecoserve.config import WorkerConfig
 from ecoserve.engine.llm_engine import LLMEngine
-from ecoserve.engine.sampling_params import SamplingParams
-from ecoserve.engine.faults import Faults
+from ecoserve.params import SamplingParams
+from ecoserve.runtime.faults import Faults
 from ecoserve.engine.sequence import Sequence
 from ecoserve.envs import set_offline_hub
 from ecoserve.kv_transfer.backend import TorchDistBackend

@@ -161,7 +161,7 @@ class _TextSearch(Search):
 
 
 def _sharegpt_test(quick: bool) -> Any:
-    from ecoserve.bench.predictor_data import load_length_data, smollm2_encoder
+    from ecoserve.predictor.training.data import load_length_data, smollm2_encoder
 
     return load_length_data(["test"], smollm2_encoder(), limit=3000 if quick else None)["test"]
 

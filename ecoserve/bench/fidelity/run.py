@@ -44,12 +44,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ecoserve.bench import fidelity_report as rep
-from ecoserve.bench.cpu_share import load_average
-from ecoserve.bench.fidelity_runs import (
+from ecoserve.bench.fidelity import report as rep
+from ecoserve.bench.fidelity.cpu_share import load_average
+from ecoserve.bench.fidelity.runs import (
     LINK_GBS, LINK_LATENCY_MS, POLICIES, RealRun, Settings, build_requests, run_real, run_sim, settings_from,
 )
-from ecoserve.sim.latency import LatencyProfile, load_profile
+from ecoserve.latency.profile import LatencyProfile, load_profile
 from ecoserve.data.workload import WorkloadRequest
 
 
@@ -219,8 +219,8 @@ def run_fidelity(args: argparse.Namespace) -> int:
 
 def _write(out: str, s: Settings, requests: list[WorkloadRequest], real: RealRun, res: Any, rows: list[rep.Row],
            plain_rows: list[rep.Row], scale: dict[str, float], diag: Diagnosis, same: bool, run_s: float) -> None:
-    from ecoserve.bench.report import write_json
-    from ecoserve.bench.serve_metrics import summarize
+    from ecoserve.report import write_json
+    from ecoserve.bench.serve.metrics import summarize
 
     shared = diag.shared_rows
     summary = rep.summary(

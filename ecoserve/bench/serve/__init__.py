@@ -1,0 +1,1 @@
+"""`ecoserve bench serve`: open-loop load on a running server; latency, SLO attainment and goodput."""

@@ -1,0 +1,1 @@
+"""`ecoserve demo`, the main job: the offline engine, then a local cluster serving a slice of a real trace."""

@@ -1,0 +1,1 @@
+"""Training and evaluation of the learned response-length predictor (`ecoserve predictor train|eval`)."""
