@@ -25,16 +25,7 @@ from ecoserve.coordinator.policy import Policy, WorkerView
 from ecoserve.coordinator.request import Request
 from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
 from ecoserve.kv_cache import BlockPool
-
-
-class NullCodec:
-    """Token ids only: the fake cluster has no text."""
-
-    def decode(self, token_ids: list[int]) -> str:
-        return ""
-
-    def new_text(self, req: Request) -> str:
-        return ""
+from ecoserve.sim.lifecycle import NullCodec, lifecycle_leaks
 
 
 @dataclass
@@ -317,19 +308,6 @@ class WorkerSpec:
     block_size: int = 16
     token_budget: int = 512
     host_blocks: int = 0
-
-
-def lifecycle_leaks(lc: Lifecycle) -> list[str]:
-    """What an idle coordinator should no longer hold: live requests, pending releases,
-    planned transfers, queued work, decode-side reservations."""
-    problems = []
-    if lc.requests or lc.releasing or lc.transfer_blocks or len(lc.waiting) or lc.kv_waiting:
-        problems.append(f"coordinator still tracks {len(lc.requests)} requests, {len(lc.releasing)} releasing")
-    try:
-        lc.ledger.assert_empty()
-    except AssertionError as exc:
-        problems.append(str(exc))
-    return problems
 
 
 class FakeCluster:

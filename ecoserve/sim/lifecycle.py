@@ -1,0 +1,126 @@
+"""The simulator's coordinator side: the live `Lifecycle`, with a decode step's news folded in.
+
+Per-token `TokenEvents` are replaced by one `DecodeProgress` per simulated decode step that lists
+only the requests something happened to; `SimLifecycle` folds it in exactly as
+`Lifecycle._on_tokens` folds a step's tokens. A request's output "token list" is a `TokenCount`:
+a live count, since the simulator produces no token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ecoserve.coordinator.lifecycle import Lifecycle
+from ecoserve.coordinator.request import Request, RequestStatus as S
+
+if TYPE_CHECKING:
+    from ecoserve.sim.worker import _Seq
+
+
+class TokenCount:
+    """A request's output "token list" in the simulator: only its length exists.
+
+    `len()` is live: while the request sits on a decode worker it is that worker's count for it,
+    so the policies' `len(req.output_token_ids)` reads what a live coordinator would have
+    received by now. `append` (the first token, from `PrefillDone`) counts one more.
+    """
+
+    __slots__ = ("base", "seq")
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.seq: _Seq | None = None
+
+    def __len__(self) -> int:
+        seq = self.seq
+        return self.base if seq is None else seq.now()
+
+    def append(self, token: int) -> None:
+        self.base += 1
+
+    def __getitem__(self, index: Any) -> Any:
+        n = len(self)
+        return [0] * len(range(n)[index]) if isinstance(index, slice) else 0  # token ids are not simulated
+
+    def __iter__(self) -> Any:
+        return iter([0] * len(self))
+
+
+@dataclass(frozen=True)
+class DecodeProgress:
+    """One decode step's news for the coordinator (the simulator's stand-in for TokenEvents)."""
+
+    rank: int
+    finished: list[tuple[str, str]]  # (request id, finish reason)
+    resumed: list[str]  # produced their first token since coming back (preemption, recompute)
+    preempted: list[str]  # dropped by the worker for room (recompute later)
+    near_limit: list[str]  # reached `extend_ahead` tokens before their reservation
+
+
+class SimLifecycle(Lifecycle):
+    """`Lifecycle`, with a decode step's news folded in from `DecodeProgress`."""
+
+    def on_worker_message(self, msg: Any) -> None:
+        if not isinstance(msg, DecodeProgress):
+            super().on_worker_message(msg)
+            return
+        view = self.registry.views[msg.rank]
+        now = self.clock()
+        for rid in msg.preempted:
+            req = self.requests.get(rid)
+            if req is not None and req.status is S.DECODING:
+                req.transition(S.PREEMPTED, now)
+                req.num_preemptions += 1
+                self.counters["preemptions"] += 1
+                self.counters["preemptions_local"] += 1
+        for rid in msg.resumed:
+            req = self.requests.get(rid)
+            if req is None or req.status is not S.PREEMPTED:
+                continue
+            if req.preempt_mode is None or req.resuming:
+                req.transition(S.DECODING, now)
+                if req.resuming:
+                    req.resuming, req.preempt_mode = False, None
+                    req.decode_start_step = view.decode_steps - 1
+                    self.ledger.started(rid, view.decode_steps - 1)
+        ahead = self.policy.extend_ahead
+        for rid in msg.near_limit:
+            req = self.requests.get(rid)
+            if (
+                req is not None and ahead and req.status is S.DECODING and req.predicted_tokens is not None
+                and len(req.output_token_ids) + ahead >= req.predicted_tokens and req.predicted_tokens < req.max_tokens
+            ):
+                self.near_limit[rid] = req
+        for rid, reason in msg.finished:
+            req = self.requests.get(rid)
+            if req is not None and req.status in (S.DECODING, S.PREEMPTED):
+                if req.status is S.PREEMPTED:
+                    req.transition(S.DECODING, now)
+                self.finish(req, reason)
+
+
+# --- simulated workers ----------------------------------------------------------------------------
+
+
+class NullCodec:
+    """Token ids only: the fake cluster has no text."""
+
+    def decode(self, token_ids: list[int]) -> str:
+        return ""
+
+    def new_text(self, req: Request) -> str:
+        return ""
+
+
+def lifecycle_leaks(lc: Lifecycle) -> list[str]:
+    """What an idle coordinator should no longer hold: live requests, pending releases,
+    planned transfers, queued work, decode-side reservations."""
+    problems = []
+    if lc.requests or lc.releasing or lc.transfer_blocks or len(lc.waiting) or lc.kv_waiting:
+        problems.append(f"coordinator still tracks {len(lc.requests)} requests, {len(lc.releasing)} releasing")
+    try:
+        lc.ledger.assert_empty()
+    except AssertionError as exc:
+        problems.append(str(exc))
+    return problems
