@@ -10,21 +10,30 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
+
+
+def _portable(text: Any) -> Any:
+    """`text` with this checkout's package folder written as `<ecoserve>` (defaults name bundled files)."""
+    import ecoserve
+
+    root = str(Path(ecoserve.__file__).parent)
+    return text.replace(root, "<ecoserve>") if isinstance(text, str) else text
 
 
 def _action(action: argparse.Action) -> dict[str, Any]:
     return {
         "options": list(action.option_strings),
         "dest": action.dest,
-        "default": repr(action.default),
+        "default": _portable(repr(action.default)),
         "choices": None if action.choices is None else [repr(c) for c in action.choices],
         "nargs": repr(action.nargs),
         "required": bool(action.required),
         "type": getattr(action.type, "__name__", repr(action.type)) if action.type is not None else None,
         "kind": type(action).__name__,
         "metavar": repr(action.metavar),
-        "help": action.help,
+        "help": _portable(action.help),
     }
 
 
