@@ -169,6 +169,6 @@ def _with_security(coord: CoordinatorConfig, args: argparse.Namespace) -> Coordi
         "max_prompt_tokens_per_client": args.max_prompt_tokens_per_client,
     }
     coord = dataclasses.replace(coord, auth=args.auth, keys_dir=args.keys, **{k: v for k, v in limits.items() if v is not None})
-    if coord.auth == "curve":
+    if coord.auth == "curve" and coord.keys_dir is not None:  # CoordinatorConfig holds them together
         load_server_keys(coord.keys_dir)  # KeyFileError (a ValueError): one line, exit 2
     return coord

@@ -60,10 +60,10 @@ def _imports(tree: ast.Module, name: str, is_package: bool, modules: set[str]) -
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             eager = False
         elif isinstance(node, ast.If) and _is_type_checking(node.test):
-            for child in node.body:
-                visit(child, False)
-            for child in node.orelse:
-                visit(child, eager)
+            for stmt in node.body:
+                visit(stmt, False)
+            for stmt in node.orelse:
+                visit(stmt, eager)
             return
         if isinstance(node, ast.Import):
             edges.extend(Edge(alias.name, eager, node.lineno) for alias in node.names)
@@ -171,7 +171,8 @@ def _torch_chain(graph: Graph, start: str) -> list[str] | None:
         targets = [e.target for e in graph.get(mod, []) if e.eager]
         for target in targets:
             if within(target, "torch"):
-                path, at = [target], mod
+                path: list[str] = [target]
+                at: str | None = mod
                 while at is not None:
                     path.append(at)
                     at = parent[at]
