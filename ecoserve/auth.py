@@ -14,6 +14,7 @@ its own pair. Copy each file only where it is needed.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -76,6 +77,20 @@ def generate_keys(folder: str | os.PathLike[str], client: str = DEFAULT_CLIENT) 
     authorized = out / AUTHORIZED / f"{client}.pub"
     authorized.write_bytes((out / f"{client}.pub").read_bytes())
     return written + [authorized]
+
+
+def add_keys_arguments(p: argparse.ArgumentParser) -> None:
+    """`ecoserve keys generate`."""
+    p.add_argument("--out", required=True, metavar="DIR", help="the key folder (created if missing)")
+    p.add_argument("--client", default=DEFAULT_CLIENT, metavar="NAME", help="the client pair's name: NAME.key, NAME.pub")
+
+
+def run_keys_generate(args: argparse.Namespace) -> int:
+    for path in generate_keys(args.out, args.client):
+        print(path)
+    print(f"serve with --auth curve --keys {args.out}; give client {args.client!r} server.pub, {args.client}.pub and "
+          f"{args.client}.key (Client(addr, auth_keys=DIR))")
+    return 0
 
 
 def load_server_keys(folder: str | os.PathLike[str], require_clients: bool = True) -> ServerKeys:

@@ -208,3 +208,17 @@ class CoordinatorConfig:
     @property
     def client_addr(self) -> str:
         return f"tcp://{self.host}:{self.port}"
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """One `key=value` of --policy-option or --predictor-option: the value as JSON when it parses
+    (numbers, true/false, lists), else a string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"an option must look like key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value

@@ -34,7 +34,6 @@ import os
 import resource
 import socket
 import statistics
-import sys
 import time
 import traceback
 from multiprocessing.queues import Queue
@@ -44,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ecoserve.bench.args import add_kv_transfer_arguments
 from ecoserve.report import print_table, write_json
 from ecoserve.kv_cache import BlockPool
 from ecoserve.kv_transfer.backend import TorchDistBackend
@@ -270,10 +270,17 @@ def run_kv_transfer_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> int:
-    from ecoserve.cli import build_parser
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m ecoserve.bench.kv_transfer`: the options of `ecoserve bench kv-transfer`."""
+    parser = argparse.ArgumentParser(prog="python -m ecoserve.bench.kv_transfer", description="paged KV transfer between two ranks against a bare send/recv")
+    add_kv_transfer_arguments(parser)
+    # What `ecoserve bench kv-transfer` also sets, so the settings written to JSON are the same.
+    parser.set_defaults(command="bench", bench_command="kv-transfer")
+    return parser
 
-    return run_kv_transfer_benchmark(build_parser().parse_args(["bench", "kv-transfer", *sys.argv[1:]]))
+
+def main() -> int:
+    return run_kv_transfer_benchmark(build_parser().parse_args())
 
 
 __all__ = ["run_kv_transfer_benchmark"]

@@ -45,7 +45,7 @@ QUICK = dict(max_len=256, max_batch=16, repeats=3)  # --quick
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Everything but the model options (cli._add_model_args)."""
+    """Everything but the model options (ecoserve.model.commands.add_model_arguments)."""
     p.add_argument("--out", required=True, help="write the profile here (.json; folders are created)")
     p.add_argument(
         "--max-len", type=int, default=512,

@@ -1,0 +1,174 @@
+"""`ecoserve serve` (one machine) and `ecoserve launch` (one node of several): the options they
+share and the configs they build from them.
+
+Imported whenever the `ecoserve` parser is built, so nothing here imports torch at import time;
+`launch`'s own options are in `ecoserve.multinode`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ecoserve.config import CacheConfig, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_option
+from ecoserve.model.commands import add_model_arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """What `serve` and `launch` share."""
+    add_model_arguments(p)
+    p.set_defaults(model=None)  # smollm2-135m; tiny-llama with --engine sim
+    p.add_argument(
+        "--engine", default="model", choices=["model", "sim"],
+        help="model (default) runs the weights; sim is a load-test tool: workers model step times from "
+        "--sim-profile and emit deterministic tokens, with the real coordinator, KV pool and KV transfer",
+    )
+    p.add_argument(
+        "--sim-profile", default="opt-13b-tp1", metavar="NAME|PATH",
+        help="--engine sim: a DistServe A100 latency profile (opt-13b-tp1/2/4, opt-66b-tp2/3/4/8, or vllm-<those>) "
+        "or a profile JSON file; the KV pool holds its measured capacity unless --num-blocks is given",
+    )
+    p.add_argument(
+        "--sim-time-scale", type=float, default=1.0, help="--engine sim: multiply modelled step times (0: no waiting)"
+    )
+    # Counts default to None: `serve` reads None as 1 prefill + 1 decode, `launch` as none on this node.
+    p.add_argument("--prefill", type=int, default=None, help="prefill workers (serve: default 1; 0 with --decode 0 for mixed only)")
+    p.add_argument("--decode", type=int, default=None, help="decode workers (serve: default 1)")
+    p.add_argument("--mixed", type=int, default=None, help="mixed workers (prefill and decode in one, colocated)")
+    _add_policy_arguments(p)
+    _add_front_door_arguments(p)
+    _add_worker_arguments(p)
+
+
+def _add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--policy", default="distserve",
+        help="ecoserve or distserve (prefill + decode workers; distserve also mixed), vllm or orca (mixed workers)",
+    )
+    p.add_argument(
+        "--predictor", default=None,
+        help="response-length predictor for --policy ecoserve: histogram (default), fixed, learned (trained on "
+        "ShareGPT; docs/predictor.md); oracle and oracle-noisy know true lengths only for ignore_eos requests",
+    )
+    p.add_argument("--predictor-option", action="append", metavar="KEY=VALUE", help="e.g. quantile=0.9, length=64, path=DIR")
+    p.add_argument(
+        "--policy-option", action="append", metavar="KEY=VALUE",
+        help="ecoserve knobs, e.g. margin=0.1, pipelining=false, rl_buckets=false, ordering=false, "
+        "exact_allocation=false, preempt_mode=swap, buckets=[32,64,128]",
+    )
+
+
+def _add_front_door_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="client address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=5555, help="client port; 0 picks a free one")
+    p.add_argument(
+        "--auth", default="none", choices=["none", "curve"],
+        help="client socket security: curve encrypts and admits only the client keys in --keys DIR/authorized_clients",
+    )
+    p.add_argument("--keys", default=None, metavar="DIR", help="--auth curve: a folder made by `ecoserve keys generate`")
+    p.add_argument(
+        "--max-inflight-per-client", type=int, default=None, metavar="N",
+        help="requests one client connection may have in flight (default 65536); more get an over_limit error",
+    )
+    p.add_argument(
+        "--max-prompt-tokens-per-client", type=int, default=None, metavar="N",
+        help="prompt tokens one client connection may have in flight (default 16777216)",
+    )
+
+
+def _add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: from --kv-cache-gib)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=None, help="KV pool = this share of free GPU memory (CUDA)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV pool size per worker (when neither of the above)")
+    p.add_argument(
+        "--num-host-blocks", type=int, default=0,
+        help="host-memory swap space per worker, in KV blocks (0: none; a swap preemption then recomputes)",
+    )
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per step (prefill budget)")
+    p.add_argument("--threads-per-worker", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--heartbeat-timeout", type=float, default=30.0, help="seconds of silence before a worker is lost")
+    p.add_argument("--transfer-deadline", type=float, default=60.0, help="seconds a KV transfer may take")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on shutdown")
+    p.add_argument(
+        "--max-retries", type=int, default=2,
+        help="times a request is retried after its worker is lost or its KV transfer fails (0: fail at once)",
+    )
+    p.add_argument("--ready-file", default=None, help="write the client address here once every worker is up")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ecoserve.coordinator.policies import make_policy
+    from ecoserve.coordinator.policy import check_cluster
+    from ecoserve.launcher import ClusterSpec, run_async, run_cluster
+    from ecoserve.model.registry import resolve_model
+
+    spec = ClusterSpec(_count(args.prefill, 1), _count(args.decode, 1), _count(args.mixed, 0))
+    engine, coord = engine_and_coordinator(args)
+    check_cluster(make_policy(args.policy, **coord.policy_options), set(spec.roles()))
+    folder = resolve_model(args.model)  # prepares a built-in model once, before any worker starts
+    ready = Path(args.ready_file) if args.ready_file else None
+    return run_async(run_cluster(spec, engine, coord, folder, args.threads_per_worker, ready))
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    from ecoserve.multinode import run_launch
+
+    args.prefill, args.decode, args.mixed = (_count(v, 0) for v in (args.prefill, args.decode, args.mixed))
+    engine, coord = engine_and_coordinator(args)
+    return run_launch(args, engine, coord)
+
+
+def _count(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def engine_and_coordinator(args: argparse.Namespace) -> tuple[EngineConfig, CoordinatorConfig]:
+    """The EngineConfig every worker gets and the CoordinatorConfig, from serve/launch options."""
+    if args.model is None:  # the sim engine reads only a vocabulary and a tokenizer: the tiny model's
+        args.model = "tiny-llama" if args.engine == "sim" else "smollm2-135m"
+    engine = EngineConfig(
+        model=ModelConfig(
+            model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+            engine=args.engine, sim_profile=args.sim_profile, sim_time_scale=args.sim_time_scale,
+        ),
+        cache=CacheConfig(
+            block_size=args.block_size, num_blocks=args.num_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
+            kv_cache_gib=args.kv_cache_gib, num_host_blocks=args.num_host_blocks,
+        ),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+    )
+    coord = CoordinatorConfig(
+        host=args.host, port=args.port, policy=args.policy, policy_options=policy_options(args),
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        transfer_deadline_s=args.transfer_deadline, drain_timeout_s=args.drain_timeout, max_retries=args.max_retries,
+    )
+    return engine, _with_security(coord, args)
+
+
+def policy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """make_policy's options from --predictor, --predictor-option and --policy-option."""
+    options = dict(parse_option(o) for o in args.policy_option or [])
+    if args.predictor is not None:
+        options["predictor"] = args.predictor
+    if args.predictor_option:
+        options["predictor_options"] = dict(parse_option(o) for o in args.predictor_option)
+    return options
+
+
+def _with_security(coord: CoordinatorConfig, args: argparse.Namespace) -> CoordinatorConfig:
+    """`coord` with --auth/--keys and the per-client limits; bad key files fail here, before anything starts."""
+    from ecoserve.auth import load_server_keys
+
+    limits = {
+        "max_inflight_per_client": args.max_inflight_per_client,
+        "max_prompt_tokens_per_client": args.max_prompt_tokens_per_client,
+    }
+    coord = dataclasses.replace(coord, auth=args.auth, keys_dir=args.keys, **{k: v for k, v in limits.items() if v is not None})
+    if coord.auth == "curve" and coord.keys_dir is not None:  # CoordinatorConfig holds them together
+        load_server_keys(coord.keys_dir)  # KeyFileError (a ValueError): one line, exit 2
+    return coord
