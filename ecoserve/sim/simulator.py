@@ -44,6 +44,7 @@ from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
 from ecoserve.data.workload import WorkloadRequest
 from ecoserve.sim.fake_cluster import NullCodec, lifecycle_leaks
 from ecoserve.latency.profile import LatencyProfile
+from ecoserve.params import SLO, SamplingParams
 
 
 class TokenCount:
@@ -317,8 +318,8 @@ class SimWorker:
                 return
             self.to_receive.popleft()
             req = self.sim.lifecycle.requests[msg.request_id]
-            target = min(self.sim.true_lengths[msg.request_id], msg.max_tokens)
-            seq = _Seq(self, msg.request_id, len(msg.prompt_token_ids), target, msg.max_tokens, len(req.output_token_ids),
+            target = min(self.sim.true_lengths[msg.request_id], msg.params.max_tokens)
+            seq = _Seq(self, msg.request_id, len(msg.prompt_token_ids), target, msg.params.max_tokens, len(req.output_token_ids),
                        n, msg.reserve_tokens, req)
             self.receiving[msg.request_id] = seq
             self.sim.try_transfer(msg.request_id)
@@ -652,7 +653,7 @@ class SimWorker:
         sim = self.sim
         rid = msg.request_id
         true_len = sim.true_lengths[rid]
-        done = min(true_len, msg.max_tokens) <= 1
+        done = min(true_len, msg.params.max_tokens) <= 1
         blocks = self.blocks_for(len(msg.prompt_token_ids) + (1 if msg.decode_locally else 0))
         sim.to_coordinator(p.PrefillDone(self.rank, rid, 0, "length" if done else None))
         if done:
@@ -662,7 +663,8 @@ class SimWorker:
             if req is None:
                 self.free += blocks
                 return
-            seq = _Seq(self, rid, len(msg.prompt_token_ids), min(true_len, msg.max_tokens), msg.max_tokens, 1, blocks, None, req)
+            max_tokens = msg.params.max_tokens
+            seq = _Seq(self, rid, len(msg.prompt_token_ids), min(true_len, max_tokens), max_tokens, 1, blocks, None, req)
             self.arrived.append(seq)
         else:
             self.held[rid] = blocks
@@ -906,8 +908,8 @@ class Simulator:
         prompt = list(self.prompt_tokens[int(rid[1:])]) if self.prompt_tokens is not None else [1] * w.prompt_len
         req = Request(
             request_id=rid, client=b"sim", client_request_id=rid, prompt_token_ids=prompt,
-            max_tokens=w.output_len, temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=[],
-            ignore_eos=False, stream=False, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, arrival=self.now,
+            params=SamplingParams(max_tokens=w.output_len, temperature=0.0), stream=False,
+            slo=SLO(slo_ttft_ms, slo_tpot_ms), arrival=self.now,
             output_token_ids=TokenCount(),  # type: ignore[arg-type]
         )
         req.true_length = w.output_len
