@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import socket
 import subprocess
@@ -189,6 +190,21 @@ def test_bad_arguments_fail_in_the_caller(make_server: Callable[..., FakeServer]
     with pytest.raises(ValueError, match="ttft_ms"):
         SLO(ttft_ms=-1)
     assert server.of_type(protocol.AddRequest) == []
+
+
+def test_there_is_one_slo_class_and_it_says_what_is_allowed() -> None:
+    import ecoserve
+    from ecoserve import params
+    from ecoserve.client import types
+    from ecoserve.sim import experiment
+
+    assert ecoserve.SLO is params.SLO and types.SLO is params.SLO and experiment.SLO is params.SLO
+    assert SLO() == SLO(None, None) and SLO(250, 100) == SLO(ttft_ms=250, tpot_ms=100)
+    for bad in (0, -1, math.inf, math.nan, True, "5"):
+        with pytest.raises(ValueError, match=r"SLO.tpot_ms: the TPOT SLO must be a number of milliseconds > 0 .*or None"):
+            SLO(ttft_ms=1, tpot_ms=bad)  # type: ignore[arg-type]
+    assert SLO(ttft_ms=100).met_by(ttft_ms=100, tpot_ms=1e9) and not SLO(ttft_ms=100).met_by(100.5, 0)
+    assert SLO().met_by(1e9, 1e9) and not SLO(tpot_ms=5).met_by(0, 6)
 
 
 def test_version_mismatch_raises_request_error(make_server: Callable[..., FakeServer]) -> None:
