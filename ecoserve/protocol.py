@@ -1,8 +1,11 @@
 """Every cross-process message: one frozen dataclass each, MessagePack on the wire.
 
-A frame is `msgpack([type_name, {field: value, ...}])`. Decoding checks the frame size, the
-type name, the exact field set and every field's type before a message object exists, so
-nothing unvalidated reaches a handler. Nothing on any socket is ever unpickled.
+A frame is `msgpack([type_name, {field: value, ...}])`. A field may itself be a frozen dataclass
+(`SamplingParams`, `SLO`): it travels as a nested `{field: value}` map and is decoded by the same
+rules. Decoding checks the frame size, the type name, the exact field set and every field's type
+(nested ones included), then builds the objects, so each dataclass's own `__post_init__` value
+checks run before a message exists; nothing unvalidated reaches a handler. Nothing on any socket
+is ever unpickled.
 
 Messages are grouped by destination. The runtime adds its worker messages here as it grows.
 """
@@ -19,13 +22,28 @@ from typing import Any, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 3  # 2: HelloReply limits; Preempt/Resume/...; 3: generated_token_ids (retries), PeerLost
+from ecoserve.params import SLO, SamplingParams
+
+# 2: HelloReply limits; Preempt/Resume/...; 3: generated_token_ids (retries), PeerLost;
+# 4: AddRequest, RunPrefill and ReceiveKV carry one nested `params` (and AddRequest `slo`).
+PROTOCOL_VERSION = 4
 MAX_FRAME_BYTES = 16 * 2**20  # a 1M-token prompt of ids fits; anything larger is refused
 MAX_INT = 2**63 - 1
 
 
 class ProtocolError(ValueError):
     """A frame that is not a valid message; the text says what was wrong and what is allowed."""
+
+
+class RefusedValue(ProtocolError):
+    """A well-formed message whose values its own checks refuse (`SamplingParams`, `SLO`, ...).
+
+    `request_id` is the id the frame gave, when it gave one, so the front door can answer that
+    request (`bad_request`) instead of an anonymous `bad_frame`, as it did when these checks ran
+    after decoding (protocol 3).
+    """
+
+    request_id: str | None = None
 
 
 # --- client -> coordinator -----------------------------------------------------------------
@@ -39,22 +57,15 @@ class Hello:
     client_name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AddRequest:
     """A generation request. Exactly one of `prompt` and `prompt_token_ids` is set."""
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int] | None
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop_token_ids: list[int]
-    ignore_eos: bool
-    slo_ttft_ms: float | None
-    slo_tpot_ms: float | None
+    params: SamplingParams
+    slo: SLO | None  # None: no latency targets
     stream: bool
 
 
@@ -71,7 +82,7 @@ class GetStats:
 # --- coordinator -> client -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HelloReply:
     """The handshake's answer, with what a client needs to size requests (e.g. to build prompts
     of token ids for a trace that has only lengths). The limits are 0 while no worker has
@@ -100,7 +111,7 @@ class TokenDelta:
     text: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RequestFinished:
     """The one terminal event of a request that completed or was aborted by its client.
 
@@ -147,7 +158,7 @@ class StatsReply:
 # --- worker -> coordinator -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RegisterWorker:
     """A worker rank announces itself: role, KV capacity and its compatibility record.
 
@@ -194,7 +205,7 @@ class PrefillDone:
     finish_reason: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenEvents:
     """One decode step's results on a worker: parallel lists, one entry per sampled token.
 
@@ -262,24 +273,18 @@ class RegisterReply:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunPrefill:
     """Prefill a prompt. `decode_locally` (mixed workers) keeps decoding it on the same worker.
 
     `generated_token_ids` (a retried request) are outputs already streamed to the client: they
-    are prefilled after the prompt, count towards `max_tokens`, and the token sampled next is
-    output number len(generated_token_ids).
+    are prefilled after the prompt, count towards `params.max_tokens`, and the token sampled next
+    is output number len(generated_token_ids).
     """
 
     request_id: str
     prompt_token_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop_token_ids: list[int]
-    ignore_eos: bool
+    params: SamplingParams
     decode_locally: bool
     generated_token_ids: list[int] = field(default_factory=list)
 
@@ -294,7 +299,7 @@ class SendKV:
     deadline_s: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReceiveKV:
     """To a decode worker: allocate blocks, receive the prompt's KV, then decode the request.
 
@@ -308,13 +313,7 @@ class ReceiveKV:
     deadline_s: float
     prompt_token_ids: list[int]
     first_token: int
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop_token_ids: list[int]
-    ignore_eos: bool
+    params: SamplingParams
     reserve_tokens: int | None = None  # KV tokens the request may hold here (prompt + predicted); None = no cap
     generated_token_ids: list[int] = field(default_factory=list)
 
@@ -391,11 +390,21 @@ def encode(message: Any) -> bytes:
     name = type(message).__name__
     if MESSAGE_TYPES.get(name) is not type(message):
         raise TypeError(f"{type(message).__qualname__} is not a protocol message; known: {sorted(MESSAGE_TYPES)}")
-    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(MESSAGE_TYPES[name])}
-    frame = msgpack.packb([name, fields], use_bin_type=True)
+    frame = msgpack.packb([name, _as_map(message)], use_bin_type=True, default=_nested_as_map)
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError(f"message of {len(frame)} bytes exceeds the maximum frame size of {MAX_FRAME_BYTES} bytes")
     return frame
+
+
+def _as_map(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _nested_as_map(obj: Any) -> dict[str, Any]:
+    """msgpack's hook for values it cannot pack itself: a nested dataclass becomes its field map."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _as_map(obj)
+    raise TypeError(f"cannot encode a {type(obj).__qualname__}: a field holds a type the protocol does not carry")
 
 
 def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES, allowed: tuple[type, ...] | None = None) -> Message:
@@ -417,6 +426,17 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES, allowed: tuple[type, 
     if cls is None or (allowed is not None and cls not in allowed):
         known = sorted(MESSAGE_TYPES) if allowed is None else sorted(c.__name__ for c in allowed)
         raise ProtocolError(f"unknown message type {name[:64]!r}; known types: {known}")
+    try:
+        return _build(name, fields, cls)  # type: ignore[no-any-return]
+    except RefusedValue as exc:
+        rid = fields.get("request_id")
+        exc.request_id = rid if isinstance(rid, str) else None
+        raise
+
+
+def _build(path: str, fields: dict[Any, Any], cls: type) -> Any:
+    """The dataclass `cls` from its wire map: the exact field set, then every field's type, then
+    `cls`'s own value checks (its `__post_init__`), each failure a ProtocolError naming `path`."""
     hints = _hints(cls)
     present = hints.keys() & fields.keys()
     if len(present) != len(hints) or len(fields) != len(hints):
@@ -424,10 +444,12 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES, allowed: tuple[type, 
         missing = sorted(set(hints) - present)
         extra = [str(k)[:64] for k in itertools.islice(itertools.filterfalse(hints.__contains__, fields), 8)]
         more = f" and {len(fields) - len(present) - 8} more" if len(fields) - len(present) > 8 else ""
-        raise ProtocolError(f"{name}: missing fields {missing}, unexpected fields {extra}{more}; expected {sorted(hints)}")
-    for field_name, hint in hints.items():
-        _check(f"{name}.{field_name}", fields[field_name], hint)
-    return cls(**fields)  # type: ignore[no-any-return]
+        raise ProtocolError(f"{path}: missing fields {missing}, unexpected fields {extra}{more}; expected {sorted(hints)}")
+    values = {name: _check(f"{path}.{name}", fields[name], hint) for name, hint in hints.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise RefusedValue(f"{path}: {exc}") from None
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -439,16 +461,27 @@ def _hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
-def _check(path: str, value: Any, hint: Any) -> None:
-    """Raise ProtocolError unless `value` has type `hint` (the subset of types messages use)."""
+def _is_struct(hint: Any) -> bool:
+    """A dataclass field type: it travels as a nested {field: value} map."""
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _check(path: str, value: Any, hint: Any) -> Any:
+    """`value` as type `hint` (the subset of types messages use), or ProtocolError. A nested map
+    becomes its dataclass and an array a tuple where `hint` says so; anything else is returned
+    as it is."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
+        failures: list[tuple[Any, ProtocolError]] = []
         for option in args:
             try:
-                _check(path, value, option)
-                return
-            except ProtocolError:
-                continue
+                return _check(path, value, option)
+            except ProtocolError as exc:
+                failures.append((option, exc))
+        # A map refused by the one dataclass it could be: its own error says which field was wrong.
+        nested = [exc for option, exc in failures if _is_struct(option)]
+        if isinstance(value, dict) and len(nested) == 1:
+            raise nested[0]
         raise ProtocolError(f"{path}: got {_describe(value)}, expected {_name(hint)}")
     if hint is type(None):
         ok = value is None
@@ -460,32 +493,35 @@ def _check(path: str, value: Any, hint: Any) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     elif hint is str:
         ok = isinstance(value, str)
-    elif origin is list:
+    elif _is_struct(hint):
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{path}: got {_describe(value)}, expected a {_name(hint)} map of its fields")
+        return _build(path, value, hint)
+    elif origin is list or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
         if not isinstance(value, list):
             raise ProtocolError(f"{path}: got {_describe(value)}, expected {_name(hint)}")
-        _check_list(path, value, args[0])
-        return
+        items = _check_list(path, value, args[0])
+        return items if origin is list else tuple(items)
     elif origin is dict:
         if not isinstance(value, dict):
             raise ProtocolError(f"{path}: got {_describe(value)}, expected {_name(hint)}")
         for key, item in value.items():
             _check(f"{path} key", key, args[0])
             _check(f"{path}[{str(key)[:32]!r}]", item, args[1])
-        return
+        return value
     else:
         raise TypeError(f"protocol type {hint!r} at {path} has no validator")
     if not ok:
         raise ProtocolError(f"{path}: got {_describe(value)}, expected {_name(hint)}")
+    return value
 
 
-def _check_list(path: str, value: list[Any], item_hint: Any) -> None:
+def _check_list(path: str, value: list[Any], item_hint: Any) -> list[Any]:
     """`_check` of every item, in C-speed passes for the lists messages carry (token ids, request
     ids, finish reasons): a frame of millions of items never costs one Python call per item."""
     exact = _EXACT_TYPES.get(item_hint)
     if exact is None:
-        for i, item in enumerate(value):
-            _check(f"{path}[{i}]", item, item_hint)
-        return
+        return [_check(f"{path}[{i}]", item, item_hint) for i, item in enumerate(value)]
     strangers = set(map(type, value)).difference(exact)
     if strangers:
         kinds = list(map(type, value))
@@ -495,7 +531,7 @@ def _check_list(path: str, value: list[Any], item_hint: Any) -> None:
     elif exact == (int,) and value and min(value) < -MAX_INT - 1:
         bad = value.index(min(value))
     else:
-        return
+        return value
     _check(f"{path}[{bad}]", value[bad], item_hint)  # raises, naming the item
     raise ProtocolError(f"{path}[{bad}]: got {_describe(value[bad])}, expected {_name(item_hint)}")
 
@@ -519,4 +555,8 @@ def _describe(value: Any) -> str:
 
 
 def _name(hint: Any) -> str:
+    if hint is type(None):
+        return "None"
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " | ".join(map(_name, typing.get_args(hint)))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import socket
 import subprocess
@@ -23,14 +24,17 @@ Handler = Callable[[protocol.Message], list[protocol.Message]]
 
 
 def finished(rid: str, token_ids: list[int], reason: str = "stop", text: str = "") -> protocol.RequestFinished:
-    return protocol.RequestFinished(rid, token_ids, text, reason, 3, 1.5, 0.5, 4.0, 0.25, 1.0, 0.1)
+    return protocol.RequestFinished(
+        request_id=rid, token_ids=token_ids, text=text, finish_reason=reason, num_prompt_tokens=3, ttft_ms=1.5,
+        tpot_ms=0.5, e2e_ms=4.0, queue_ms=0.25, prefill_ms=1.0, transfer_ms=0.1,
+    )
 
 
 def echo(msg: protocol.Message) -> list[protocol.Message]:
     """Finish every request at once: tokens = [len(prompt), max_tokens], text = the prompt upper-cased."""
     if isinstance(msg, protocol.AddRequest):
         prompt = msg.prompt or ""
-        return [finished(msg.request_id, [len(prompt), msg.max_tokens], "length", prompt.upper())]
+        return [finished(msg.request_id, [len(prompt), msg.params.max_tokens], "length", prompt.upper())]
     return []
 
 
@@ -39,7 +43,10 @@ class FakeServer:
 
     def __init__(self, handler: Handler = echo, hello: protocol.Message | None = None) -> None:
         self.handler = handler
-        self.hello = hello or protocol.HelloReply(protocol.PROTOCOL_VERSION, "fake", "fake-model", 1000, 512, 511, 512)
+        self.hello = hello or protocol.HelloReply(
+            protocol_version=protocol.PROTOCOL_VERSION, server_name="fake", model_id="fake-model", vocab_size=1000,
+            max_model_len=512, max_prompt_tokens=511, max_request_tokens=512,
+        )
         self.received: list[protocol.Message] = []
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -145,8 +152,10 @@ def test_handshake_and_generate(make_server: Callable[..., FakeServer]) -> None:
     assert (hello.protocol_version, hello.client_name) == (protocol.PROTOCOL_VERSION, "tester")
     add = server.of_type(protocol.AddRequest)[0]
     assert add.request_id == out.request_id and len(add.request_id) == 32
-    assert (add.prompt, add.prompt_token_ids, add.max_tokens, add.temperature, add.seed) == ("hello", None, 7, 0.0, 3)
-    assert (add.slo_ttft_ms, add.slo_tpot_ms, add.stream) == (200.0, None, False)
+    assert (add.prompt, add.prompt_token_ids, add.params.max_tokens, add.params.temperature, add.params.seed) == (
+        "hello", None, 7, 0.0, 3)
+    assert add.params == SamplingParams(max_tokens=7, temperature=0, seed=3) and add.slo == SLO(ttft_ms=200)
+    assert (add.slo.ttft_ms, add.slo.tpot_ms, add.stream) == (200.0, None, False)
 
 
 def test_token_id_prompt_and_default_params(make_server: Callable[..., FakeServer]) -> None:
@@ -160,8 +169,9 @@ def test_token_id_prompt_and_default_params(make_server: Callable[..., FakeServe
     add = server.of_type(protocol.AddRequest)[0]
     defaults = SamplingParams()
     assert (add.prompt, add.prompt_token_ids) == (None, [1, 2, 3])
-    assert (add.max_tokens, add.top_p, add.top_k, add.stop_token_ids, add.ignore_eos) == (
-        defaults.max_tokens, defaults.top_p, defaults.top_k, [], False)
+    assert (add.params.max_tokens, add.params.top_p, add.params.top_k, add.params.stop_token_ids, add.params.ignore_eos) == (
+        defaults.max_tokens, defaults.top_p, defaults.top_k, (), False)
+    assert add.params == defaults and add.slo is None
 
 
 def test_bad_arguments_fail_in_the_caller(make_server: Callable[..., FakeServer]) -> None:
@@ -180,6 +190,21 @@ def test_bad_arguments_fail_in_the_caller(make_server: Callable[..., FakeServer]
     with pytest.raises(ValueError, match="ttft_ms"):
         SLO(ttft_ms=-1)
     assert server.of_type(protocol.AddRequest) == []
+
+
+def test_there_is_one_slo_class_and_it_says_what_is_allowed() -> None:
+    import ecoserve
+    from ecoserve import params
+    from ecoserve.client import types
+    from ecoserve.sim import experiment
+
+    assert ecoserve.SLO is params.SLO and types.SLO is params.SLO and experiment.SLO is params.SLO
+    assert SLO() == SLO(None, None) and SLO(250, 100) == SLO(ttft_ms=250, tpot_ms=100)
+    for bad in (0, -1, math.inf, math.nan, True, "5"):
+        with pytest.raises(ValueError, match=r"SLO.tpot_ms: the TPOT SLO must be a number of milliseconds > 0 .*or None"):
+            SLO(ttft_ms=1, tpot_ms=bad)  # type: ignore[arg-type]
+    assert SLO(ttft_ms=100).met_by(ttft_ms=100, tpot_ms=1e9) and not SLO(ttft_ms=100).met_by(100.5, 0)
+    assert SLO().met_by(1e9, 1e9) and not SLO(tpot_ms=5).met_by(0, 6)
 
 
 def test_version_mismatch_raises_request_error(make_server: Callable[..., FakeServer]) -> None:

@@ -62,6 +62,7 @@ from ecoserve.coordinator.ledger import ReservationLedger
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.policy import Decisions, FIFOQueue, Policy, SchedulerState, WorkerView
 from ecoserve.coordinator.request import Request, RequestStatus
+from ecoserve.params import SamplingParams
 
 POLICY_NAMES = ("ecoserve", "distserve", "vllm", "orca")
 TARGET_P99_US = 1000.0
@@ -164,9 +165,9 @@ class _Prompts:
 
 def _request(rid: str, prompt: list[int], true_len: int, max_tokens: int, arrival: float) -> Request:
     return Request(
-        request_id=rid, client=b"bench", client_request_id=rid, prompt_token_ids=prompt, max_tokens=max_tokens,
-        temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=[], ignore_eos=False, stream=False,
-        arrival=arrival, true_length=true_len,
+        request_id=rid, client=b"bench", client_request_id=rid, prompt_token_ids=prompt,
+        params=SamplingParams(max_tokens=max_tokens, temperature=0.0), stream=False, arrival=arrival,
+        true_length=true_len,
     )
 
 

@@ -14,6 +14,7 @@ methods. Importing this module does not import torch.
 
 from ecoserve.client.aio import AsyncClient, AsyncStream
 from ecoserve.client.sync import Client, Stream
-from ecoserve.client.types import SLO, Completion, Delta, RequestError, ServerInfo
+from ecoserve.client.types import Completion, Delta, RequestError, ServerInfo
+from ecoserve.params import SLO
 
 __all__ = ["AsyncClient", "AsyncStream", "Client", "Completion", "Delta", "RequestError", "SLO", "ServerInfo", "Stream"]

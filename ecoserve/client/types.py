@@ -7,23 +7,7 @@ import math
 from dataclasses import dataclass
 
 from ecoserve import protocol
-from ecoserve.params import SamplingParams
-
-
-@dataclass(frozen=True)
-class SLO:
-    """Latency targets of one request in milliseconds; None leaves a target unset."""
-
-    ttft_ms: float | None = None  # time to first token
-    tpot_ms: float | None = None  # time per output token after the first
-
-    def __post_init__(self) -> None:
-        for name in ("ttft_ms", "tpot_ms"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not _positive_number(value):
-                raise ValueError(f"SLO.{name} must be a finite number of milliseconds > 0, or None; got {value!r}")
+from ecoserve.params import SLO, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -130,8 +114,7 @@ def make_add_request(
     params = SamplingParams() if params is None else params
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be an ecoserve.SamplingParams or None, got {type(params).__name__}")
-    slo = SLO() if slo is None else slo
-    if not isinstance(slo, SLO):
+    if slo is not None and not isinstance(slo, SLO):
         raise TypeError(f"slo must be an ecoserve.client.SLO or None, got {type(slo).__name__}")
     text: str | None = None
     ids: list[int] | None = None
@@ -146,17 +129,5 @@ def make_add_request(
     if not prompt:
         raise ValueError("prompt is empty; give a non-empty string or a non-empty list of token ids")
     return protocol.AddRequest(
-        request_id=request_id,
-        prompt=text,
-        prompt_token_ids=ids,
-        max_tokens=params.max_tokens,
-        temperature=float(params.temperature),
-        top_p=float(params.top_p),
-        top_k=params.top_k,
-        seed=params.seed,
-        stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos,
-        slo_ttft_ms=None if slo.ttft_ms is None else float(slo.ttft_ms),
-        slo_tpot_ms=None if slo.tpot_ms is None else float(slo.tpot_ms),
-        stream=stream,
+        request_id=request_id, prompt=text, prompt_token_ids=ids, params=params, slo=slo, stream=stream,
     )

@@ -10,7 +10,6 @@ from tokenizers import Tokenizer
 
 from ecoserve import protocol as p
 from ecoserve.coordinator.request import Request
-from ecoserve.params import SamplingParams
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_STOP_TOKEN_IDS = 1024  # each is checked after every sampled token
@@ -64,18 +63,10 @@ def build_request(
         raise BadRequest(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters, got {len(msg.request_id)}")
     if (msg.prompt is None) == (msg.prompt_token_ids is None):
         raise BadRequest("give exactly one of prompt (text) and prompt_token_ids")
-    if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-        raise BadRequest(f"stop_token_ids has {len(msg.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
-    try:
-        params = SamplingParams(
-            max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
-            seed=msg.seed, stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
-        )
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
-    for name, slo in (("slo_ttft_ms", msg.slo_ttft_ms), ("slo_tpot_ms", msg.slo_tpot_ms)):
-        if slo is not None and not slo > 0:
-            raise BadRequest(f"{name} must be > 0 or null, got {slo}")
+    # msg.params and msg.slo passed their own value checks when the frame was decoded.
+    params = msg.params
+    if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise BadRequest(f"stop_token_ids has {len(params.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
     if msg.prompt is not None:
         if not msg.prompt:
             raise BadRequest("prompt is empty: give at least one character")
@@ -97,9 +88,7 @@ def build_request(
         raise BadRequest(f"stop_token_ids must be in [0, {limits.vocab_size}); got {bad_stop[:5]}")
     return Request(
         request_id=request_id, client=client, client_request_id=msg.request_id, prompt_token_ids=prompt,
-        max_tokens=params.max_tokens, temperature=float(params.temperature), top_p=float(params.top_p),
-        top_k=params.top_k, seed=params.seed, stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos, stream=msg.stream, slo_ttft_ms=msg.slo_ttft_ms, slo_tpot_ms=msg.slo_tpot_ms,
+        params=params, stream=msg.stream, slo=msg.slo,
     )
 
 

@@ -125,8 +125,8 @@ class Lifecycle:
             view.reserved_blocks += d.reserve_blocks
             req.reserved_blocks = d.reserve_blocks
             self.to_worker(d.rank, p.RunPrefill(
-                req.request_id, req.prompt_token_ids, req.max_tokens, req.temperature, req.top_p, req.top_k,
-                req.seed, req.stop_token_ids, req.ignore_eos, d.decode_locally, self._replayed(req),
+                request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, params=req.params,
+                decode_locally=d.decode_locally, generated_token_ids=self._replayed(req),
             ))
         if decisions.transfers:
             chosen = {t.request_id for t in decisions.transfers}
@@ -140,9 +140,9 @@ class Lifecycle:
             deadline = self.config.transfer_deadline_s
             first = req.output_token_ids[req.num_replayed]
             self.to_worker(t.dst_rank, p.ReceiveKV(
-                req.request_id, t.src_rank, plan.seq_no, deadline, req.prompt_token_ids, first, req.max_tokens,
-                req.temperature, req.top_p, req.top_k, req.seed, req.stop_token_ids, req.ignore_eos,
-                self.ledger.reservation_tokens(req.request_id), self._replayed(req),
+                request_id=req.request_id, src_rank=t.src_rank, seq_no=plan.seq_no, deadline_s=deadline,
+                prompt_token_ids=req.prompt_token_ids, first_token=first, params=req.params,
+                reserve_tokens=self.ledger.reservation_tokens(req.request_id), generated_token_ids=self._replayed(req),
             ))
             self.to_worker(t.src_rank, p.SendKV(req.request_id, t.dst_rank, plan.seq_no, deadline))
         self._apply_decode_orders(decisions, now)
@@ -469,8 +469,9 @@ class Lifecycle:
     def _end(self, req: Request, reason: str) -> None:
         self._forget(req)
         self.to_client(req.client, p.RequestFinished(
-            req.client_request_id, req.output_token_ids, self.codec.decode(req.output_token_ids), reason,
-            req.num_prompt_tokens, **_timings(req),
+            request_id=req.client_request_id, token_ids=req.output_token_ids,
+            text=self.codec.decode(req.output_token_ids), finish_reason=reason,
+            num_prompt_tokens=req.num_prompt_tokens, **_timings(req),
         ))
 
     def _forget(self, req: Request) -> None:

@@ -15,6 +15,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from ecoserve.params import SLO, SamplingParams
+
 
 class RequestStatus(enum.Enum):
     WAITING_PREFILL = "waiting_prefill"  # admitted, in the PT queue
@@ -52,7 +54,7 @@ class LifecycleEvent:
     time: float  # time.monotonic()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Request:
     """One accepted request. `request_id` is the coordinator's (unique across clients)."""
 
@@ -60,16 +62,9 @@ class Request:
     client: bytes  # the client's ZeroMQ routing id
     client_request_id: str
     prompt_token_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop_token_ids: list[int]
-    ignore_eos: bool
+    params: SamplingParams  # as the client sent it; the workers sample with it
     stream: bool
-    slo_ttft_ms: float | None = None
-    slo_tpot_ms: float | None = None
+    slo: SLO | None = None  # None: no latency targets
     arrival: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING_PREFILL
     events: list[LifecycleEvent] = field(default_factory=list)
@@ -97,6 +92,27 @@ class Request:
 
     def __post_init__(self) -> None:
         self.events.append(LifecycleEvent(self.status, self.arrival))
+
+    # Read-only views of the fields policies and the simulator read most (one copy: `params`, `slo`).
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
+
+    @property
+    def ignore_eos(self) -> bool:
+        return self.params.ignore_eos
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        return self.params.stop_token_ids
+
+    @property
+    def slo_ttft_ms(self) -> float | None:
+        return None if self.slo is None else self.slo.ttft_ms
+
+    @property
+    def slo_tpot_ms(self) -> float | None:
+        return None if self.slo is None else self.slo.tpot_ms
 
     @property
     def num_prompt_tokens(self) -> int:

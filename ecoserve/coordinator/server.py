@@ -186,6 +186,10 @@ class Coordinator:
                     continue
                 try:
                     msg = p.decode(parts[1], max_bytes=self.front_max_bytes, allowed=p.CLIENT_TO_COORDINATOR)
+                except p.RefusedValue as exc:  # well formed, a value refused: answer the request it names
+                    code = "bad_request" if exc.request_id else "bad_frame"
+                    self._to_client(client, p.ErrorReply(exc.request_id, code, str(exc)))
+                    continue
                 except p.ProtocolError as exc:
                     self._to_client(client, p.ErrorReply(None, "bad_frame", str(exc)))
                     continue
@@ -276,12 +280,17 @@ class Coordinator:
 
     def _hello_reply(self) -> p.HelloReply:
         if not self.ready:  # the limits come from the workers: none known until all registered
-            return p.HelloReply(p.PROTOCOL_VERSION, "ecoserve", "", 0, 0, 0, 0)
+            return p.HelloReply(
+                protocol_version=p.PROTOCOL_VERSION, server_name="ecoserve", model_id="", vocab_size=0,
+                max_model_len=0, max_prompt_tokens=0, max_request_tokens=0,
+            )
         limits = self._limits()
         pool_tokens = limits.max_request_blocks * limits.block_size
         return p.HelloReply(
-            p.PROTOCOL_VERSION, "ecoserve", next(iter(self.registry.info.values())).model_id, limits.vocab_size,
-            limits.max_model_len, limits.max_prompt_tokens, min(limits.max_model_len, pool_tokens),
+            protocol_version=p.PROTOCOL_VERSION, server_name="ecoserve",
+            model_id=next(iter(self.registry.info.values())).model_id, vocab_size=limits.vocab_size,
+            max_model_len=limits.max_model_len, max_prompt_tokens=limits.max_prompt_tokens,
+            max_request_tokens=min(limits.max_model_len, pool_tokens),
         )
 
     def _limits(self) -> Limits:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ecoserve import protocol as p
 from ecoserve.engine.sequence import Sequence
-from ecoserve.runtime.rank import Worker, sampling_params
+from ecoserve.runtime.rank import Worker
 from ecoserve.kv_transfer.types import TransferPlan, TransferState
 
 
@@ -44,7 +44,7 @@ class DecodeWorker(Worker):
             if self.num_receives == self.faults.die_on_receive:
                 self.faults.die(self.rank, f"die_on_receive={self.num_receives}")
         elif isinstance(msg, p.RunPrefill) and msg.decode_locally and self.config.role == "mixed":
-            seq = self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg))
+            seq = self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, msg.params)
             seq.output_token_ids.extend(msg.generated_token_ids)  # a retry: prefilled after the prompt
             self.engine.scheduler.add(seq)
             self.prefilling.add(msg.request_id)
@@ -70,7 +70,7 @@ class DecodeWorker(Worker):
             if need > self.pool.num_free:
                 return  # the requests decoding here will free blocks as they finish
             self.to_receive.popleft()
-            seq = self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg))
+            seq = self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, msg.params)
             self.engine.sequences.pop(msg.request_id)  # not the engine's until the KV is in
             seq.block_table.ensure_capacity(kv_tokens, self.pool)
             seq.output_token_ids.extend(msg.generated_token_ids)

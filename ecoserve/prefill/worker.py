@@ -9,7 +9,7 @@ from typing import Any
 
 from ecoserve import protocol as p
 from ecoserve.engine.sequence import Sequence
-from ecoserve.runtime.rank import Worker, sampling_params
+from ecoserve.runtime.rank import Worker
 from ecoserve.kv_transfer.types import TransferPlan
 
 
@@ -34,7 +34,7 @@ class PrefillWorker(Worker):
 
     def handle_work(self, msg: Any) -> None:
         if isinstance(msg, p.RunPrefill):
-            seq = self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, sampling_params(msg))
+            seq = self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, msg.params)
             seq.output_token_ids.extend(msg.generated_token_ids)  # a retry: prefilled after the prompt
             self.engine.scheduler.add(seq)
         elif isinstance(msg, p.SendKV):

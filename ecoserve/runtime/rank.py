@@ -20,7 +20,6 @@ import zmq
 from ecoserve import protocol as p
 from ecoserve.config import WorkerConfig
 from ecoserve.engine.llm_engine import LLMEngine
-from ecoserve.params import SamplingParams
 from ecoserve.runtime.faults import Faults
 from ecoserve.engine.sequence import Sequence
 from ecoserve.envs import set_offline_hub
@@ -65,18 +64,6 @@ class ControlChannel:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def sampling_params(msg: p.RunPrefill | p.ReceiveKV) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=msg.max_tokens,
-        temperature=msg.temperature,
-        top_p=msg.top_p,
-        top_k=msg.top_k,
-        seed=msg.seed,
-        stop_token_ids=tuple(msg.stop_token_ids),
-        ignore_eos=msg.ignore_eos,
-    )
 
 
 class Worker:

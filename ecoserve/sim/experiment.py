@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.data.workload import WorkloadRequest
 from ecoserve.latency.profile import LatencyProfile, load_profile, profile_names
+from ecoserve.params import SLO
 from ecoserve.sim.simulator import HardwareConfig, InstanceSpec, SimResult, Simulator, kv_bytes_per_token
 from ecoserve.sim.workloads import make_workload
 
@@ -49,17 +50,6 @@ class Layout:
         if self.mixed:
             return f"{self.mixed}x TP{self.tp_mixed}"
         return f"{self.prefill}P TP{self.tp_prefill} : {self.decode}D TP{self.tp_decode}"
-
-
-@dataclass(frozen=True)
-class SLO:
-    ttft_ms: float
-    tpot_ms: float
-
-    def __post_init__(self) -> None:
-        for name, v in (("TTFT", self.ttft_ms), ("TPOT", self.tpot_ms)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"the {name} SLO must be a number of milliseconds > 0, got {v!r}")
 
 
 def profile_for(model: str, tp: int) -> LatencyProfile:
@@ -166,7 +156,7 @@ def simulate(
                   prompt_tokens=prompt_tokens)
     wall = time.perf_counter() - t0
     reqs = res.requests
-    ok = sum(1 for r in reqs if r.ttft_ms <= slo.ttft_ms and r.tpot_ms <= slo.tpot_ms)
+    ok = sum(1 for r in reqs if slo.met_by(r.ttft_ms, r.tpot_ms))
     span = max((r.arrival_s + r.e2e_ms / 1e3 for r in reqs), default=0.0) - (workload[0].arrival_s if workload else 0.0)
     used = [u / c for _, u, _, c in res.kv_samples if c]
     reserved = [r / c for _, _, r, c in res.kv_samples if c]

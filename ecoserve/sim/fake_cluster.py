@@ -26,6 +26,7 @@ from ecoserve.coordinator.request import Request
 from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
 from ecoserve.kv_cache import BlockPool
 from ecoserve.sim.lifecycle import NullCodec, lifecycle_leaks
+from ecoserve.params import SLO, SamplingParams
 
 
 @dataclass
@@ -206,13 +207,13 @@ class FakeWorker:
             self.prefill_queue.popleft()
             true_len = self.cluster.true_length(msg.request_id)
             produced = len(msg.generated_token_ids) + 1  # a retry replays what it had produced
-            done = min(true_len, msg.max_tokens) <= produced
-            reason = ("length" if produced >= msg.max_tokens else "stop") if done else None
+            done = min(true_len, msg.params.max_tokens) <= produced
+            reason = ("length" if produced >= msg.params.max_tokens else "stop") if done else None
             self.send(p.PrefillDone(self.rank, msg.request_id, 1, reason))
             if done:
                 self.pool.free(blocks)
             elif msg.decode_locally:
-                seq = _Seq(msg.request_id, len(msg.prompt_token_ids), true_len, msg.max_tokens, produced, blocks=blocks)
+                seq = _Seq(msg.request_id, len(msg.prompt_token_ids), true_len, msg.params.max_tokens, produced, blocks=blocks)
                 self.running[seq.rid] = seq
             else:
                 self.held[msg.request_id] = blocks
@@ -245,7 +246,7 @@ class FakeWorker:
             self.to_receive.popleft()
             self.cluster.sources[msg.request_id] = msg.src_rank
             seq = _Seq(msg.request_id, len(msg.prompt_token_ids), self.cluster.true_length(msg.request_id),
-                       msg.max_tokens, produced, blocks=blocks, cap=msg.reserve_tokens)
+                       msg.params.max_tokens, produced, blocks=blocks, cap=msg.reserve_tokens)
             self.receiving[seq.rid] = seq
 
     def _decode_step(self) -> None:
@@ -284,7 +285,8 @@ class FakeWorker:
                 del self.running[rid]
                 self._free(seq)
         if ids or preempted:
-            self.send(p.TokenEvents(self.rank, ids, tokens, reasons, preempted, self.pool.num_free))
+            self.send(p.TokenEvents(rank=self.rank, request_ids=ids, token_ids=tokens, finish_reasons=reasons,
+                                    preempted=preempted, free_blocks=self.pool.num_free))
 
     def idle(self) -> bool:
         return not (
@@ -364,9 +366,8 @@ class FakeCluster:
         rid = f"r{self._ids}"
         self._ids += 1
         req = Request(
-            request_id=rid, client=b"c", client_request_id=rid, prompt_token_ids=[1] * prompt_len, max_tokens=max_tokens,
-            temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=[], ignore_eos=False, stream=False,
-            slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms,
+            request_id=rid, client=b"c", client_request_id=rid, prompt_token_ids=[1] * prompt_len,
+            params=SamplingParams(max_tokens=max_tokens, temperature=0.0), stream=False, slo=SLO(slo_ttft_ms, slo_tpot_ms),
         )
         req.true_length = min(true_len, max_tokens)
         self.true_lengths[rid] = true_len

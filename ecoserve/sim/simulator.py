@@ -42,6 +42,7 @@ from ecoserve.coordinator.policy import Policy, WorkerView
 from ecoserve.coordinator.request import Request, RequestStatus as S
 from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry
 from ecoserve.data.workload import WorkloadRequest
+from ecoserve.params import SLO, SamplingParams
 from ecoserve.sim.instance import HardwareConfig, InstanceSpec, kv_bytes_per_token
 from ecoserve.sim.lifecycle import NullCodec, SimLifecycle, TokenCount, lifecycle_leaks
 from ecoserve.sim.worker import SimWorker
@@ -272,8 +273,8 @@ class Simulator:
         prompt = list(self.prompt_tokens[int(rid[1:])]) if self.prompt_tokens is not None else [1] * w.prompt_len
         req = Request(
             request_id=rid, client=b"sim", client_request_id=rid, prompt_token_ids=prompt,
-            max_tokens=w.output_len, temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=[],
-            ignore_eos=False, stream=False, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, arrival=self.now,
+            params=SamplingParams(max_tokens=w.output_len, temperature=0.0), stream=False,
+            slo=SLO(slo_ttft_ms, slo_tpot_ms), arrival=self.now,
             output_token_ids=TokenCount(),  # type: ignore[arg-type]
         )
         req.true_length = w.output_len

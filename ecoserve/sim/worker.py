@@ -173,8 +173,8 @@ class SimWorker:
                 return
             self.to_receive.popleft()
             req = self.sim.lifecycle.requests[msg.request_id]
-            target = min(self.sim.true_lengths[msg.request_id], msg.max_tokens)
-            seq = _Seq(self, msg.request_id, len(msg.prompt_token_ids), target, msg.max_tokens, len(req.output_token_ids),
+            target = min(self.sim.true_lengths[msg.request_id], msg.params.max_tokens)
+            seq = _Seq(self, msg.request_id, len(msg.prompt_token_ids), target, msg.params.max_tokens, len(req.output_token_ids),
                        n, msg.reserve_tokens, req)
             self.receiving[msg.request_id] = seq
             self.sim.try_transfer(msg.request_id)
@@ -508,7 +508,7 @@ class SimWorker:
         sim = self.sim
         rid = msg.request_id
         true_len = sim.true_lengths[rid]
-        done = min(true_len, msg.max_tokens) <= 1
+        done = min(true_len, msg.params.max_tokens) <= 1
         blocks = self.blocks_for(len(msg.prompt_token_ids) + (1 if msg.decode_locally else 0))
         sim.to_coordinator(p.PrefillDone(self.rank, rid, 0, "length" if done else None))
         if done:
@@ -518,7 +518,8 @@ class SimWorker:
             if req is None:
                 self.free += blocks
                 return
-            seq = _Seq(self, rid, len(msg.prompt_token_ids), min(true_len, msg.max_tokens), msg.max_tokens, 1, blocks, None, req)
+            max_tokens = msg.params.max_tokens
+            seq = _Seq(self, rid, len(msg.prompt_token_ids), min(true_len, max_tokens), max_tokens, 1, blocks, None, req)
             self.arrived.append(seq)
         else:
             self.held[rid] = blocks

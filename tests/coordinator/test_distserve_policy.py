@@ -12,12 +12,13 @@ from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.policies.distserve import DistServePolicy
 from ecoserve.coordinator.policy import SchedulerState, WorkerView
 from ecoserve.coordinator.request import Request, RequestStatus
+from ecoserve.params import SamplingParams
 
 
 def make_request(i: int, prompt_len: int, status: RequestStatus = RequestStatus.WAITING_PREFILL) -> Request:
     req = Request(
-        request_id=f"r{i}", client=b"c", client_request_id=f"r{i}", prompt_token_ids=[1] * prompt_len, max_tokens=16,
-        temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=[], ignore_eos=False, stream=False,
+        request_id=f"r{i}", client=b"c", client_request_id=f"r{i}", prompt_token_ids=[1] * prompt_len,
+        params=SamplingParams(max_tokens=16, temperature=0.0), stream=False,
     )
     if status is RequestStatus.TRANSFERRING:
         req.transition(RequestStatus.PREFILLING)

@@ -15,6 +15,7 @@ from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.policies.ecoserve import BucketQueues, EcoServeConfig, EcoServePolicy
 from ecoserve.coordinator.policy import SchedulerState, WorkerView
 from ecoserve.coordinator.request import Request, RequestStatus
+from ecoserve.params import SamplingParams
 from ecoserve.predictor.buckets import BucketScheme
 from ecoserve.sim.fake_cluster import FakeCluster, WorkerSpec
 
@@ -23,8 +24,8 @@ BS = 16
 
 def _request(rid: str, prompt: int, max_tokens: int, true_len: int | None = None) -> Request:
     req = Request(
-        request_id=rid, client=b"c", client_request_id=rid, prompt_token_ids=[1] * prompt, max_tokens=max_tokens,
-        temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=[], ignore_eos=False, stream=False,
+        request_id=rid, client=b"c", client_request_id=rid, prompt_token_ids=[1] * prompt,
+        params=SamplingParams(max_tokens=max_tokens, temperature=0.0), stream=False,
     )
     req.true_length = true_len
     return req

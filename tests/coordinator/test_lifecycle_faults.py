@@ -14,6 +14,7 @@ from ecoserve import protocol as p
 from ecoserve.config import CoordinatorConfig
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.request import Request, RequestStatus as S
+from ecoserve.params import SamplingParams
 from ecoserve.sim.fake_cluster import FakeCluster, WorkerSpec
 
 DISAGG = ("distserve", "ecoserve")
@@ -172,8 +173,10 @@ def test_messages_from_a_lost_rank_and_about_an_old_attempt_are_ignored() -> Non
     cluster.kill(rank)
     before = len(cluster.client_messages)
     # The lost worker (only slow) reports a token, and a live one reports one for the old id.
-    cluster.lifecycle.on_worker_message(p.TokenEvents(rank, [rid], [7], ["length"], [], 10))
-    cluster.lifecycle.on_worker_message(p.TokenEvents(3 - rank, [rid], [7], ["length"], [], 10))
+    for r in (rank, 3 - rank):
+        cluster.lifecycle.on_worker_message(p.TokenEvents(
+            rank=r, request_ids=[rid], token_ids=[7], finish_reasons=["length"], preempted=[], free_blocks=10,
+        ))
     cluster.lifecycle.on_worker_message(p.TransferStatus(3 - rank, rid, "failed", "late"))
     assert len(cluster.client_messages) == before and live(cluster, rid).status is S.WAITING_PREFILL
     check_end(cluster, [rid], {rid: 40})
@@ -230,7 +233,10 @@ def test_with_no_retries_a_failed_transfer_fails_the_request_with_its_reason() -
 
 
 def test_retry_is_the_only_way_back_to_waiting_and_only_from_live_work() -> None:
-    req = Request("r", b"c", "r", [1, 2, 3], 8, 0.0, 1.0, -1, None, [], False, False)
+    req = Request(
+        request_id="r", client=b"c", client_request_id="r", prompt_token_ids=[1, 2, 3],
+        params=SamplingParams(max_tokens=8, temperature=0.0), stream=False,
+    )
     with pytest.raises(RuntimeError, match="cannot retry from WAITING_PREFILL"):
         req.retry(1.0, "x")
     req.transition(S.PREFILLING, 1.0)

@@ -14,6 +14,7 @@ import pytest
 from ecoserve.cli import main
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.request import Request
+from ecoserve.params import SamplingParams
 from ecoserve.predictor.features import NUM_DENSE, FeatureSpec, hashed_ngrams
 from ecoserve.predictor.learned import DEFAULT_DIR, META_FILE, TRAIN_COMMAND, WEIGHTS_FILE, LengthModel, load_length_model
 from ecoserve.predictor.predictors import LearnedPredictor, PredictionQuery, make_predictor
@@ -124,8 +125,8 @@ def test_the_ecoserve_policy_predicts_with_the_learned_model_from_the_prompt(tmp
     expected = make_predictor("learned", path=str(tmp_path / "m"), quantile=0.9)
     for i, ids in enumerate(prompts(5)):
         req = Request(
-            request_id=str(i), client=b"c", client_request_id=str(i), prompt_token_ids=ids, max_tokens=3000,
-            temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=[], ignore_eos=False, stream=False,
+            request_id=str(i), client=b"c", client_request_id=str(i), prompt_token_ids=ids,
+            params=SamplingParams(max_tokens=3000, temperature=0.0), stream=False,
         )
         policy.on_admit(req)
         want = expected.predict(PredictionQuery(len(ids), 3000, prompt_token_ids=ids))

@@ -13,16 +13,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ecoserve import protocol as p
+from ecoserve.params import SLO, SamplingParams
 
 SAMPLES = [
     p.Hello(protocol_version=p.PROTOCOL_VERSION, client_name="bench"),
     p.AddRequest(
-        request_id="r1", prompt="Hi", prompt_token_ids=None, max_tokens=8, temperature=0.0, top_p=1.0,
-        top_k=-1, seed=None, stop_token_ids=[2], ignore_eos=False, slo_ttft_ms=250.0, slo_tpot_ms=None, stream=True,
+        request_id="r1", prompt="Hi", prompt_token_ids=None,
+        params=SamplingParams(max_tokens=8, temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=(2,)),
+        slo=SLO(ttft_ms=250.0, tpot_ms=None), stream=True,
     ),
     p.AddRequest(
-        request_id="r2", prompt=None, prompt_token_ids=[1, 2, 3], max_tokens=1, temperature=0.7, top_p=0.9,
-        top_k=50, seed=7, stop_token_ids=[], ignore_eos=True, slo_ttft_ms=None, slo_tpot_ms=100.0, stream=False,
+        request_id="r2", prompt=None, prompt_token_ids=[1, 2, 3],
+        params=SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9, top_k=50, seed=7, ignore_eos=True),
+        slo=SLO(ttft_ms=None, tpot_ms=100.0), stream=False,
+    ),
+    p.AddRequest(
+        request_id="r3", prompt=None, prompt_token_ids=[4], params=SamplingParams(), slo=None, stream=False,
     ),
     p.AbortRequest(request_id="r1"),
     p.GetStats(),
@@ -53,22 +59,25 @@ SAMPLES = [
     p.WorkerFailed(rank=0, request_id=None, message="out of memory"),
     p.RegisterReply(accepted=False, message="dtype: float32 != bfloat16"),
     p.RunPrefill(
-        request_id="a", prompt_token_ids=[1, 2], max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, seed=None,
-        stop_token_ids=[], ignore_eos=True, decode_locally=False,
+        request_id="a", prompt_token_ids=[1, 2],
+        params=SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, seed=None, ignore_eos=True),
+        decode_locally=False,
     ),
     p.RunPrefill(
-        request_id="retry1:a", prompt_token_ids=[1, 2], max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, seed=None,
-        stop_token_ids=[], ignore_eos=True, decode_locally=True, generated_token_ids=[9, 8],
+        request_id="retry1:a", prompt_token_ids=[1, 2],
+        params=SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, seed=None, ignore_eos=True),
+        decode_locally=True, generated_token_ids=[9, 8],
     ),
     p.SendKV(request_id="a", dst_rank=1, seq_no=0, deadline_s=30.0),
     p.ReceiveKV(
-        request_id="a", src_rank=0, seq_no=0, deadline_s=30.0, prompt_token_ids=[1, 2], first_token=5, max_tokens=4,
-        temperature=0.0, top_p=1.0, top_k=-1, seed=1, stop_token_ids=[2], ignore_eos=False, reserve_tokens=40,
+        request_id="a", src_rank=0, seq_no=0, deadline_s=30.0, prompt_token_ids=[1, 2], first_token=5,
+        params=SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, seed=1, stop_token_ids=(2,)),
+        reserve_tokens=40,
     ),
     p.ReceiveKV(
-        request_id="retry1:a", src_rank=0, seq_no=3, deadline_s=30.0, prompt_token_ids=[1, 2], first_token=5, max_tokens=4,
-        temperature=0.0, top_p=1.0, top_k=-1, seed=1, stop_token_ids=[2], ignore_eos=False, reserve_tokens=None,
-        generated_token_ids=[7],
+        request_id="retry1:a", src_rank=0, seq_no=3, deadline_s=30.0, prompt_token_ids=[1, 2], first_token=5,
+        params=SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, seed=1, stop_token_ids=(2,)),
+        reserve_tokens=None, generated_token_ids=[7],
     ),
     p.ExtendReservation(request_id="a", reserve_tokens=72),
     p.Preempt(request_id="a", mode="swap"),
@@ -94,8 +103,20 @@ def frame(name: str, fields: dict[str, object]) -> bytes:
     return msgpack.packb([name, fields], use_bin_type=True)
 
 
+def wire_fields(message: object, **overrides: object) -> dict[str, object]:
+    """`message`'s fields as they travel (nested dataclasses as maps), with some replaced."""
+    fields = msgpack.unpackb(p.encode(message))[1]
+    fields.update(overrides)
+    return dict(fields)
+
+
 def add_request_fields(**overrides: object) -> dict[str, object]:
-    fields = {f.name: getattr(SAMPLES[1], f.name) for f in dataclasses.fields(p.AddRequest)}
+    return wire_fields(SAMPLES[1], **overrides)
+
+
+def params_fields(message: object = SAMPLES[1], **overrides: object) -> dict[str, object]:
+    """The wire map of `message.params`, with some of its fields replaced."""
+    fields = dict(wire_fields(message)["params"])  # type: ignore[call-overload]
     fields.update(overrides)
     return fields
 
@@ -114,14 +135,96 @@ def add_request_fields(**overrides: object) -> dict[str, object]:
         (frame("Hello", {"protocol_version": True, "client_name": "x"}), "expected int"),
         (frame("Hello", {"protocol_version": 1, "client_name": b"x"}), "Hello.client_name: got bytes"),
         (frame("AddRequest", add_request_fields(prompt_token_ids=[1, "2"])), r"AddRequest.prompt_token_ids: got list"),
-        (frame("AddRequest", add_request_fields(temperature=math.nan)), "AddRequest.temperature: got float nan"),
-        (frame("AddRequest", add_request_fields(max_tokens=2**64 - 1)), "AddRequest.max_tokens"),
+        (frame("AddRequest", add_request_fields(params=params_fields(temperature=math.nan))),
+         "AddRequest.params.temperature: got float nan"),
+        (frame("AddRequest", add_request_fields(params=params_fields(max_tokens=2**64 - 1))),
+         "AddRequest.params.max_tokens"),
         (frame("StatsReply", {"values": {"a": "b"}}), r"StatsReply.values\['a'\]"),
     ],
 )
 def test_malformed_frames_are_refused_with_a_reason(data: bytes, message: str) -> None:
     with pytest.raises(p.ProtocolError, match=message):
         p.decode(data)
+
+
+RUN_PREFILL = next(m for m in SAMPLES if isinstance(m, p.RunPrefill))
+RECEIVE_KV = next(m for m in SAMPLES if isinstance(m, p.ReceiveKV))
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "message"),
+    [
+        # a nested field of the wrong type
+        ("AddRequest", add_request_fields(params=params_fields(top_k="5")), r"AddRequest.params.top_k: got str '5', expected int"),
+        ("AddRequest", add_request_fields(params=params_fields(seed=1.5)), r"AddRequest.params.seed: got float 1.5, expected int \| None"),
+        ("AddRequest", add_request_fields(params=params_fields(ignore_eos=1)), r"AddRequest.params.ignore_eos: got int 1, expected bool"),
+        ("AddRequest", add_request_fields(params=params_fields(stop_token_ids=[1, True])),
+         r"AddRequest.params.stop_token_ids\[1\]: got bool True, expected int"),
+        ("AddRequest", add_request_fields(params=params_fields(stop_token_ids=2)), r"AddRequest.params.stop_token_ids: got int 2"),
+        ("AddRequest", add_request_fields(params=[8, 0.0]), r"AddRequest.params: got list of 2 items, expected a SamplingParams map"),
+        ("AddRequest", add_request_fields(params=None), r"AddRequest.params: got NoneType None, expected a SamplingParams map"),
+        ("AddRequest", add_request_fields(slo={"ttft_ms": "fast", "tpot_ms": None}),
+         r"AddRequest.slo.ttft_ms: got str 'fast', expected float \| None"),
+        ("AddRequest", add_request_fields(slo=5.0), r"AddRequest.slo: got float 5.0, expected SLO \| None"),
+        # an unknown or a missing nested key
+        ("AddRequest", add_request_fields(params={**params_fields(), "evil": 1}),
+         r"AddRequest.params: missing fields \[\], unexpected fields \['evil'\]; expected \['ignore_eos', 'max_tokens'"),
+        ("AddRequest", add_request_fields(params={k: v for k, v in params_fields().items() if k != "seed"}),
+         r"AddRequest.params: missing fields \['seed'\], unexpected fields \[\]"),
+        ("AddRequest", add_request_fields(slo={"ttft_ms": 1.0}), r"AddRequest.slo: missing fields \['tpot_ms'\]"),
+        ("AddRequest", add_request_fields(slo={"ttft_ms": 1.0, "tpot_ms": 1.0, "e2e_ms": 1.0}),
+         r"AddRequest.slo: missing fields \[\], unexpected fields \['e2e_ms'\]"),
+        # a nested value SamplingParams / SLO would refuse: their own checks, their own words
+        ("AddRequest", add_request_fields(params=params_fields(max_tokens=0)), r"AddRequest.params: max_tokens must be an integer >= 1, got 0"),
+        ("AddRequest", add_request_fields(params=params_fields(temperature=-1.0)), r"AddRequest.params: temperature must be a number >= 0"),
+        ("AddRequest", add_request_fields(params=params_fields(top_p=0.0)), r"AddRequest.params: top_p must be in \(0, 1\], got 0.0"),
+        ("AddRequest", add_request_fields(params=params_fields(top_p=1.5)), r"AddRequest.params: top_p must be in \(0, 1\], got 1.5"),
+        ("AddRequest", add_request_fields(params=params_fields(top_k=0)), r"AddRequest.params: top_k must be -1 \(disabled\) or an integer >= 1"),
+        ("AddRequest", add_request_fields(params=params_fields(stop_token_ids=[3, -1])),
+         r"AddRequest.params: stop_token_ids must be non-negative integers, got \[3, -1\]"),
+        ("AddRequest", add_request_fields(slo={"ttft_ms": -1.0, "tpot_ms": None}),
+         r"AddRequest.slo: SLO.ttft_ms: the TTFT SLO must be a number of milliseconds > 0"),
+        ("AddRequest", add_request_fields(slo={"ttft_ms": None, "tpot_ms": 0.0}),
+         r"AddRequest.slo: SLO.tpot_ms: the TPOT SLO must be a number of milliseconds > 0"),
+        # the worker messages carry the same nested params, checked the same way
+        ("RunPrefill", wire_fields(RUN_PREFILL, params=params_fields(RUN_PREFILL, top_p=2.0)), r"RunPrefill.params: top_p must be in \(0, 1\]"),
+        ("RunPrefill", wire_fields(RUN_PREFILL, params={**params_fields(RUN_PREFILL), "x": 1}),
+         r"RunPrefill.params: missing fields \[\], unexpected fields \['x'\]"),
+        ("RunPrefill", wire_fields(RUN_PREFILL, params=params_fields(RUN_PREFILL, max_tokens="4")),
+         r"RunPrefill.params.max_tokens: got str '4', expected int"),
+        ("ReceiveKV", wire_fields(RECEIVE_KV, params=params_fields(RECEIVE_KV, max_tokens=-3)),
+         r"ReceiveKV.params: max_tokens must be an integer >= 1, got -3"),
+        ("ReceiveKV", wire_fields(RECEIVE_KV, params={k: v for k, v in params_fields(RECEIVE_KV).items() if k != "top_k"}),
+         r"ReceiveKV.params: missing fields \['top_k'\]"),
+        ("ReceiveKV", wire_fields(RECEIVE_KV, params=params_fields(RECEIVE_KV, seed=p.MAX_INT + 1)),
+         r"ReceiveKV.params.seed: got int 9223372036854775808, expected int \| None"),
+    ],
+)
+def test_a_bad_nested_field_is_refused_like_a_bad_flat_one(name: str, fields: dict[str, object], message: str) -> None:
+    with pytest.raises(p.ProtocolError, match=message):
+        p.decode(frame(name, fields))
+
+
+def test_nested_dataclasses_travel_as_maps_and_come_back_as_objects() -> None:
+    message = SAMPLES[1]
+    assert isinstance(message, p.AddRequest)
+    fields = msgpack.unpackb(p.encode(message))[1]
+    assert fields["params"] == {
+        "max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": None, "stop_token_ids": [2],
+        "ignore_eos": False,
+    }
+    assert fields["slo"] == {"ttft_ms": 250.0, "tpot_ms": None}
+    decoded = p.decode(p.encode(message))
+    assert isinstance(decoded.params, SamplingParams) and decoded.params.stop_token_ids == (2,)
+    assert isinstance(decoded.slo, SLO) and decoded.slo.ttft_ms == 250.0
+    for sample in (RUN_PREFILL, RECEIVE_KV):
+        assert isinstance(p.decode(p.encode(sample)).params, SamplingParams)
+
+
+def test_big_messages_are_keyword_only() -> None:
+    for cls in (p.AddRequest, p.RunPrefill, p.ReceiveKV, p.HelloReply, p.RequestFinished, p.RegisterWorker, p.TokenEvents):
+        with pytest.raises(TypeError, match="positional"):
+            cls(*range(len(dataclasses.fields(cls))))
 
 
 def test_oversized_frame_is_refused_before_parsing() -> None:
@@ -182,3 +285,15 @@ def test_an_endpoint_refuses_types_it_does_not_take() -> None:
     with pytest.raises(p.ProtocolError, match="unknown message type 'Shutdown'; known types: .*AddRequest"):
         p.decode(frame_, allowed=p.CLIENT_TO_COORDINATOR)
     assert p.decode(p.encode(p.GetStats()), allowed=p.CLIENT_TO_COORDINATOR) == p.GetStats()
+
+
+def test_a_refused_value_names_the_request_its_frame_gave() -> None:
+    # The front door answers such a frame with bad_request for that id, as before protocol 4.
+    bad = frame("AddRequest", add_request_fields(params=params_fields(temperature=-1.0)))
+    with pytest.raises(p.RefusedValue, match="AddRequest.params: temperature") as info:
+        p.decode(bad)
+    assert info.value.request_id == add_request_fields()["request_id"]
+    # A frame broken in its shape is no request at all: no id, a plain ProtocolError.
+    with pytest.raises(p.ProtocolError) as shape:
+        p.decode(frame("AddRequest", add_request_fields(params=params_fields(max_tokens="4"))))
+    assert not isinstance(shape.value, p.RefusedValue)

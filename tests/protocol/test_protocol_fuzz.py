@@ -10,6 +10,7 @@ Each test counts its frames and asserts the count.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ecoserve import protocol as p
+from ecoserve.params import SLO, SamplingParams
 
 SMALL_FRAME_S, BIG_FRAME_S = 1.0, 10.0  # generous: the machine is shared; real times are ~1e-5 s and ~0.5 s
 INT_EDGES = [0, 1, -1, 2**31 - 1, -(2**31), 2**32, 2**53 + 1, p.MAX_INT, -p.MAX_INT - 1]
@@ -60,8 +62,21 @@ def check(frame: bytes, allowed: tuple[type, ...] | None = None, limit_s: float 
     return accepted
 
 
+def as_map(obj: Any) -> dict[str, Any]:
+    """A nested dataclass (SamplingParams, SLO) as the map it travels as."""
+    assert dataclasses.is_dataclass(obj) and not isinstance(obj, type), obj
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
 def pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    return msgpack.packb(value, use_bin_type=True, default=as_map)
+
+
+def struct_of(hint: Any) -> type | None:
+    """The dataclass a field carries (alone or or-None), else None."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    found = [o for o in options if isinstance(o, type) and dataclasses.is_dataclass(o)]
+    return found[0] if found else None
 
 
 @functools.cache
@@ -72,8 +87,35 @@ def fields_of(cls: type) -> dict[str, Any]:
 # --- valid values from type hints: hypothesis strategies and a seeded generator ---------------
 
 
+# Valid nested objects: drawn within the values their own __post_init__ allows.
+NESTED: dict[type, st.SearchStrategy[Any]] = {
+    SamplingParams: st.builds(
+        SamplingParams, max_tokens=st.integers(1, p.MAX_INT), temperature=st.floats(0, 1e6) | st.just(0),
+        top_p=st.floats(0, 1, exclude_min=True), top_k=st.just(-1) | st.integers(1, p.MAX_INT),
+        seed=st.none() | st.integers(-p.MAX_INT - 1, p.MAX_INT), stop_token_ids=st.lists(st.integers(0, p.MAX_INT), max_size=6),
+        ignore_eos=st.booleans(),
+    ),
+    SLO: st.builds(SLO, ttft_ms=st.none() | st.floats(5e-324, 1e308), tpot_ms=st.none() | st.floats(5e-324, 1e308)),
+}
+
+
+def random_nested(rng: random.Random, cls: type) -> dict[str, Any]:
+    """A valid nested object's wire map, seeded."""
+    if cls is SamplingParams:
+        return as_map(SamplingParams(
+            max_tokens=rng.choice([1, 2, p.MAX_INT, rng.randrange(1, 5000)]), temperature=rng.choice([0, 0.0, 0.7, 2.0]),
+            top_p=rng.choice([1.0, 0.5, 5e-324]), top_k=rng.choice([-1, 1, 50]), seed=rng.choice([None, 0, -1, p.MAX_INT]),
+            stop_token_ids=[rng.randrange(1000) for _ in range(rng.randrange(3))], ignore_eos=rng.random() < 0.5,
+        ))
+    if cls is SLO:
+        return as_map(SLO(rng.choice([None, 5e-324, 250.0, 1e308]), rng.choice([None, 100.0])))
+    raise AssertionError(f"no generator for {cls!r}")
+
+
 def strategy(hint: Any) -> st.SearchStrategy[Any]:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in NESTED:
+        return NESTED[hint]
     if origin in (Union, types.UnionType):
         return st.one_of(*(strategy(a) for a in args))
     if hint is type(None):
@@ -95,6 +137,8 @@ def strategy(hint: Any) -> st.SearchStrategy[Any]:
 
 def random_value(rng: random.Random, hint: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in NESTED:
+        return random_nested(rng, hint)
     if origin in (Union, types.UnionType):
         return random_value(rng, rng.choice(args))
     if hint is type(None):
@@ -142,6 +186,11 @@ def test_every_message_type_round_trips_and_each_broken_field_is_refused(name: s
         frames = [frame]
         for field in hints:  # each field alone replaced by junk of any type
             frames.append(pack([name, {**values, field: data.draw(st.sampled_from(JUNK))}]))
+        for field, hint in hints.items():  # each field of a nested object alone replaced by junk
+            nested = struct_of(hint)
+            for inner in fields_of(nested) if nested is not None else ():
+                base = values[field] if isinstance(values[field], nested) else data.draw(NESTED[nested])  # type: ignore[arg-type]
+                frames.append(pack([name, {**values, field: {**as_map(base), inner: data.draw(st.sampled_from(JUNK))}}]))
         if hints:
             frames.append(pack([name, {k: v for k, v in values.items() if k != data.draw(st.sampled_from(sorted(hints)))}]))
         frames.append(pack([name, {**values, data.draw(st.text(max_size=8)): 1}]))
@@ -158,7 +207,8 @@ def test_every_message_type_round_trips_and_each_broken_field_is_refused(name: s
     fuzz()
     print(f"{name}: {counted['frames']} frames from {counted['examples']} examples")
     assert counted["examples"] >= 20  # hypothesis may stop early on a tiny space (GetStats has no fields)
-    assert counted["frames"] >= counted["examples"] * 2 * (len(hints) + 4), counted
+    nested = sum(len(fields_of(c)) for c in map(struct_of, hints.values()) if c is not None)
+    assert counted["frames"] >= counted["examples"] * 2 * (len(hints) + nested + 4), counted
 
 
 # --- a seeded loop: 100,000 frames at C-loop speed -----------------------------------------------
@@ -233,11 +283,8 @@ def test_a_hundred_thousand_seeded_frames_are_refused_or_valid() -> None:
 # --- a few frames of millions of items: decided in bounded time ------------------------------------
 
 
-VALID_ADD = {
-    "request_id": "r", "prompt": None, "prompt_token_ids": [1], "max_tokens": 1, "temperature": 0.0, "top_p": 1.0,
-    "top_k": -1, "seed": None, "stop_token_ids": [], "ignore_eos": False, "slo_ttft_ms": None, "slo_tpot_ms": None,
-    "stream": False,
-}
+PARAMS = {"max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": None, "stop_token_ids": [], "ignore_eos": False}
+VALID_ADD = {"request_id": "r", "prompt": None, "prompt_token_ids": [1], "params": PARAMS, "slo": None, "stream": False}
 EVENTS = {"rank": 0, "request_ids": [], "token_ids": [], "finish_reasons": [], "preempted": [], "free_blocks": 0}
 
 
@@ -245,6 +292,11 @@ BIG = {  # name: (payload, whether it is a valid message)
     "int-list-out-of-range": (["AddRequest", {**VALID_ADD, "prompt_token_ids": [0] * 1_000_000 + [p.MAX_INT + 1]}], False),
     "int-list-bool": (["AddRequest", {**VALID_ADD, "prompt_token_ids": [0] * 1_000_000 + [True]}], False),
     "int-list-valid": (["AddRequest", {**VALID_ADD, "prompt_token_ids": [7] * 1_000_000}], True),
+    "nested-int-list-valid": (["AddRequest", {**VALID_ADD, "params": {**PARAMS, "stop_token_ids": [7] * 1_000_000}}], True),
+    "nested-int-list-negative-tail": (
+        ["AddRequest", {**VALID_ADD, "params": {**PARAMS, "stop_token_ids": [7] * 1_000_000 + [-1]}}], False),
+    "nested-int-list-bool": (["AddRequest", {**VALID_ADD, "params": {**PARAMS, "stop_token_ids": [7] * 1_000_000 + [True]}}], False),
+    "nested-many-keys": (["AddRequest", {**VALID_ADD, "params": {str(i): None for i in range(200_000)}}], False),
     "none-list-valid": (["TokenEvents", {**EVENTS, "finish_reasons": [None] * 1_000_000}], True),
     "str-list-bad-tail": (["TokenEvents", {**EVENTS, "request_ids": ["a"] * 1_000_000 + [None]}], False),
     "many-keys": (["AddRequest", {str(i): None for i in range(200_000)}], False),

@@ -12,14 +12,26 @@ from ecoserve import SamplingParams
 from ecoserve import protocol as p
 from ecoserve.client import AsyncClient, Client
 
-VALID = dict(
-    request_id="ok", prompt=None, prompt_token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1,
-    seed=None, stop_token_ids=[], ignore_eos=True, slo_ttft_ms=None, slo_tpot_ms=None, stream=False,
-)
+VALID_PARAMS = dict(max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=[], ignore_eos=True)
+VALID = dict(request_id="ok", prompt=None, prompt_token_ids=[1, 2, 3], params=VALID_PARAMS, slo=None, stream=False)
+FIELDS = sorted(VALID) + sorted(VALID_PARAMS)  # every field a frame can break, nested ones included
 
 
 def add(**overrides: object) -> bytes:
-    return msgpack.packb(["AddRequest", {**VALID, **overrides}], use_bin_type=True)
+    """An AddRequest frame with fields replaced: a SamplingParams field's name replaces it inside
+    `params`, `slo_ttft_ms` / `slo_tpot_ms` set `slo`, any other name a top-level field."""
+    fields: dict[str, object] = {**VALID, "params": dict(VALID_PARAMS)}
+    slo: dict[str, object] = {}
+    for name, value in overrides.items():
+        if name in VALID_PARAMS:
+            fields["params"][name] = value  # type: ignore[index]
+        elif name in ("slo_ttft_ms", "slo_tpot_ms"):
+            slo[name.removeprefix("slo_")] = value
+        else:
+            fields[name] = value
+    if slo:
+        fields["slo"] = {"ttft_ms": None, "tpot_ms": None, **slo}
+    return msgpack.packb(["AddRequest", fields], use_bin_type=True)
 
 
 def bad_frames(n: int, seed: int = 0) -> list[list[bytes]]:
@@ -41,7 +53,7 @@ def bad_frames(n: int, seed: int = 0) -> list[list[bytes]]:
         lambda: [rng.choice(wrong_shapes)],
         lambda: [msgpack.packb([rng.choice(["Pickle", "Shutdown", "RegisterWorker", "RunPrefill", "x" * 70]), {}])],
         lambda: [add(**rng.choice(invalid_values))],
-        lambda: [add(**{rng.choice(list(VALID)): rng.choice([[None], {"k": 1}, b"raw bytes", float("nan")])})],
+        lambda: [add(**{rng.choice(FIELDS): rng.choice([[None], {"k": 1}, b"raw bytes", float("nan")])})],
         lambda: [msgpack.packb(["AddRequest", dict(rng.sample(sorted(VALID.items()), rng.randrange(len(VALID))))])],
         lambda: [msgpack.packb(["AbortRequest", {"request_id": 5}])],
         lambda: [b"a", b"b"],

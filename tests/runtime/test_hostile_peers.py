@@ -41,10 +41,9 @@ from ecoserve.client import SLO, AsyncClient, Client, RequestError
 
 LIMIT_REQUESTS, LIMIT_TOKENS = 4, 600
 SIM = ("--engine", "sim", "--sim-time-scale", "0.2", "--threads-per-worker", "1")
-VALID = dict(
-    request_id="ok", prompt=None, prompt_token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1,
-    seed=None, stop_token_ids=[], ignore_eos=True, slo_ttft_ms=None, slo_tpot_ms=None, stream=False,
-)
+VALID_PARAMS = dict(max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=[], ignore_eos=True)
+VALID = dict(request_id="ok", prompt=None, prompt_token_ids=[1, 2, 3], params=VALID_PARAMS, slo=None, stream=False)
+FIELDS = sorted(VALID) + sorted(VALID_PARAMS)  # every field a frame can break, nested ones included
 INT_FIELDS = ("max_tokens", "top_k", "seed")
 OUT_OF_RANGE_INTS = [2**63, 2**63 + 1, 2**64 - 1]  # msgpack carries them; int64 does not
 PARAMS = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -68,24 +67,44 @@ def served(keys: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
 
 
 def add(**overrides: object) -> bytes:
-    return msgpack.packb(["AddRequest", {**VALID, **overrides}], use_bin_type=True)
+    """An AddRequest frame with fields replaced: a SamplingParams field's name replaces it inside
+    `params`, `slo_ttft_ms` / `slo_tpot_ms` set `slo`, any other name a top-level field."""
+    fields: dict[str, object] = {**VALID, "params": dict(VALID_PARAMS)}
+    slo: dict[str, object] = {}
+    for name, value in overrides.items():
+        if name in VALID_PARAMS:
+            fields["params"][name] = value  # type: ignore[index]
+        elif name in ("slo_ttft_ms", "slo_tpot_ms"):
+            slo[name.removeprefix("slo_")] = value
+        else:
+            fields[name] = value
+    if slo:
+        fields["slo"] = {"ttft_ms": None, "tpot_ms": None, **slo}
+    return msgpack.packb(["AddRequest", fields], use_bin_type=True)
 
 
 def hostile_frames(n: int, seed: int = 0) -> list[tuple[list[bytes], set[str]]]:
     """`n` hostile messages (as multipart lists), each with the reply codes it may get."""
     rng = random.Random(seed)
-    fields = sorted(VALID)
+    fields = FIELDS
     junk: list[object] = [None, True, -1, 2**64 - 1, 1.5, float("inf"), "x", b"raw", [], [[1]], {"k": {"k": 1}},
                           msgpack.ExtType(3, b"pickle?"), "\u2603" * 50]
-    bad_values: tuple[dict[str, object], ...] = (
+    bad_values: tuple[dict[str, object], ...] = (  # refused by the front door, naming the request
         dict(prompt="", prompt_token_ids=None), dict(prompt="hi"), dict(prompt_token_ids=None),
-        dict(prompt_token_ids=[]), dict(prompt_token_ids=[10**9]), dict(prompt_token_ids=[-1]), dict(max_tokens=0),
-        dict(max_tokens=10**9), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),
-        dict(slo_ttft_ms=-1.0), dict(request_id=""), dict(request_id="x" * 500), dict(stop_token_ids=[10**9]),
+        dict(prompt_token_ids=[]), dict(prompt_token_ids=[10**9]), dict(prompt_token_ids=[-1]),
+        dict(max_tokens=10**9), dict(request_id=""), dict(request_id="x" * 500), dict(stop_token_ids=[10**9]),
         dict(stop_token_ids=[7] * 5000), dict(prompt_token_ids=[5] * 20_000),
         dict(prompt="word " * 50_000, prompt_token_ids=None),
     )
+    # Values SamplingParams / SLO refuse: since protocol 4 they travel nested and are refused
+    # when the frame is decoded (their own checks, their own words), before any request exists,
+    # and the reply still names the request (bad_request), as it did when the front door checked.
+    bad_nested: tuple[dict[str, object], ...] = (
+        dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),
+        dict(stop_token_ids=[-1]), dict(slo_ttft_ms=-1.0),
+    )
     invalid_values = [add(**v) for v in bad_values]  # each frame built once: the big ones are slow to pack
+    invalid_nested = [add(**v) for v in bad_nested]
     many_fields = [msgpack.packb(["AddRequest", {**VALID, **{f"extra{i}": i for i in range(n)}}]) for n in (1, 40, 3000)]
     too_big = add(prompt_token_ids=[1] * 700_000)  # over the front door's frame size
     kinds: list[Callable[[], tuple[list[bytes], set[str]]]] = [
@@ -96,8 +115,10 @@ def hostile_frames(n: int, seed: int = 0) -> list[tuple[list[bytes], set[str]]]:
                               b"\x92\xa5Hello\xde\xff\xff"])], {"bad_frame"}),
         lambda: ([msgpack.packb([rng.choice(["Pickle", "Shutdown", "RegisterWorker", "TokenEvents", "x" * 70]), {}])],
                  {"bad_frame"}),
-        lambda: ([p.encode(p.TokenEvents(0, ["c0:a"], [1], ["stop"], [], 9))], {"bad_frame"}),  # a worker's message
+        lambda: ([p.encode(p.TokenEvents(rank=0, request_ids=["c0:a"], token_ids=[1], finish_reasons=["stop"],
+                                            preempted=[], free_blocks=9))], {"bad_frame"}),  # a worker's message
         lambda: ([rng.choice(invalid_values)], {"bad_request"}),
+        lambda: ([rng.choice(invalid_nested)], {"bad_request"}),
         lambda: ([wrong_type(rng, fields, junk)], {"bad_frame"}),
         lambda: ([add(**{rng.choice(INT_FIELDS): rng.choice(OUT_OF_RANGE_INTS)})], {"bad_frame"}),
         lambda: ([msgpack.packb(["AddRequest", dict(rng.sample(sorted(VALID.items()), rng.randrange(len(VALID))))])],
@@ -121,6 +142,8 @@ def wrong_type(rng: random.Random, fields: list[str], junk: list[object]) -> byt
         frame = add(**{rng.choice(fields): rng.choice(junk)})
         try:
             p.decode(frame)
+        except p.RefusedValue:
+            continue  # a right type with a refused value (top_p=-1): bad_request, the bad_values' kind
         except p.ProtocolError:
             return frame
 
@@ -164,7 +187,8 @@ def test_thousands_of_hostile_frames_each_get_one_error_and_service_goes_on(serv
     messages = " ".join(r.message for r in replies)
     for expected in ("exceeds the maximum", "unknown message type", "not valid MessagePack", "exactly one frame",
                      "unexpected fields", "exactly one of prompt", "prompt token ids must be in", "at most 1024",
-                     "protocol version", "no request"):
+                     "protocol version", "no request", "max_tokens must be an integer >= 1",
+                     "top_p must be in (0, 1]", "the TTFT SLO must be a number of milliseconds > 0"):
         assert expected in messages, f"no error said {expected!r}"
 
     # Larger than ZeroMQ's MAXMSGSIZE: that connection is dropped, unanswered; the server carries on.
