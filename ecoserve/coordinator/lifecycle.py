@@ -23,10 +23,10 @@ from typing import Any, Callable
 from ecoserve import protocol as p
 from ecoserve.config import CoordinatorConfig
 from ecoserve.coordinator.frontend import TextCodec
-from ecoserve.coordinator.ledger import ReservationLedger
 from ecoserve.coordinator.metrics import Reservoir
 from ecoserve.coordinator.policy import Decisions, Policy, SchedulerState, WorkerView
 from ecoserve.coordinator.request import Request, RequestStatus as S
+from ecoserve.coordinator.reservations import Reservations
 from ecoserve.coordinator.workers import WorkerRegistry
 from ecoserve.kv_transfer.planner import TransferPlanner
 
@@ -54,9 +54,6 @@ class Lifecycle:
         self.by_client: dict[tuple[bytes, str], str] = {}
         self.waiting = policy.new_queue()
         self.kv_waiting: deque[Request] = deque()
-        self.ledger = ReservationLedger(getattr(policy, "start_delay", 32))  # decode-side reservations
-        self.near_limit: dict[str, Request] = {}  # decoding, within extend_ahead of its reservation
-        self.preempted: dict[str, Request] = {}  # preempted by our order, acknowledged, not resumed
         self.transfer_blocks: dict[str, int] = {}  # planned transfers: blocks committed on the decode side
         self.releasing: dict[str, set[int]] = {}  # ended requests whose workers have not confirmed release
         self.dirty = asyncio.Event()
@@ -66,6 +63,13 @@ class Lifecycle:
             "predicted": 0, "under_predicted": 0, "over_predicted": 0, "retries": 0, "transfers_failed": 0,
             "clients_disconnected": 0,
         }
+        # Decode-side reservations (reserving policies); its tables are shared here by name. It sends
+        # and reads the time through this object, so a caller that swaps `to_worker` or `clock` later
+        # (the fault tests do) swaps them for it too.
+        self.reservations = Reservations(policy, registry, self.requests, self._send, self.counters, self._now)
+        self.ledger = self.reservations.ledger
+        self.near_limit = self.reservations.near_limit  # decoding, within extend_ahead of its reservation
+        self.preempted = self.reservations.preempted  # preempted by our order, acknowledged, not resumed
         self.lost: dict[int, str] = {}  # lost rank -> why
         self.backoff: dict[str, tuple[float, Request]] = {}  # retried, queued again at that time
         self.prediction_abs_error = 0.0  # sum over finished predicted requests of |raw prediction - length|
@@ -74,6 +78,12 @@ class Lifecycle:
 
     def kick(self) -> None:
         self.dirty.set()
+
+    def _send(self, rank: int, msg: Any) -> None:
+        self.to_worker(rank, msg)
+
+    def _now(self) -> float:
+        return self.clock()
 
     # --- admission and scheduling ------------------------------------------------------------
 
@@ -104,12 +114,7 @@ class Lifecycle:
 
     def apply(self, decisions: Decisions) -> None:
         now = self.clock()
-        views = self.registry.views
-        for res in decisions.reservations:
-            view = views[res.rank]
-            self.ledger.add(res.rank, view.block_size, res.horizon, list(res.members), view.decode_steps)
-            for rid, _ in res.members:
-                self.requests[rid].decode_rank = res.rank
+        self.reservations.reserve(decisions.reservations)
         for d in decisions.prefills:
             self.waiting.remove(d.request_id)
             req = self.requests[d.request_id]
@@ -145,47 +150,7 @@ class Lifecycle:
                 self.ledger.reservation_tokens(req.request_id), self._replayed(req),
             ))
             self.to_worker(t.src_rank, p.SendKV(req.request_id, t.dst_rank, plan.seq_no, deadline))
-        self._apply_decode_orders(decisions, now)
-
-    def _apply_decode_orders(self, decisions: Decisions, now: float) -> None:
-        """Preemptions, extensions and resumes on decode workers (reserving policies)."""
-        for pre in decisions.preemptions:
-            req = self.requests[pre.request_id]
-            assert req.decode_rank is not None
-            self.ledger.remove(req.request_id)
-            self.near_limit.pop(req.request_id, None)
-            req.transition(S.PREEMPTED, now)
-            req.preempt_mode = pre.mode  # until the worker says what it did
-            req.num_preemptions += 1
-            self.counters["preemptions"] += 1
-            self.to_worker(req.decode_rank, p.Preempt(req.request_id, pre.mode))
-        for ext in decisions.extensions:
-            req = self.requests[ext.request_id]
-            if req.request_id not in self.ledger.where:  # a policy bug; the request keeps its old cap
-                log.error("policy %s extended %s, which holds no reservation (%s); ignored",
-                          self.policy.name, req.request_id, req.status.name)
-                continue
-            assert req.decode_rank is not None and req.predicted_tokens is not None
-            view = self.registry.views[req.decode_rank]
-            cohort = self.ledger.where[req.request_id]
-            started = req.decode_start_step if req.decode_start_step is not None else view.decode_steps
-            self.ledger.rehome(req.request_id, cohort.horizon + ext.horizon - req.predicted_tokens, started)
-            req.predicted_tokens = ext.horizon
-            self.near_limit.pop(req.request_id, None)
-            self.counters["extensions"] += 1
-            tokens = self.ledger.reservation_tokens(req.request_id)
-            assert tokens is not None
-            self.to_worker(req.decode_rank, p.ExtendReservation(req.request_id, tokens))
-        for res in decisions.resumes:
-            req = self.preempted.pop(res.request_id)
-            assert req.decode_rank is not None
-            view = self.registry.views[req.decode_rank]
-            produced = len(req.output_token_ids)
-            kv = req.num_prompt_tokens + produced
-            self.ledger.add(req.decode_rank, view.block_size, res.horizon - produced, [(req.request_id, kv)], view.decode_steps)
-            req.predicted_tokens = res.horizon
-            req.resuming = True
-            self.to_worker(req.decode_rank, p.Resume(req.request_id, self.ledger.reservation_tokens(req.request_id)))
+        self.reservations.apply_orders(decisions, now)
 
     @staticmethod
     def _prefill_blocks(req: Request, view: WorkerView) -> int:
@@ -213,7 +178,7 @@ class Lifecycle:
             self._on_tokens(msg, view)
         elif isinstance(msg, p.Preempted):
             view.free_blocks = msg.free_blocks
-            self._on_preempted(msg)
+            self.reservations.acknowledged(msg)
         elif isinstance(msg, p.TransferStatus):
             self._on_transfer(msg)
         elif isinstance(msg, p.Released):
@@ -244,41 +209,18 @@ class Lifecycle:
             self.kv_waiting.append(req)
 
     def _on_tokens(self, msg: p.TokenEvents, view: WorkerView) -> None:
-        for rid in msg.preempted:  # the worker ran out of blocks and dropped it to recompute
-            req = self.requests.get(rid)
-            if req is not None and req.status is S.DECODING:
-                req.transition(S.PREEMPTED, self.clock())
-                req.num_preemptions += 1
-                self.counters["preemptions"] += 1
-                self.counters["preemptions_local"] += 1
-        ahead = self.policy.extend_ahead
+        self.reservations.dropped_by_worker(msg.preempted)
         for rid, token, reason in zip(msg.request_ids, msg.token_ids, msg.finish_reasons):
             req = self.requests.get(rid)
             if req is None or req.status not in (S.DECODING, S.PREEMPTED):
                 continue
-            if req.status is S.PREEMPTED and (req.preempt_mode is None or req.resuming):
-                req.transition(S.DECODING, self.clock())  # back from a local recompute, or resumed by our order
-                if req.resuming:
-                    req.resuming, req.preempt_mode = False, None
-                    req.decode_start_step = view.decode_steps - 1
-                    self.ledger.started(rid, view.decode_steps - 1)
+            self.reservations.produced(req, view)
             req.output_token_ids.append(token)
             self._stream(req, len(req.output_token_ids) - 1)
             if reason is not None:
                 self.finish(req, reason)
-            elif (
-                ahead and req.predicted_tokens is not None and req.status is S.DECODING
-                and len(req.output_token_ids) + ahead >= req.predicted_tokens and req.predicted_tokens < req.max_tokens
-            ):
-                self.near_limit[rid] = req
-
-    def _on_preempted(self, msg: p.Preempted) -> None:
-        req = self.requests.get(msg.request_id)
-        if req is None or req.status is not S.PREEMPTED or req.resuming:
-            return
-        req.preempt_mode = msg.mode
-        self.counters[f"preemptions_{msg.mode}"] += 1
-        self.preempted[req.request_id] = req
+            else:
+                self.reservations.check_near_limit(req)
 
     def _on_transfer(self, msg: p.TransferStatus) -> None:
         req = self.requests.get(msg.request_id)
@@ -295,8 +237,7 @@ class Lifecycle:
             view.committed_blocks -= self.transfer_blocks.pop(req.request_id)
             view.num_running += 1
             req.transition(S.DECODING, self.clock())
-            req.decode_start_step = view.decode_steps
-            self.ledger.started(req.request_id, view.decode_steps)
+            self.reservations.decoding_started(req, view.decode_steps)
 
     def _stream(self, req: Request, index: int) -> None:
         if req.stream:
@@ -481,12 +422,7 @@ class Lifecycle:
 
     def _drop_holdings(self, req: Request) -> None:
         """Undo the coordinator-side holdings of `req`: reservations and decode-side queues."""
-        self.ledger.remove(req.request_id)
-        self.near_limit.pop(req.request_id, None)
-        self.preempted.pop(req.request_id, None)
-        if req.reserved_blocks and req.prefill_rank is not None:
-            self.registry.views[req.prefill_rank].reserved_blocks -= req.reserved_blocks
-            req.reserved_blocks = 0
+        self.reservations.forget(req)
 
     # --- stats -------------------------------------------------------------------------------------
 

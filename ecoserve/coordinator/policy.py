@@ -152,6 +152,9 @@ class Policy(Protocol):
     # Tokens before a request exhausts its reservation at which the coordinator asks to extend it
     # (0: the policy makes no reservations to extend).
     extend_ahead: int
+    # Decode steps a reserved cohort may take to start (the reservation ledger's first horizon;
+    # widened as observed). Read only where the policy makes reservations.
+    start_delay: int
 
     def new_queue(self) -> FIFOQueue: ...
 
@@ -168,6 +171,7 @@ class BasePolicy:
     name = ""
     needs_roles: tuple[frozenset[str], ...] = ()
     extend_ahead = 0
+    start_delay = 32
 
     def new_queue(self) -> FIFOQueue:
         return FIFOQueue()
