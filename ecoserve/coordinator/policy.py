@@ -40,6 +40,11 @@ class WorkerView:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def prefill_blocks(self, num_prefill_tokens: int) -> int:
+        """Blocks a prefill of that many tokens holds here until it reports back."""
+        # A mixed worker also writes the first decode token's KV before it reports again.
+        return self.blocks_for(num_prefill_tokens + (1 if self.role == "mixed" else 0))
+
 
 class FIFOQueue:
     """The PT queue in arrival order, with O(1) removal (a dict keeps insertion order)."""
