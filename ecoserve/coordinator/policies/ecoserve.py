@@ -42,40 +42,11 @@ from ecoserve.coordinator.policy import (
     SchedulerState, StartTransfer, WorkerView,
 )
 from ecoserve.coordinator.request import Request, RequestStatus
+from ecoserve.latency.cost import CostModel
 from ecoserve.predictor.buckets import BucketScheme
 from ecoserve.predictor.predictors import Predictor, PredictionQuery, make_predictor
 
 PREEMPT_MODES = ("auto", "swap", "recompute")
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Latency fits the policy uses: decode step (TPOT cap) and swap-versus-recompute.
-
-    decode step ms = decode[0] + decode[1] * context tokens + decode[2] * batch size;
-    recompute ms = prefill[0] + prefill[1] * L + prefill[2] * L^2 for L tokens (DistServe's
-    fit shapes); swap ms = 2 * L * kv_bytes_per_token / swap_bytes_per_s (out, then in), with
-    the worker's own KV bytes per token when it reported its model at registration.
-    """
-
-    decode: tuple[float, float, float] | None = None
-    prefill: tuple[float, float, float] = (10.0, 0.5, 0.0)  # CPU-scale default for a ~100M model
-    kv_bytes_per_token: float = 64 * 1024
-    swap_bytes_per_s: float = 8e9
-
-    def decode_ms(self, batch: int, context_tokens: float) -> float:
-        if self.decode is None:
-            return 0.0
-        a, b, c = self.decode
-        return a + b * context_tokens + c * batch
-
-    def recompute_ms(self, tokens: int) -> float:
-        a, b, c = self.prefill
-        return a + b * tokens + c * tokens * tokens
-
-    def swap_ms(self, tokens: int, kv_bytes_per_token: float | None = None) -> float:
-        per_token = kv_bytes_per_token or self.kv_bytes_per_token
-        return 2e3 * tokens * per_token / self.swap_bytes_per_s
 
 
 @dataclass(frozen=True)
@@ -507,7 +478,7 @@ class _Round:
 
     def _tpot_capped(self, new_members: int, slo: float | None) -> bool:
         cfg = self.policy.config
-        return cfg.costs.decode is not None and (slo or cfg.slo_tpot_ms) is not None and new_members > 0
+        return cfg.costs.has_decode_fit and (slo or cfg.slo_tpot_ms) is not None and new_members > 0
 
     def _tpot_ok(self, rank: int, new_members: int, peak_blocks: float, slo: float | None) -> bool:
         if not self._tpot_capped(new_members, slo):
