@@ -215,7 +215,7 @@ def build_scenario(
     c = cluster
     prefill_ranks = list(range(c.prefill))
     decode_ranks = list(range(c.prefill, c.prefill + c.decode))
-    ledger = ReservationLedger(getattr(policy, "start_delay", 32))
+    ledger = ReservationLedger(policy.start_delay)
     kv_blocks = {r: 0 for r in decode_ranks}
     count = {r: 0 for r in decode_ranks}
     # Running cohorts, formed as admission forms them: consecutive requests of one bucket, up to
@@ -237,7 +237,7 @@ def build_scenario(
             tokens += req.num_prompt_tokens
         if group:
             cohorts.append((bucket, group))
-    ahead = getattr(policy, "extend_ahead", 4)
+    ahead = policy.extend_ahead
     for k, (horizon, members) in enumerate(cohorts):
         rank = decode_ranks[k % len(decode_ranks)]
         # Partway through: below every member's true length (none finished) and not near the horizon.

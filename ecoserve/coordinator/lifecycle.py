@@ -2,20 +2,16 @@
 folded in, terminal events sent. Exactly one terminal event per accepted request reaches its
 client, and every block a worker held for it is confirmed released (`releasing` empties).
 
-Faults (DESIGN §10). A lost worker (its process exited, or its heartbeats stopped) is fenced
-(told to shut down; anything it says later is ignored), its peers are told to abandon their
-KV transfers with it (`PeerLost`), and each request it held work for is retried; so is a
-request whose KV transfer failed or missed its deadline. A retry releases everything any
-worker held for the request, gives it a fresh worker-facing id (`retry<k>:<id>`, so a late
-message about the old attempt cannot touch the new one) and queues it again; its next prefill
-recomputes the prompt plus the tokens already streamed, and the stream goes on from there.
-After `max_retries` retries the request fails with an error naming every loss.
+`Lifecycle` holds the tables and does admission, scheduling rounds and endings; it is composed
+of rooms that share those tables: `Reservations` (reservations.py: decode-side reservations of
+reserving policies), `WorkerEvents` (worker_events.py: worker news folded in) and `Recovery`
+(recovery.py: lost workers, retries, releases; DESIGN §10). Its gauges are metrics.py's
+`coordinator_stats`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
 from typing import Any, Callable
@@ -23,20 +19,22 @@ from typing import Any, Callable
 from ecoserve import protocol as p
 from ecoserve.config import CoordinatorConfig
 from ecoserve.coordinator.frontend import TextCodec
-from ecoserve.coordinator.ledger import ReservationLedger
-from ecoserve.coordinator.metrics import Reservoir
-from ecoserve.coordinator.policy import Decisions, Policy, SchedulerState, WorkerView
+from ecoserve.coordinator.metrics import Reservoir, coordinator_stats, request_timings
+from ecoserve.coordinator.policy import Decisions, Policy, SchedulerState
 from ecoserve.coordinator.request import Request, RequestStatus as S
+from ecoserve.coordinator.recovery import Recovery
+from ecoserve.coordinator.reservations import Reservations
+from ecoserve.coordinator.worker_events import WorkerEvents
 from ecoserve.coordinator.workers import WorkerRegistry
 from ecoserve.kv_transfer.planner import TransferPlanner
-
-log = logging.getLogger(__name__)
 
 ToClient = Callable[[bytes, Any], None]
 ToWorker = Callable[[int, Any], None]
 
 
 class Lifecycle:
+    """One coordinator's requests from admission to their terminal event (module docstring)."""
+
     def __init__(
         self, policy: Policy, registry: WorkerRegistry, codec: TextCodec,
         to_client: ToClient, to_worker: ToWorker, config: CoordinatorConfig,
@@ -54,9 +52,6 @@ class Lifecycle:
         self.by_client: dict[tuple[bytes, str], str] = {}
         self.waiting = policy.new_queue()
         self.kv_waiting: deque[Request] = deque()
-        self.ledger = ReservationLedger(getattr(policy, "start_delay", 32))  # decode-side reservations
-        self.near_limit: dict[str, Request] = {}  # decoding, within extend_ahead of its reservation
-        self.preempted: dict[str, Request] = {}  # preempted by our order, acknowledged, not resumed
         self.transfer_blocks: dict[str, int] = {}  # planned transfers: blocks committed on the decode side
         self.releasing: dict[str, set[int]] = {}  # ended requests whose workers have not confirmed release
         self.dirty = asyncio.Event()
@@ -66,14 +61,29 @@ class Lifecycle:
             "predicted": 0, "under_predicted": 0, "over_predicted": 0, "retries": 0, "transfers_failed": 0,
             "clients_disconnected": 0,
         }
+        # Decode-side reservations (reserving policies); its tables are shared here by name. It sends
+        # and reads the time through this object, so a caller that swaps `to_worker` or `clock` later
+        # (the fault tests do) swaps them for it too.
+        self.reservations = Reservations(policy, registry, self.requests, self._send, self.counters, self._now)
+        self.ledger = self.reservations.ledger
+        self.near_limit = self.reservations.near_limit  # decoding, within extend_ahead of its reservation
+        self.preempted = self.reservations.preempted  # preempted by our order, acknowledged, not resumed
         self.lost: dict[int, str] = {}  # lost rank -> why
         self.backoff: dict[str, tuple[float, Request]] = {}  # retried, queued again at that time
         self.prediction_abs_error = 0.0  # sum over finished predicted requests of |raw prediction - length|
         self.dispatch_ms = Reservoir()  # front door -> dispatch decision, per request
         self.schedule_us = Reservoir()  # one policy.schedule() call
+        self.events = WorkerEvents(self)  # worker news folded in
+        self.recovery = Recovery(self)  # lost workers, retries, releases
 
     def kick(self) -> None:
         self.dirty.set()
+
+    def _send(self, rank: int, msg: Any) -> None:
+        self.to_worker(rank, msg)
+
+    def _now(self) -> float:
+        return self.clock()
 
     # --- admission and scheduling ------------------------------------------------------------
 
@@ -92,7 +102,7 @@ class Lifecycle:
 
     def schedule(self) -> None:
         if self.backoff:
-            self._requeue_due()
+            self.recovery.requeue_due()
         state = SchedulerState(
             self.clock(), self.waiting, self.kv_waiting, self.registry.views, self.ledger, self.near_limit,
             self.preempted, self.requests,
@@ -104,12 +114,7 @@ class Lifecycle:
 
     def apply(self, decisions: Decisions) -> None:
         now = self.clock()
-        views = self.registry.views
-        for res in decisions.reservations:
-            view = views[res.rank]
-            self.ledger.add(res.rank, view.block_size, res.horizon, list(res.members), view.decode_steps)
-            for rid, _ in res.members:
-                self.requests[rid].decode_rank = res.rank
+        self.reservations.reserve(decisions.reservations)
         for d in decisions.prefills:
             self.waiting.remove(d.request_id)
             req = self.requests[d.request_id]
@@ -121,7 +126,7 @@ class Lifecycle:
             req.dispatch_latency_s = now - req.arrival
             self.dispatch_ms.add(req.dispatch_latency_s * 1e3)
             view.queued_prefill_tokens += req.num_prefill_tokens
-            view.committed_blocks += self._prefill_blocks(req, view)
+            view.committed_blocks += view.prefill_blocks(req.num_prefill_tokens)
             view.reserved_blocks += d.reserve_blocks
             req.reserved_blocks = d.reserve_blocks
             self.to_worker(d.rank, p.RunPrefill(
@@ -145,163 +150,35 @@ class Lifecycle:
                 reserve_tokens=self.ledger.reservation_tokens(req.request_id), generated_token_ids=self._replayed(req),
             ))
             self.to_worker(t.src_rank, p.SendKV(req.request_id, t.dst_rank, plan.seq_no, deadline))
-        self._apply_decode_orders(decisions, now)
-
-    def _apply_decode_orders(self, decisions: Decisions, now: float) -> None:
-        """Preemptions, extensions and resumes on decode workers (reserving policies)."""
-        for pre in decisions.preemptions:
-            req = self.requests[pre.request_id]
-            assert req.decode_rank is not None
-            self.ledger.remove(req.request_id)
-            self.near_limit.pop(req.request_id, None)
-            req.transition(S.PREEMPTED, now)
-            req.preempt_mode = pre.mode  # until the worker says what it did
-            req.num_preemptions += 1
-            self.counters["preemptions"] += 1
-            self.to_worker(req.decode_rank, p.Preempt(req.request_id, pre.mode))
-        for ext in decisions.extensions:
-            req = self.requests[ext.request_id]
-            if req.request_id not in self.ledger.where:  # a policy bug; the request keeps its old cap
-                log.error("policy %s extended %s, which holds no reservation (%s); ignored",
-                          self.policy.name, req.request_id, req.status.name)
-                continue
-            assert req.decode_rank is not None and req.predicted_tokens is not None
-            view = self.registry.views[req.decode_rank]
-            cohort = self.ledger.where[req.request_id]
-            started = req.decode_start_step if req.decode_start_step is not None else view.decode_steps
-            self.ledger.rehome(req.request_id, cohort.horizon + ext.horizon - req.predicted_tokens, started)
-            req.predicted_tokens = ext.horizon
-            self.near_limit.pop(req.request_id, None)
-            self.counters["extensions"] += 1
-            tokens = self.ledger.reservation_tokens(req.request_id)
-            assert tokens is not None
-            self.to_worker(req.decode_rank, p.ExtendReservation(req.request_id, tokens))
-        for res in decisions.resumes:
-            req = self.preempted.pop(res.request_id)
-            assert req.decode_rank is not None
-            view = self.registry.views[req.decode_rank]
-            produced = len(req.output_token_ids)
-            kv = req.num_prompt_tokens + produced
-            self.ledger.add(req.decode_rank, view.block_size, res.horizon - produced, [(req.request_id, kv)], view.decode_steps)
-            req.predicted_tokens = res.horizon
-            req.resuming = True
-            self.to_worker(req.decode_rank, p.Resume(req.request_id, self.ledger.reservation_tokens(req.request_id)))
-
-    @staticmethod
-    def _prefill_blocks(req: Request, view: WorkerView) -> int:
-        # A mixed worker also writes the first decode token's KV before it reports again.
-        return view.blocks_for(req.num_prefill_tokens + (1 if view.role == "mixed" else 0))
+        self.reservations.apply_orders(decisions, now)
 
     @staticmethod
     def _replayed(req: Request) -> list[int]:
         """The outputs a retried request's prefill recomputes after its prompt."""
         return list(req.output_token_ids[: req.num_replayed]) if req.num_replayed else []
 
-    # --- worker events -----------------------------------------------------------------------
+    # --- worker events and faults (WorkerEvents, Recovery) --------------------------------------
 
     def on_worker_message(self, msg: Any) -> None:
-        view = self.registry.seen(msg.rank)
-        if view is None:
-            return  # a lost or unknown rank: its requests were already failed
-        if isinstance(msg, p.Heartbeat):
-            view.free_blocks, view.num_running = msg.free_blocks, msg.num_running
-        elif isinstance(msg, p.PrefillDone):
-            self._on_prefill_done(msg)
-        elif isinstance(msg, p.TokenEvents):
-            view.free_blocks = msg.free_blocks
-            view.decode_steps += 1
-            self._on_tokens(msg, view)
-        elif isinstance(msg, p.Preempted):
-            view.free_blocks = msg.free_blocks
-            self._on_preempted(msg)
-        elif isinstance(msg, p.TransferStatus):
-            self._on_transfer(msg)
-        elif isinstance(msg, p.Released):
-            self._released(msg.request_id, msg.rank)
-        elif isinstance(msg, p.WorkerFailed):
-            if msg.request_id is None:
-                self.worker_lost(msg.rank, msg.message)
-            elif msg.request_id in self.requests:
-                self.fail(self.requests[msg.request_id], f"worker rank {msg.rank}: {msg.message}")
-        self.kick()
+        self.events.on_message(msg)
 
-    def _on_prefill_done(self, msg: p.PrefillDone) -> None:
-        req = self.requests.get(msg.request_id)
-        if req is None or req.status is not S.PREFILLING:
-            return  # aborted meanwhile: the worker frees it on AbortWork
-        view = self.registry.views[msg.rank]
-        view.queued_prefill_tokens -= req.num_prefill_tokens
-        view.committed_blocks -= self._prefill_blocks(req, view)
-        req.output_token_ids.append(msg.first_token)
-        self._stream(req, len(req.output_token_ids) - 1)
-        if msg.finish_reason is not None:
-            self.finish(req, msg.finish_reason)
-        elif view.role == "mixed":
-            req.transition(S.TRANSFERRING, self.clock())
-            req.transition(S.DECODING, self.clock())
-        else:
-            req.transition(S.TRANSFERRING, self.clock())
-            self.kv_waiting.append(req)
+    def worker_lost(self, rank: int, reason: str) -> None:
+        self.recovery.worker_lost(rank, reason)
 
-    def _on_tokens(self, msg: p.TokenEvents, view: WorkerView) -> None:
-        for rid in msg.preempted:  # the worker ran out of blocks and dropped it to recompute
-            req = self.requests.get(rid)
-            if req is not None and req.status is S.DECODING:
-                req.transition(S.PREEMPTED, self.clock())
-                req.num_preemptions += 1
-                self.counters["preemptions"] += 1
-                self.counters["preemptions_local"] += 1
-        ahead = self.policy.extend_ahead
-        for rid, token, reason in zip(msg.request_ids, msg.token_ids, msg.finish_reasons):
-            req = self.requests.get(rid)
-            if req is None or req.status not in (S.DECODING, S.PREEMPTED):
-                continue
-            if req.status is S.PREEMPTED and (req.preempt_mode is None or req.resuming):
-                req.transition(S.DECODING, self.clock())  # back from a local recompute, or resumed by our order
-                if req.resuming:
-                    req.resuming, req.preempt_mode = False, None
-                    req.decode_start_step = view.decode_steps - 1
-                    self.ledger.started(rid, view.decode_steps - 1)
-            req.output_token_ids.append(token)
-            self._stream(req, len(req.output_token_ids) - 1)
-            if reason is not None:
-                self.finish(req, reason)
-            elif (
-                ahead and req.predicted_tokens is not None and req.status is S.DECODING
-                and len(req.output_token_ids) + ahead >= req.predicted_tokens and req.predicted_tokens < req.max_tokens
-            ):
-                self.near_limit[rid] = req
+    def retry(self, req: Request, reason: str, backoff_s: float = 0.0) -> None:
+        self.recovery.retry(req, reason, backoff_s)
 
-    def _on_preempted(self, msg: p.Preempted) -> None:
-        req = self.requests.get(msg.request_id)
-        if req is None or req.status is not S.PREEMPTED or req.resuming:
-            return
-        req.preempt_mode = msg.mode
-        self.counters[f"preemptions_{msg.mode}"] += 1
-        self.preempted[req.request_id] = req
+    def next_retry_in(self) -> float | None:
+        return self.recovery.next_retry_in()
 
-    def _on_transfer(self, msg: p.TransferStatus) -> None:
-        req = self.requests.get(msg.request_id)
-        if req is None or req.status is not S.TRANSFERRING:
-            return
-        if msg.state != "done":  # this side freed its blocks; the retry aborts the other side
-            self.counters["transfers_failed"] += 1
-            reason = f"KV transfer {msg.state} on rank {msg.rank}: {msg.message}"
-            self.retry(req, reason, self.config.retry_backoff_s)
-            return
-        if msg.rank == req.decode_rank:  # the receiver has the KV: decoding starts there
-            self.planner.finish(req.request_id)
-            view = self.registry.views[msg.rank]
-            view.committed_blocks -= self.transfer_blocks.pop(req.request_id)
-            view.num_running += 1
-            req.transition(S.DECODING, self.clock())
-            req.decode_start_step = view.decode_steps
-            self.ledger.started(req.request_id, view.decode_steps)
+    def can_serve(self) -> bool:
+        return self.recovery.can_serve()
 
-    def _stream(self, req: Request, index: int) -> None:
-        if req.stream:
-            text = self.codec.new_text(req)
-            self.to_client(req.client, p.TokenDelta(req.client_request_id, index, req.output_token_ids[index:], text))
+    def cannot_serve_reason(self) -> str:
+        return self.recovery.cannot_serve_reason()
+
+    def stats(self) -> dict[str, float]:
+        return coordinator_stats(self)
 
     # --- endings ---------------------------------------------------------------------------------
 
@@ -321,7 +198,7 @@ class Lifecycle:
         if rid is None:
             return False
         req = self.requests[rid]
-        self._release_everywhere(req)
+        self.recovery.release_everywhere(req)
         req.transition(S.ABORTED, self.clock())
         self.counters["aborted"] += 1
         self._end(req, "abort")
@@ -335,7 +212,7 @@ class Lifecycle:
         return len(mine)
 
     def fail(self, req: Request, message: str) -> None:
-        self._release_everywhere(req)
+        self.recovery.release_everywhere(req)
         req.transition(S.FAILED, self.clock())
         self.counters["failed"] += 1
         self._forget(req)
@@ -345,206 +222,16 @@ class Lifecycle:
         for req in list(self.requests.values()):
             self.fail(req, message)
 
-    def worker_lost(self, rank: int, reason: str) -> None:
-        """`rank` died or stopped answering: fence it, tell its peers, retry what it held."""
-        view = self.registry.views.get(rank)
-        if view is None or not view.alive:
-            return
-        view.alive = False
-        self.lost[rank] = reason
-        self.counters["workers_lost"] += 1
-        self.to_worker(rank, p.Shutdown())  # a worker that is only slow stops; what it says meanwhile is ignored
-        for peer in self.registry.alive_ranks():  # before any AbortWork below, on the same channel
-            self.to_worker(peer, p.PeerLost(rank))
-        for rid, ranks in list(self.releasing.items()):
-            self._released(rid, rank) if rank in ranks else None
-        why = f"worker rank {rank} ({view.role}) was lost: {reason}"
-        for req in list(self.requests.values()):
-            if self._holds(req, rank):
-                self.retry(req, why)
-        if not self.can_serve():
-            for req in list(self.requests.values()):
-                self.fail(req, self.cannot_serve_reason())
-        self.kick()
-
-    @staticmethod
-    def _holds(req: Request, rank: int) -> bool:
-        """Whether `rank` holds work, KV or a reservation for `req`."""
-        if req.status is S.WAITING_PREFILL:
-            return False
-        if req.status in (S.DECODING, S.PREEMPTED):  # its prefill worker is done with it
-            return req.decode_rank == rank
-        return rank in (req.prefill_rank, req.decode_rank)
-
-    def retry(self, req: Request, reason: str, backoff_s: float = 0.0) -> None:
-        """Queue `req` again (after `backoff_s`) now that `reason` cost it its work
-        (Request.retry), or fail it with every reason once it has used its `max_retries`."""
-        limit = self.config.max_retries
-        if req.num_retries >= limit:
-            earlier = "".join(f"; before that: {r}" for r in reversed(req.retry_reasons))
-            tries = f"after {req.num_retries} retries" if req.num_retries else "without a retry"
-            self.fail(req, f"{reason} ({tries}; the limit is --max-retries {limit}){earlier}")
-            return
-        self._release_everywhere(req)
-        self._drop_holdings(req)
-        old = req.request_id
-        req.retry(self.clock(), reason)
-        del self.requests[old]
-        base = old.removeprefix(f"retry{req.num_retries - 1}:") if req.num_retries > 1 else old
-        req.request_id = f"retry{req.num_retries}:{base}"
-        while req.request_id in self.requests:  # only a hand-made id could collide
-            req.request_id += "+"
-        self.requests[req.request_id] = req
-        self.by_client[(req.client, req.client_request_id)] = req.request_id
-        if backoff_s > 0:
-            self.backoff[req.request_id] = (self.clock() + backoff_s, req)
-        else:
-            self.waiting.push(req)
-        self.counters["retries"] += 1
-        log.warning("request %s retried as %s: %s", old, req.request_id, reason)
-        self.kick()
-
-    def next_retry_in(self) -> float | None:
-        """Seconds until the next backed-off retry is due (schedule then); None when none waits."""
-        if not self.backoff:
-            return None
-        return max(0.0, min(due for due, _ in self.backoff.values()) - self.clock())
-
-    def _requeue_due(self) -> None:
-        now = self.clock()
-        for rid, (due, req) in list(self.backoff.items()):
-            if due <= now:
-                del self.backoff[rid]
-                self.waiting.push(req)
-
-    def can_serve(self) -> bool:
-        """Whether the live workers can still carry a request from prompt to last token."""
-        alive = {v.role for v in self.registry.views.values() if v.alive}
-        return "mixed" in alive or {"prefill", "decode"} <= alive
-
-    def cannot_serve_reason(self) -> str:
-        lost = "; ".join(
-            f"worker rank {v.rank} ({v.role}) was lost: {self.lost.get(v.rank, 'unknown')}"
-            for v in sorted(self.registry.views.values(), key=lambda v: v.rank) if not v.alive
-        )
-        return f"no live worker can serve requests ({lost}); restart the server"
-
-    def _release_everywhere(self, req: Request) -> None:
-        """Tell every worker holding something for `req` to free it; undo our accounting."""
-        ranks: set[int] = set()
-        views = self.registry.views
-        if req.status is S.WAITING_PREFILL:
-            self.waiting.remove(req.request_id)
-        elif req.status is S.PREFILLING:
-            assert req.prefill_rank is not None
-            view = views[req.prefill_rank]
-            view.queued_prefill_tokens -= req.num_prefill_tokens
-            view.committed_blocks -= self._prefill_blocks(req, view)
-            ranks.add(req.prefill_rank)
-        elif req.status is S.TRANSFERRING:
-            assert req.prefill_rank is not None
-            ranks.add(req.prefill_rank)
-            if req in self.kv_waiting:
-                self.kv_waiting.remove(req)
-            if req.request_id in self.transfer_blocks:  # planned: both sides are committed to it
-                assert req.decode_rank is not None
-                views[req.decode_rank].committed_blocks -= self.transfer_blocks.pop(req.request_id)
-                self.planner.finish(req.request_id)
-                ranks.add(req.decode_rank)
-        elif req.decode_rank is not None:
-            ranks.add(req.decode_rank)
-        ranks = {r for r in ranks if views[r].alive}
-        for rank in ranks:
-            self.to_worker(rank, p.AbortWork(req.request_id))
-        if ranks:
-            self.releasing[req.request_id] = ranks
-
-    def _released(self, request_id: str, rank: int) -> None:
-        ranks = self.releasing.get(request_id)
-        if ranks is not None:
-            ranks.discard(rank)
-            if not ranks:
-                del self.releasing[request_id]
-
     def _end(self, req: Request, reason: str) -> None:
         self._forget(req)
         self.to_client(req.client, p.RequestFinished(
             request_id=req.client_request_id, token_ids=req.output_token_ids,
             text=self.codec.decode(req.output_token_ids), finish_reason=reason,
-            num_prompt_tokens=req.num_prompt_tokens, **_timings(req),
+            num_prompt_tokens=req.num_prompt_tokens, **request_timings(req),
         ))
 
     def _forget(self, req: Request) -> None:
-        self._drop_holdings(req)
+        self.reservations.forget(req)
         self.backoff.pop(req.request_id, None)
         self.requests.pop(req.request_id, None)
         self.by_client.pop((req.client, req.client_request_id), None)
-
-    def _drop_holdings(self, req: Request) -> None:
-        """Undo the coordinator-side holdings of `req`: reservations and decode-side queues."""
-        self.ledger.remove(req.request_id)
-        self.near_limit.pop(req.request_id, None)
-        self.preempted.pop(req.request_id, None)
-        if req.reserved_blocks and req.prefill_rank is not None:
-            self.registry.views[req.prefill_rank].reserved_blocks -= req.reserved_blocks
-            req.reserved_blocks = 0
-
-    # --- stats -------------------------------------------------------------------------------------
-
-    def stats(self) -> dict[str, float]:
-        views = self.registry.views.values()
-        by_status: dict[str, float] = {s.value: 0.0 for s in S if not s.terminal}
-        for req in self.requests.values():
-            by_status[req.status.value] += 1
-        values = {
-            "requests_in_flight": float(len(self.requests)),
-            "queue_waiting_prefill": float(len(self.waiting)),
-            "queue_retry_backoff": float(len(self.backoff)),
-            "queue_kv_waiting": float(len(self.kv_waiting)),
-            "requests_releasing": float(len(self.releasing)),
-            "reserved_blocks": float(
-                sum(max(0, v.committed_blocks) + v.reserved_blocks for v in views)
-                + sum(led.reserved_blocks for led in self.ledger.ranks.values())
-            ),
-            "transfers_in_flight": float(len(self.transfer_blocks)),
-            "workers_alive": float(sum(v.alive for v in views)),
-            "queue_near_limit": float(len(self.near_limit)),
-            "queue_preempted": float(len(self.preempted)),
-        }
-        done = self.counters["predicted"]
-        values["prediction_mean_abs_error"] = self.prediction_abs_error / done if done else 0.0
-        values.update({f"queue_bucket.{b}": float(n) for b, n in self.waiting.lengths().items()})
-        for v in views:  # per worker: decode-side reservations, physical use, and what pipelining lends
-            led = self.ledger.ranks.get(v.rank)
-            reserved = led.reserved_blocks if led else 0
-            values[f"worker.{v.rank}.reserved_blocks"] = float(reserved + v.reserved_blocks)
-            values[f"worker.{v.rank}.used_blocks"] = float(v.num_blocks - v.free_blocks)
-            # Reservations beyond the physical pool: space promised to guests out of hosts' future growth.
-            values[f"worker.{v.rank}.lent_blocks"] = float(max(0, reserved - v.num_blocks))
-        values.update({f"status.{k}": v for k, v in by_status.items()})
-        values.update({k: float(v) for k, v in self.counters.items()})
-        values.update(self.dispatch_ms.summary("dispatch_ms"))
-        values.update(self.schedule_us.summary("schedule_call_us"))
-        return values
-
-
-def _timings(req: Request) -> dict[str, float]:
-    # `is None`, not falsiness: a simulated clock starts at 0.0, a time like any other.
-    end = req.events[-1].time
-    first_token = _first(req.first_time(S.TRANSFERRING), req.first_time(S.DECODING), end)
-    prefilling = req.first_time(S.PREFILLING)
-    decoding = req.first_time(S.DECODING)
-    n = len(req.output_token_ids)
-    ms = 1e3
-    return dict(
-        ttft_ms=(first_token - req.arrival) * ms if n else 0.0,
-        tpot_ms=(end - first_token) * ms / (n - 1) if n > 1 else 0.0,
-        e2e_ms=(end - req.arrival) * ms,
-        queue_ms=(_first(prefilling, end) - req.arrival) * ms,
-        prefill_ms=(first_token - prefilling) * ms if prefilling is not None and n else 0.0,
-        transfer_ms=(decoding - first_token) * ms if decoding is not None else 0.0,
-    )
-
-
-def _first(*times: float | None) -> float:
-    return next(t for t in times if t is not None)

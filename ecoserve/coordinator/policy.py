@@ -40,6 +40,11 @@ class WorkerView:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def prefill_blocks(self, num_prefill_tokens: int) -> int:
+        """Blocks a prefill of that many tokens holds here until it reports back."""
+        # A mixed worker also writes the first decode token's KV before it reports again.
+        return self.blocks_for(num_prefill_tokens + (1 if self.role == "mixed" else 0))
+
 
 class FIFOQueue:
     """The PT queue in arrival order, with O(1) removal (a dict keeps insertion order)."""
@@ -152,6 +157,9 @@ class Policy(Protocol):
     # Tokens before a request exhausts its reservation at which the coordinator asks to extend it
     # (0: the policy makes no reservations to extend).
     extend_ahead: int
+    # Decode steps a reserved cohort may take to start (the reservation ledger's first horizon;
+    # widened as observed). Read only where the policy makes reservations.
+    start_delay: int
 
     def new_queue(self) -> FIFOQueue: ...
 
@@ -168,6 +176,7 @@ class BasePolicy:
     name = ""
     needs_roles: tuple[frozenset[str], ...] = ()
     extend_ahead = 0
+    start_delay = 32
 
     def new_queue(self) -> FIFOQueue:
         return FIFOQueue()

@@ -55,7 +55,7 @@ class LatencyProfile:
         a, b, c = self.prefill
         return a + b * sum_len + c * sum_len_sq
 
-    def decode_ms(self, batch: int, sum_context: int, max_context: int | None = None) -> float:
+    def decode_ms(self, batch: int, sum_context: float, max_context: int | None = None) -> float:
         """A decode step over `batch` requests holding `sum_context` tokens, the longest
         `max_context` (which a "padded" profile needs); 0 for an empty one."""
         if batch == 0:

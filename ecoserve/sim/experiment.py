@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.data.workload import WorkloadRequest
+from ecoserve.latency.cost import CostModel
 from ecoserve.latency.profile import LatencyProfile, load_profile, profile_names
 from ecoserve.params import SLO
 from ecoserve.sim.simulator import HardwareConfig, InstanceSpec, SimResult, Simulator, kv_bytes_per_token
@@ -90,11 +91,9 @@ def build_policy(layout: Layout, model: str, slo: SLO, hw: HardwareConfig, optio
         prof = profile_for(model, layout.tp_decode)
         opts.setdefault("predictor", "oracle")
         opts.setdefault("slo_tpot_ms", slo.tpot_ms)
-        opts.setdefault("costs", {
-            "decode": list(prof.decode_small), "prefill": list(prof.prefill),
-            "kv_bytes_per_token": hw.kv_bytes_per_token or kv_bytes_per_token(prof),
-            "swap_bytes_per_s": hw.swap_bytes_per_s * layout.tp_decode,
-        })
+        opts.setdefault("costs", CostModel.from_profile(
+            prof, hw.kv_bytes_per_token or kv_bytes_per_token(prof), hw.swap_bytes_per_s * layout.tp_decode,
+        ))
     return make_policy(layout.policy, **opts)
 
 

@@ -1,9 +1,9 @@
 """The simulator's coordinator side: the live `Lifecycle`, with a decode step's news folded in.
 
 Per-token `TokenEvents` are replaced by one `DecodeProgress` per simulated decode step that lists
-only the requests something happened to; `SimLifecycle` folds it in exactly as
-`Lifecycle._on_tokens` folds a step's tokens. A request's output "token list" is a `TokenCount`:
-a live count, since the simulator produces no token ids.
+only the requests something happened to; `SimLifecycle` folds it in through the same
+`Reservations` calls as `Lifecycle` folds a step's tokens. A request's output "token list" is a
+`TokenCount`: a live count, since the simulator produces no token ids.
 """
 
 from __future__ import annotations
@@ -67,31 +67,16 @@ class SimLifecycle(Lifecycle):
             return
         view = self.registry.views[msg.rank]
         now = self.clock()
-        for rid in msg.preempted:
-            req = self.requests.get(rid)
-            if req is not None and req.status is S.DECODING:
-                req.transition(S.PREEMPTED, now)
-                req.num_preemptions += 1
-                self.counters["preemptions"] += 1
-                self.counters["preemptions_local"] += 1
+        reservations = self.reservations
+        reservations.dropped_by_worker(msg.preempted)
         for rid in msg.resumed:
             req = self.requests.get(rid)
-            if req is None or req.status is not S.PREEMPTED:
-                continue
-            if req.preempt_mode is None or req.resuming:
-                req.transition(S.DECODING, now)
-                if req.resuming:
-                    req.resuming, req.preempt_mode = False, None
-                    req.decode_start_step = view.decode_steps - 1
-                    self.ledger.started(rid, view.decode_steps - 1)
-        ahead = self.policy.extend_ahead
+            if req is not None:
+                reservations.produced(req, view)
         for rid in msg.near_limit:
             req = self.requests.get(rid)
-            if (
-                req is not None and ahead and req.status is S.DECODING and req.predicted_tokens is not None
-                and len(req.output_token_ids) + ahead >= req.predicted_tokens and req.predicted_tokens < req.max_tokens
-            ):
-                self.near_limit[rid] = req
+            if req is not None:
+                reservations.check_near_limit(req)
         for rid, reason in msg.finished:
             req = self.requests.get(rid)
             if req is not None and req.status in (S.DECODING, S.PREEMPTED):

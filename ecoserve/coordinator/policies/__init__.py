@@ -7,8 +7,9 @@ from typing import Any
 
 from ecoserve.coordinator.policies.colocated import OrcaPolicy, VLLMPolicy
 from ecoserve.coordinator.policies.distserve import DistServePolicy
-from ecoserve.coordinator.policies.ecoserve import CostModel, EcoServeConfig, EcoServePolicy
+from ecoserve.coordinator.policies.ecoserve import EcoServeConfig, EcoServePolicy
 from ecoserve.coordinator.policy import Policy
+from ecoserve.latency.cost import CostModel
 from ecoserve.predictor.buckets import BucketScheme
 
 POLICIES: dict[str, Any] = {
@@ -18,8 +19,8 @@ POLICIES: dict[str, Any] = {
 
 def make_policy(name: str, **options: Any) -> Policy:
     """Build a policy; `options` are its knobs (for `ecoserve`, EcoServeConfig's fields, with
-    `buckets` as a list of bounds and `costs` as a dict of CostModel fields). Unknown names and
-    knobs raise ValueError saying what is allowed."""
+    `buckets` as a list of bounds and `costs` as a `CostModel`, or as the dict of its CLI knobs,
+    `CostModel.from_options`). Unknown names and knobs raise ValueError saying what is allowed."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
     if name != "ecoserve":
@@ -35,10 +36,5 @@ def make_policy(name: str, **options: Any) -> Policy:
     if isinstance(opts.get("buckets"), (list, tuple)):
         opts["buckets"] = BucketScheme(bounds=tuple(opts["buckets"]))
     if isinstance(opts.get("costs"), dict):
-        costs = opts["costs"]
-        bad = sorted(set(costs) - {f.name for f in dataclasses.fields(CostModel)})
-        if bad:
-            raise ValueError(f"unknown cost model field(s) {bad}; allowed: decode, prefill, kv_bytes_per_token, swap_bytes_per_s")
-        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in costs.items()}
-        opts["costs"] = CostModel(**values)
+        opts["costs"] = CostModel.from_options(opts["costs"])
     return EcoServePolicy(EcoServeConfig(**opts))

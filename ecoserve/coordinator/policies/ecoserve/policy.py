@@ -27,143 +27,22 @@ Mechanisms can be switched off for ablations: `pipelining` (admit on the exact s
 reservations instead of the timeline), `rl_buckets` (one queue, cohorts of one, the raw
 prediction as horizon), `ordering` (FCFS everywhere), `exact_allocation` (reserve at transfer
 time instead of before prefill). A decode worker's batch is capped so that its predicted step
-time meets the TPOT SLO when a decode cost model is given (`tpot_cap`).
+time meets the TPOT SLO when the cost model has a decode fit (`CostModel.has_decode_fit`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Iterator
 
-from ecoserve.coordinator.ledger import Shape, Timeline, pending_shape, shape_max
+from ecoserve.coordinator.policies.ecoserve.config import EcoServeConfig
+from ecoserve.coordinator.policies.ecoserve.queues import BucketQueues, Cursor
+from ecoserve.coordinator.policies.ecoserve.round import Round
 from ecoserve.coordinator.policy import (
     BasePolicy, Decisions, DispatchPrefill, Extend, FIFOQueue, PreemptDecode, Reserve, ResumeDecode,
     SchedulerState, StartTransfer, WorkerView,
 )
 from ecoserve.coordinator.request import Request, RequestStatus
-from ecoserve.predictor.buckets import BucketScheme
 from ecoserve.predictor.predictors import Predictor, PredictionQuery, make_predictor
-
-PREEMPT_MODES = ("auto", "swap", "recompute")
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Latency fits the policy uses: decode step (TPOT cap) and swap-versus-recompute.
-
-    decode step ms = decode[0] + decode[1] * context tokens + decode[2] * batch size;
-    recompute ms = prefill[0] + prefill[1] * L + prefill[2] * L^2 for L tokens (DistServe's
-    fit shapes); swap ms = 2 * L * kv_bytes_per_token / swap_bytes_per_s (out, then in), with
-    the worker's own KV bytes per token when it reported its model at registration.
-    """
-
-    decode: tuple[float, float, float] | None = None
-    prefill: tuple[float, float, float] = (10.0, 0.5, 0.0)  # CPU-scale default for a ~100M model
-    kv_bytes_per_token: float = 64 * 1024
-    swap_bytes_per_s: float = 8e9
-
-    def decode_ms(self, batch: int, context_tokens: float) -> float:
-        if self.decode is None:
-            return 0.0
-        a, b, c = self.decode
-        return a + b * context_tokens + c * batch
-
-    def recompute_ms(self, tokens: int) -> float:
-        a, b, c = self.prefill
-        return a + b * tokens + c * tokens * tokens
-
-    def swap_ms(self, tokens: int, kv_bytes_per_token: float | None = None) -> float:
-        per_token = kv_bytes_per_token or self.kv_bytes_per_token
-        return 2e3 * tokens * per_token / self.swap_bytes_per_s
-
-
-@dataclass(frozen=True)
-class EcoServeConfig:
-    predictor: str = "histogram"
-    predictor_options: dict[str, Any] = field(default_factory=dict)  # e.g. quantile, path (learned)
-    buckets: BucketScheme = field(default_factory=BucketScheme)
-    margin: float = 0.05  # share of each decode pool the timeline keeps free
-    start_delay: int = 32  # decode steps a reserved cohort may take to start (widened as observed)
-    queue_factor: float = 2.0  # prompt tokens queued per prefill worker, in token budgets
-    max_cohort: int = 64
-    extend_ahead: int = 4  # tokens before the reservation ends at which to extend it
-    max_victims: int = 4  # preemptions one extension may cause per round
-    preempt_mode: str = "auto"  # "auto" (cost model), or force "swap" / "recompute"
-    slo_tpot_ms: float | None = None  # for the TPOT cap when a request brings none
-    costs: CostModel = field(default_factory=CostModel)
-    pipelining: bool = True
-    rl_buckets: bool = True
-    ordering: bool = True
-    exact_allocation: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.margin < 1:
-            raise ValueError(f"margin must be in [0, 1), got {self.margin}")
-        if self.start_delay < 0:
-            raise ValueError(f"start_delay must be >= 0 decode steps, got {self.start_delay}")
-        if self.queue_factor <= 0:
-            raise ValueError(f"queue_factor must be > 0, got {self.queue_factor}")
-        if self.max_cohort < 1 or self.max_victims < 1 or self.extend_ahead < 0:
-            raise ValueError(
-                f"need max_cohort >= 1, max_victims >= 1, extend_ahead >= 0; got {self.max_cohort}, "
-                f"{self.max_victims}, {self.extend_ahead}"
-            )
-        if self.preempt_mode not in PREEMPT_MODES:
-            raise ValueError(f"preempt_mode must be one of {PREEMPT_MODES}, got {self.preempt_mode!r}")
-
-
-class BucketQueues(FIFOQueue):
-    """One FIFO queue per predicted horizon (the RL bucket bound), plus arrival order overall."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.buckets: dict[int, dict[str, Request]] = {}
-
-    def push(self, req: Request) -> None:
-        assert req.predicted_tokens is not None, "on_admit predicts before the request is queued"
-        super().push(req)
-        self.buckets.setdefault(req.predicted_tokens, {})[req.request_id] = req
-
-    def remove(self, request_id: str) -> bool:
-        req = self._items.get(request_id)
-        if req is None:
-            return False
-        super().remove(request_id)
-        assert req.predicted_tokens is not None
-        queue = self.buckets[req.predicted_tokens]
-        del queue[request_id]
-        if not queue:
-            del self.buckets[req.predicted_tokens]
-        return True
-
-    def lengths(self) -> dict[str, int]:
-        return {str(b): len(q) for b, q in sorted(self.buckets.items())}
-
-
-class _Cursor:
-    """Walks one bucket queue in order during a round (the queue itself does not change)."""
-
-    def __init__(self, items: Iterator[Request]) -> None:
-        self.items = items
-        self.buffer: list[Request] = []
-
-    def peek(self, i: int = 0) -> Request | None:
-        while len(self.buffer) <= i:
-            nxt = next(self.items, None)
-            if nxt is None:
-                return None
-            self.buffer.append(nxt)
-        return self.buffer[i]
-
-    @property
-    def head(self) -> Request | None:
-        return self.peek(0)
-
-    def pop(self) -> Request:
-        head = self.peek(0)
-        assert head is not None
-        return self.buffer.pop(0)
 
 
 class EcoServePolicy(BasePolicy):
@@ -199,14 +78,14 @@ class EcoServePolicy(BasePolicy):
         prefillers = state.alive("prefill")
         if not decoders or not prefillers:
             return out
-        round_ = _Round(self, state, decoders)
+        round_ = Round(self.config, state, decoders)
         self._transfers(state, round_, out)
         blocked = self._mispredictions(state, round_, out)
         blocked |= self._resumes(state, round_, out)
         self._admit(state, prefillers, round_, blocked, out)
         return out
 
-    def _transfers(self, state: SchedulerState, r: _Round, out: Decisions) -> None:
+    def _transfers(self, state: SchedulerState, r: Round, out: Decisions) -> None:
         queue = list(state.kv_waiting)
         if self.config.ordering:
             queue.sort(key=lambda q: -q.num_prefill_tokens)
@@ -226,7 +105,7 @@ class EcoServePolicy(BasePolicy):
             w = r.decoders[rank]
             out.transfers.append(StartTransfer(req.request_id, req.prefill_rank, rank, w.blocks_for(req.num_prefill_tokens)))
 
-    def _mispredictions(self, state: SchedulerState, r: _Round, out: Decisions) -> set[int]:
+    def _mispredictions(self, state: SchedulerState, r: Round, out: Decisions) -> set[int]:
         """Extend requests close to their reservation; preempt victims where that does not fit.
         Returns the ranks where an extension still waits (no new cohort goes there)."""
         blocked: set[int] = set()
@@ -291,7 +170,7 @@ class EcoServePolicy(BasePolicy):
         nxt = next((b for b in bounds if b > current), current * 2)
         return min(max_tokens, nxt)
 
-    def _victim(self, state: SchedulerState, rank: int, taken: set[str], r: _Round) -> Request | None:
+    def _victim(self, state: SchedulerState, rank: int, taken: set[str], r: Round) -> Request | None:
         led = state.ledger.ranks.get(rank)
         if led is None:
             return None
@@ -330,7 +209,7 @@ class EcoServePolicy(BasePolicy):
         swap = costs.swap_ms(tokens, w.kv_bytes_per_token or None)
         return "swap" if swap <= costs.recompute_ms(tokens) else "recompute"
 
-    def _resumes(self, state: SchedulerState, r: _Round, out: Decisions) -> set[int]:
+    def _resumes(self, state: SchedulerState, r: Round, out: Decisions) -> set[int]:
         blocked: set[int] = set()
         reqs = list(state.preempted.values())
         if self.config.ordering:
@@ -355,7 +234,7 @@ class EcoServePolicy(BasePolicy):
         return blocked
 
     def _admit(
-        self, state: SchedulerState, prefillers: list[WorkerView], r: _Round, blocked: set[int], out: Decisions
+        self, state: SchedulerState, prefillers: list[WorkerView], r: Round, blocked: set[int], out: Decisions
     ) -> None:
         c = self.config
         queue = state.waiting
@@ -365,7 +244,7 @@ class EcoServePolicy(BasePolicy):
         room = {w.rank: c.queue_factor * w.token_budget - w.queued_prefill_tokens for w in prefillers}
         idle = {w.rank: w.queued_prefill_tokens == 0 for w in prefillers}
         avail = {w.rank: w.available_blocks for w in prefillers}
-        cursors: dict[int, _Cursor] = {}
+        cursors: dict[int, Cursor] = {}
         r.blocked = blocked
         while True:
             pw = max(prefillers, key=lambda w: (room[w.rank] / w.token_budget, -w.rank))
@@ -399,7 +278,7 @@ class EcoServePolicy(BasePolicy):
                 avail[pw.rank] -= pw.blocks_for(req.num_prefill_tokens)
             idle[pw.rank] = False
 
-    def _reserve(self, group: list[Request], horizon: int, r: _Round, out: Decisions) -> int:
+    def _reserve(self, group: list[Request], horizon: int, r: Round, out: Decisions) -> int:
         """Reserve for the longest prefix of `group` that fits on one decode worker (halving)."""
         if not self.config.exact_allocation:
             return len(group)  # reserved at transfer time instead
@@ -414,13 +293,13 @@ class EcoServePolicy(BasePolicy):
             n //= 2
         return 0
 
-    def _next_bucket(self, queue: BucketQueues, cursors: dict[int, _Cursor]) -> int | None:
+    def _next_bucket(self, queue: BucketQueues, cursors: dict[int, Cursor]) -> int | None:
         best: tuple[float, ...] | None = None
         chosen = None
         for bucket, items in queue.buckets.items():
             cur = cursors.get(bucket)
             if cur is None:
-                cur = cursors[bucket] = _Cursor(iter(items.values()))
+                cur = cursors[bucket] = Cursor(iter(items.values()))
             head = cur.head
             if head is None:
                 continue
@@ -428,138 +307,3 @@ class EcoServePolicy(BasePolicy):
             if best is None or key < best:
                 best, chosen = key, bucket
         return chosen
-
-
-class _Round:
-    """Per-round working state. A decode worker's timeline is built only when a check needs it:
-    while the sum of every cohort's plateau (`RankLedger.linear_blocks`, an upper bound of U at
-    all times) plus the candidate's stays within capacity, the candidate fits in O(1). The
-    per-worker tallies are read on first use: most rounds only move KV and never need them."""
-
-    def __init__(self, policy: EcoServePolicy, state: SchedulerState, decoders: dict[int, WorkerView]) -> None:
-        self.policy = policy
-        self.state = state
-        self.decoders = decoders
-        self.timelines: dict[int, Timeline] = {}
-        self.added: dict[int, list[Shape]] = {}  # committed this round before the timeline was built
-        self.blocked: set[int] = set()
-
-    def __getattr__(self, name: str) -> Any:
-        # Only for attributes not set yet: the per-worker tallies, read on first use (one pass).
-        if name in ("exact", "linear", "members", "physical", "capacity"):
-            self._count()
-            return self.__dict__[name]
-        raise AttributeError(name)
-
-    def _count(self) -> None:
-        ranks, keep = self.state.ledger.ranks, 1 - self.policy.config.margin
-        self.exact: dict[int, int] = {}
-        self.linear: dict[int, float] = {}
-        self.members: dict[int, int] = {}
-        self.physical: dict[int, int] = {}
-        self.capacity: dict[int, float] = {}
-        for r, w in self.decoders.items():
-            led = ranks.get(r)
-            self.exact[r] = led.reserved_blocks if led else 0
-            self.linear[r] = led.linear_blocks if led else 0.0
-            self.members[r] = led.members if led else 0
-            self.physical[r] = w.available_blocks
-            self.capacity[r] = w.num_blocks * keep
-
-    def timeline(self, rank: int) -> Timeline:
-        tl = self.timelines.get(rank)
-        if tl is None:
-            w = self.decoders[rank]
-            extra = self.added.pop(rank, [])
-            tl = self.state.ledger.timeline(rank, w.block_size, w.decode_steps, self.capacity[rank], extra)
-            self.timelines[rank] = tl
-        return tl
-
-    def pending(self, rank: int, n: int, kv_tokens: int, horizon: int) -> Shape:
-        return pending_shape(self.decoders[rank].decode_steps, self.state.ledger.delay(rank), n, kv_tokens, horizon)
-
-    def _plateau(self, rank: int, add: list[Shape], remove: list[Shape]) -> float:
-        bs = self.decoders[rank].block_size
-        return self.linear[rank] + sum(shape_max(x, bs) for x in add) - sum(shape_max(x, bs) for x in remove)
-
-    def fits(
-        self, rank: int, add: list[Shape], remove: list[Shape], new_members: int, exact: int = 0, physical: int = 0,
-        slo: float | None = None,
-    ) -> bool:
-        cfg = self.policy.config
-        w = self.decoders[rank]
-        if physical > self.physical[rank]:
-            return False
-        if cfg.pipelining:
-            bound = self._plateau(rank, add, remove)
-            if bound <= self.capacity[rank]:
-                peak = bound  # fits whatever the timeline says
-            else:
-                tl = self.timeline(rank)
-                if not tl.fits(add, remove):
-                    return False
-                peak = tl.peak_with(add, remove) if self._tpot_capped(new_members, slo) else 0.0
-        else:
-            if self.exact[rank] + exact > w.num_blocks:
-                return False
-            peak = self.exact[rank] + exact
-        return self._tpot_ok(rank, new_members, peak, slo)
-
-    def _tpot_capped(self, new_members: int, slo: float | None) -> bool:
-        cfg = self.policy.config
-        return cfg.costs.decode is not None and (slo or cfg.slo_tpot_ms) is not None and new_members > 0
-
-    def _tpot_ok(self, rank: int, new_members: int, peak_blocks: float, slo: float | None) -> bool:
-        if not self._tpot_capped(new_members, slo):
-            return True
-        slo = slo or self.policy.config.slo_tpot_ms
-        assert slo is not None
-        batch = self.members[rank] + new_members
-        return self.policy.config.costs.decode_ms(batch, peak_blocks * self.decoders[rank].block_size) <= slo
-
-    def commit(self, rank: int, shape: Shape, exact: int, physical: int = 0, remove: Shape | None = None) -> None:
-        self.linear[rank] = self._plateau(rank, [shape], [remove] if remove else [])
-        if remove is not None:
-            self.timeline(rank).admit(shape, remove=remove)
-        elif rank in self.timelines:
-            self.timelines[rank].admit(shape)
-        else:
-            self.added.setdefault(rank, []).append(shape)
-        self.exact[rank] += exact
-        self.members[rank] += shape[0] - (remove[0] if remove else 0)
-        self.physical[rank] -= physical
-
-    def drop(self, rank: int, shape: Shape, exact: int) -> None:
-        """A victim's reservation leaves the worker."""
-        self.linear[rank] = self._plateau(rank, [], [shape])
-        self.timeline(rank).drop(shape)
-        self.exact[rank] -= exact
-        self.members[rank] -= shape[0]
-
-    def load(self, rank: int) -> float:
-        w = self.decoders[rank]
-        return (self.linear[rank] if self.policy.config.pipelining else self.exact[rank]) / w.num_blocks
-
-    def place(
-        self, members: list[tuple[str, int]], horizon: int, slo: float | None, physical: bool = False
-    ) -> WorkerView | None:
-        """The least-loaded decode worker where the cohort fits (first fit in load order); commit it."""
-        tokens = sum(t for _, t in members)
-        for rank in sorted((r for r in self.decoders if r not in self.blocked), key=lambda r: (self.load(r), r)):
-            w = self.decoders[rank]
-            shape = self.pending(rank, len(members), tokens, horizon)
-            exact = sum(w.blocks_for(t + horizon) for _, t in members)
-            need = w.blocks_for(tokens) + len(members) if physical else 0
-            if self.fits(rank, [shape], [], len(members), exact, need, slo):
-                self.commit(rank, shape, exact, need)
-                return w
-        return None
-
-    def blocks_delta(self, req: Request, new_total: int) -> int:
-        w = self.decoders[req.decode_rank]  # type: ignore[index]
-        kv = req.num_prefill_tokens
-        return w.blocks_for(kv + new_total) - w.blocks_for(kv + (req.predicted_tokens or 0))
-
-    def exact_blocks_of(self, req: Request) -> int:
-        w = self.decoders[req.decode_rank]  # type: ignore[index]
-        return w.blocks_for(req.num_prefill_tokens + (req.predicted_tokens or 0))

@@ -1,0 +1,46 @@
+"""The `ecoserve` policy's knobs (DESIGN §4.1); `make_policy("ecoserve", **options)` builds one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ecoserve.latency.cost import CostModel
+from ecoserve.predictor.buckets import BucketScheme
+
+PREEMPT_MODES = ("auto", "swap", "recompute")
+
+
+@dataclass(frozen=True)
+class EcoServeConfig:
+    predictor: str = "histogram"
+    predictor_options: dict[str, Any] = field(default_factory=dict)  # e.g. quantile, path (learned)
+    buckets: BucketScheme = field(default_factory=BucketScheme)
+    margin: float = 0.05  # share of each decode pool the timeline keeps free
+    start_delay: int = 32  # decode steps a reserved cohort may take to start (widened as observed)
+    queue_factor: float = 2.0  # prompt tokens queued per prefill worker, in token budgets
+    max_cohort: int = 64
+    extend_ahead: int = 4  # tokens before the reservation ends at which to extend it
+    max_victims: int = 4  # preemptions one extension may cause per round
+    preempt_mode: str = "auto"  # "auto" (cost model), or force "swap" / "recompute"
+    slo_tpot_ms: float | None = None  # for the TPOT cap when a request brings none
+    costs: CostModel = field(default_factory=CostModel)
+    pipelining: bool = True
+    rl_buckets: bool = True
+    ordering: bool = True
+    exact_allocation: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+        if self.start_delay < 0:
+            raise ValueError(f"start_delay must be >= 0 decode steps, got {self.start_delay}")
+        if self.queue_factor <= 0:
+            raise ValueError(f"queue_factor must be > 0, got {self.queue_factor}")
+        if self.max_cohort < 1 or self.max_victims < 1 or self.extend_ahead < 0:
+            raise ValueError(
+                f"need max_cohort >= 1, max_victims >= 1, extend_ahead >= 0; got {self.max_cohort}, "
+                f"{self.max_victims}, {self.extend_ahead}"
+            )
+        if self.preempt_mode not in PREEMPT_MODES:
+            raise ValueError(f"preempt_mode must be one of {PREEMPT_MODES}, got {self.preempt_mode!r}")
