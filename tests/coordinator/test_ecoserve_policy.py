@@ -16,7 +16,7 @@ from ecoserve.coordinator.policies.ecoserve import BucketQueues, EcoServeConfig,
 from ecoserve.coordinator.policy import SchedulerState, WorkerView
 from ecoserve.coordinator.request import Request, RequestStatus
 from ecoserve.predictor.buckets import BucketScheme
-from ecoserve.sim.fake_cluster import FakeCluster, WorkerSpec
+from tests.coordinator.fake_cluster import FakeCluster, WorkerSpec
 
 BS = 16
 

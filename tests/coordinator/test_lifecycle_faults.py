@@ -14,7 +14,7 @@ from ecoserve import protocol as p
 from ecoserve.config import CoordinatorConfig
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.request import Request, RequestStatus as S
-from ecoserve.sim.fake_cluster import FakeCluster, WorkerSpec
+from tests.coordinator.fake_cluster import FakeCluster, WorkerSpec
 
 DISAGG = ("distserve", "ecoserve")
 
