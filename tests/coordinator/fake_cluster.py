@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ecoserve import protocol as p
-from ecoserve.config import CoordinatorConfig
+from ecoserve.config import ClusterShape, CoordinatorConfig
 from ecoserve.coordinator.lifecycle import Lifecycle
 from ecoserve.coordinator.policy import Policy, WorkerView
 from ecoserve.coordinator.request import Request
@@ -309,6 +309,13 @@ class WorkerSpec:
     block_size: int = 16
     token_budget: int = 512
     host_blocks: int = 0
+
+
+def worker_specs(shape: ClusterShape, num_blocks: int = 256, decode_host_blocks: int = 0) -> list[WorkerSpec]:
+    """One spec per rank of `shape`, in its rank order; host swap space on the decode ranks only.
+    The fake workers have no tensor parallelism: the shape's TP degrees are not used."""
+    return [WorkerSpec(role, num_blocks, host_blocks=decode_host_blocks if role == "decode" else 0)
+            for role in shape.roles()]
 
 
 class FakeCluster:
