@@ -201,3 +201,12 @@ def test_compare_commands_write_their_tables_json_and_plots(tmp_path, capsys) ->
     doc = json.loads((tmp_path / "v" / "compare_vllm.json").read_text())
     assert set(doc["goodput"]) == {"ecoserve", "vllm", "orca", "distserve"} and all(g > 0 for g in doc["goodput"].values())
     assert doc["gpus"] == 2 and (tmp_path / "v" / "jct_vs_rate.png").stat().st_size > 0
+
+
+def test_a_layout_is_written_flat_and_read_back() -> None:
+    """The JSON outputs (compare-vllm, results) hold a layout as one flat object, as before ClusterShape."""
+    lay = Layout("distserve", ClusterShape(2, 1, 1, 2))
+    assert lay.row() == {"policy": "distserve", "prefill": 2, "tp_prefill": 1, "decode": 1, "tp_decode": 2,
+                         "mixed": 0, "tp_mixed": 1}
+    assert Layout.from_row(lay.row()) == lay
+    assert lay.shape.label == "2P TP1 : 1D TP2" and lay.shape.gpus == 4
