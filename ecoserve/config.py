@@ -124,6 +124,65 @@ ROLES = ("prefill", "decode", "mixed")
 
 
 @dataclass(frozen=True)
+class ClusterShape:
+    """How many instances of each role, and each role's tensor-parallel degree: the shape of a
+    served, simulated or faked cluster, with no policy and no hardware.
+
+    Disaggregated shapes have prefill and decode instances, colocated ones mixed instances; the
+    rules of which combinations a command accepts stay with the command (`ClusterSpec` for
+    `ecoserve serve`), as does the meaning of TP (the simulator reads it, `serve` has none).
+    """
+
+    prefill: int = 0
+    tp_prefill: int = 1
+    decode: int = 0
+    tp_decode: int = 1
+    mixed: int = 0
+    tp_mixed: int = 1
+
+    def __post_init__(self) -> None:
+        for role in ROLES:
+            count, tp = getattr(self, role), getattr(self, f"tp_{role}")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"the number of {role} instances must be an integer >= 0, got {count!r}")
+            if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+                raise ValueError(f"tp_{role} (the {role} instances' tensor-parallel degree) must be an integer >= 1, got {tp!r}")
+
+    def count(self, role: str) -> int:
+        """Instances of `role`."""
+        return int(getattr(self, _checked_role(role)))
+
+    def tp(self, role: str) -> int:
+        """The tensor-parallel degree of `role`'s instances."""
+        return int(getattr(self, f"tp_{_checked_role(role)}"))
+
+    @property
+    def num_instances(self) -> int:
+        return self.prefill + self.decode + self.mixed
+
+    @property
+    def gpus(self) -> int:
+        return sum(self.count(role) * self.tp(role) for role in ROLES)
+
+    def roles(self) -> list[str]:
+        """One role per instance, in rank order: prefill first, then decode, then mixed."""
+        return [role for role in ROLES for _ in range(self.count(role))]
+
+    @property
+    def label(self) -> str:
+        """`2P TP1 : 2D TP1` (disaggregated) or `4x TP1` (mixed), as tables and JSON print it."""
+        if self.mixed:
+            return f"{self.mixed}x TP{self.tp_mixed}"
+        return f"{self.prefill}P TP{self.tp_prefill} : {self.decode}D TP{self.tp_decode}"
+
+
+def _checked_role(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    return role
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """One worker rank: its role, its place in the torch.distributed world, and where the
     coordinator's control channel is. Built by the launcher, passed to the worker as JSON."""

@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ecoserve.envs import cluster_secret
-from ecoserve.config import CacheConfig, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig, WorkerConfig
+from ecoserve.config import (
+    CacheConfig, ClusterShape, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig, WorkerConfig,
+)
 
 if TYPE_CHECKING:
     from ecoserve.coordinator.server import Coordinator
@@ -46,6 +48,9 @@ FENCE_GRACE_S = 5.0  # a lost worker's time to obey its Shutdown before it is ki
 
 @dataclass(frozen=True)
 class ClusterSpec:
+    """`ecoserve serve`'s workers: the counts its flags gave, held to serve's rules (prefill and
+    decode together, at least one worker); no tensor parallelism."""
+
     num_prefill: int
     num_decode: int
     num_mixed: int
@@ -62,11 +67,16 @@ class ClusterSpec:
             raise ValueError("no workers: give --prefill P --decode D (both >= 1) and/or --mixed K")
 
     @property
+    def shape(self) -> ClusterShape:
+        return ClusterShape(prefill=self.num_prefill, decode=self.num_decode, mixed=self.num_mixed)
+
+    @property
     def world_size(self) -> int:
-        return self.num_prefill + self.num_decode + self.num_mixed
+        return self.shape.num_instances
 
     def roles(self) -> list[str]:
-        return ["prefill"] * self.num_prefill + ["decode"] * self.num_decode + ["mixed"] * self.num_mixed
+        """One role per rank: prefill first, then decode, then mixed."""
+        return self.shape.roles()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

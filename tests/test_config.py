@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ecoserve.config import CacheConfig, CoordinatorConfig, EngineConfig, ModelConfig, WorkerConfig
+from ecoserve.config import CacheConfig, ClusterShape, CoordinatorConfig, EngineConfig, ModelConfig, WorkerConfig
 from ecoserve.engine.llm_engine import LLMEngine
 from ecoserve.launcher import ClusterSpec, worker_config_from_json, worker_config_to_json
 
@@ -20,6 +20,10 @@ from ecoserve.launcher import ClusterSpec, worker_config_from_json, worker_confi
         (lambda: CoordinatorConfig(max_transfers_in_flight_per_pair=0), "max_transfers_in_flight_per_pair must be >= 1"),
         (lambda: ClusterSpec(1, 0, 0), "prefill and decode workers come together"),
         (lambda: ClusterSpec(0, 0, 0), "no workers"),
+        (lambda: ClusterShape(prefill=-1), "the number of prefill instances must be an integer >= 0"),
+        (lambda: ClusterShape(decode=2, tp_decode=0), "tp_decode .* must be an integer >= 1"),
+        (lambda: ClusterShape(mixed=1.5), "the number of mixed instances must be an integer >= 0"),  # type: ignore[arg-type]
+        (lambda: ClusterShape(1, 1, 1, 1).tp("router"), "role must be one of"),
     ],
 )
 def test_bad_values_are_refused(build, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -39,3 +43,12 @@ def test_worker_config_round_trips_through_json() -> None:
         EngineConfig(model=ModelConfig(model="tiny-llama", max_model_len=512), cache=CacheConfig(num_blocks=7)), secret="k",
     )
     assert worker_config_from_json(worker_config_to_json(config)) == config
+
+
+def test_cluster_shape_counts_gpus_ranks_and_labels() -> None:
+    disagg = ClusterShape(prefill=2, tp_prefill=2, decode=3, tp_decode=1)
+    assert (disagg.num_instances, disagg.gpus, disagg.label) == (5, 7, "2P TP2 : 3D TP1")
+    assert disagg.roles() == ["prefill"] * 2 + ["decode"] * 3
+    colocated = ClusterShape(mixed=4)
+    assert (colocated.gpus, colocated.label, colocated.roles()) == (4, "4x TP1", ["mixed"] * 4)
+    assert ClusterSpec(1, 2, 1).roles() == ClusterShape(1, 1, 2, 1, 1, 1).roles() == ["prefill", "decode", "decode", "mixed"]

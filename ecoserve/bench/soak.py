@@ -29,6 +29,7 @@ from typing import Any
 from ecoserve.client.aio import AsyncClient
 from ecoserve.local_cluster import local_cluster
 from ecoserve.client.types import RequestError
+from ecoserve.config import ClusterShape
 from ecoserve.params import SamplingParams
 
 LOAD_FRACTION = 0.8
@@ -64,6 +65,11 @@ class SoakConfig:
             raise ValueError(f"a soak needs at least 1 prefill and 1 decode worker, got {self.prefill} + {self.decode}")
         if self.rate is not None and not self.rate > 0:
             raise ValueError(f"--rate must be > 0 requests/s, got {self.rate}")
+
+    @property
+    def shape(self) -> ClusterShape:
+        """The cluster the soak starts (`--prefill`, `--decode`; ranks prefill first)."""
+        return ClusterShape(prefill=self.prefill, decode=self.decode)
 
     def serve_args(self) -> list[str]:
         out = ["--threads-per-worker", "1", "--engine", self.engine, "--heartbeat-timeout", str(self.heartbeat_timeout_s),
@@ -127,7 +133,7 @@ async def measure_capacity(client: AsyncClient, cfg: SoakConfig, vocab: int) -> 
             await client.generate(*job(rng, vocab, cfg))
             done += 1
 
-    await asyncio.gather(*(loop() for _ in range(2 * (cfg.prefill + cfg.decode))))
+    await asyncio.gather(*(loop() for _ in range(2 * cfg.shape.num_instances)))
     return done / (time.monotonic() - t0)
 
 
@@ -158,10 +164,11 @@ def memory_row(pid: int, start: float | None, end: float | None) -> dict[str, An
 def processes(stats: dict[str, float], cfg: SoakConfig) -> dict[str, int]:
     """Name -> pid of the coordinator and every live worker rank."""
     out = {"coordinator": int(stats["coordinator_pid"])}
+    roles = cfg.shape.roles()
     for key, value in stats.items():
         if key.startswith("rank") and key.endswith(".pid"):
             rank = int(key[4:].split(".")[0])
-            out[f"rank{rank}-{'prefill' if rank < cfg.prefill else 'decode'}"] = int(value)
+            out[f"rank{rank}-{roles[rank]}"] = int(value)
     return out
 
 
@@ -245,7 +252,8 @@ def ended(stats: dict[str, float]) -> int:
 
 def run_soak(cfg: SoakConfig, log_dir: Path | None = None) -> dict[str, Any]:
     """Start the cluster, soak it, stop it (local_cluster checks a clean exit); the report."""
-    with local_cluster(cfg.model, cfg.prefill, cfg.decode, 0, *cfg.serve_args(), log_dir=log_dir) as addr:
+    shape = cfg.shape
+    with local_cluster(cfg.model, shape.prefill, shape.decode, shape.mixed, *cfg.serve_args(), log_dir=log_dir) as addr:
         return asyncio.run(soak(addr, cfg))
 
 

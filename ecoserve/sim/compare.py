@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from ecoserve.config import ClusterShape
 from ecoserve.sim.experiment import (
     COLOCATED, DISAGGREGATED, SLO, Layout, RunMetrics, Search, goodput, layouts, min_gpus, simulate,
 )
@@ -42,12 +43,7 @@ def metrics_table(rows: Sequence[RunMetrics]) -> str:
 
 def run_sim(args: Any, options: dict[str, Any]) -> int:
     """`ecoserve sim`: one run, the DESIGN §8 metric table."""
-    layout = Layout(args.policy, args.prefill or 0, args.tp_prefill, args.decode or 0, args.tp_decode,
-                    args.mixed or 0, args.tp_mixed)
-    if args.policy in COLOCATED and not layout.mixed:
-        layout = Layout(args.policy, mixed=1, tp_mixed=args.tp_mixed)
-    if args.policy in DISAGGREGATED and not (layout.prefill and layout.decode):
-        layout = Layout(args.policy, max(1, layout.prefill), args.tp_prefill, max(1, layout.decode), args.tp_decode)
+    layout = Layout(args.policy, _sim_shape(args))
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     workload = make_workload(args.workload, args.num_requests, args.rate, args.seed)
     bar = tqdm(total=len(workload), desc=f"sim {args.policy}", unit="req", disable=args.quiet)
@@ -64,6 +60,17 @@ def run_sim(args: Any, options: dict[str, Any]) -> int:
                                 "schedule_calls": res.schedule_calls})
         print(f"wrote {args.out}")
     return 0
+
+
+def _sim_shape(args: Any) -> ClusterShape:
+    """The flags' shape. A colocated policy with no --mixed gets 1 mixed instance, a disaggregated
+    one missing --prefill or --decode gets at least 1 of each; both then drop the other kind's counts."""
+    prefill, decode, mixed = args.prefill or 0, args.decode or 0, args.mixed or 0
+    if args.policy in COLOCATED and not mixed:
+        return ClusterShape(mixed=1, tp_mixed=args.tp_mixed)
+    if args.policy in DISAGGREGATED and not (prefill and decode):
+        return ClusterShape(max(1, prefill), args.tp_prefill, max(1, decode), args.tp_decode)
+    return ClusterShape(prefill, args.tp_prefill, decode, args.tp_decode, mixed, args.tp_mixed)
 
 
 def _setup(args: Any, options: dict[str, Any]) -> tuple[Path, Search, list[str]]:
@@ -108,7 +115,7 @@ def compare_vllm(args: Any, options: dict[str, Any]) -> dict[str, Any]:
     chosen: dict[str, Layout] = {}
     goodputs: dict[str, float] = {}
     for pol in policies:
-        cands = [x for x in layouts(pol, args.profile, args.gpus) if x.gpus == args.gpus]
+        cands = [x for x in layouts(pol, args.profile, args.gpus) if x.shape.gpus == args.gpus]
         if not cands:
             raise ValueError(f"no {pol} layout uses exactly {args.gpus} GPUs with the TP degrees of {args.profile}")
         best_g, best_l = -1.0, cands[0]
@@ -124,7 +131,7 @@ def compare_vllm(args: Any, options: dict[str, Any]) -> dict[str, Any]:
     print(vllm_table(chosen, goodputs, sweeps))
     result = {
         "profile": args.profile, "workload": args.workload, "gpus": args.gpus, "slo": asdict(search.slo),
-        "layouts": {p: asdict(x) for p, x in chosen.items()}, "goodput": goodputs, "sweeps": sweeps,
+        "layouts": {p: x.row() for p, x in chosen.items()}, "goodput": goodputs, "sweeps": sweeps,
     }
     _write(out / "compare_vllm.json", result)
     _plot_sweeps(sweeps, out / "attainment_vs_rate.png", "SLO attainment against rate", "attainment")
@@ -152,7 +159,7 @@ def vllm_table(chosen: dict[str, Layout], goodputs: dict[str, float], sweeps: di
         pts = sweeps.get(pol) or []
         top = pts[-1] if pts else None
         lines.append(
-            f"{pol:<10} {lay.describe():<22} {goodputs[pol]:>11.2f} "
+            f"{pol:<10} {lay.shape.label:<22} {goodputs[pol]:>11.2f} "
             + (f"{top['rate']:>8.2f} {top['attainment']:>7.3f} {top['jct_mean_s']:>10.2f} {top['jct_p90_s']:>9.2f}" if top else "")
         )
     return "\n".join(lines)
@@ -179,7 +186,7 @@ def _sweeps(search: Search, chosen: dict[str, Layout | None], rate: float | None
             m, _, _ = simulate(lay, search.model, search.requests(r), search.slo, search.hw, opts)
             pts.append({"rate": r, "attainment": m.attainment, "jct_mean_s": m.jct_ms["mean"] / 1e3,
                         "jct_p90_s": m.jct_ms["p90"] / 1e3, "throughput_rps": m.throughput_rps,
-                        "layout": lay.describe(), "gpus": lay.gpus})
+                        "layout": lay.shape.label, "gpus": lay.shape.gpus})
         out[pol] = pts
     return out
 

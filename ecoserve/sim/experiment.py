@@ -6,8 +6,9 @@ does not); goodput is the highest Poisson rate at which attainment stays >= `goa
 found by doubling then bisection to `rel_tol`; the GPU count for a target rate is the fewest
 GPUs over the layouts searched whose attainment at that rate is >= `goal`.
 
-Layouts: disaggregated policies (`ecoserve`, `distserve`) over (prefill instances × TP,
-decode instances × TP); colocated ones (`vllm`, `orca`) over replicas × TP of mixed workers.
+Layouts (a policy on a `ClusterShape`): disaggregated policies (`ecoserve`, `distserve`) over
+(prefill instances × TP, decode instances × TP); colocated ones (`vllm`, `orca`) over replicas ×
+TP of mixed workers.
 Every policy uses the same latency profile family, workload and SLOs.
 """
 
@@ -19,6 +20,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
+from ecoserve.config import ROLES, ClusterShape
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.data.workload import WorkloadRequest
 from ecoserve.latency.cost import CostModel
@@ -33,24 +35,19 @@ POLICY_NAMES = DISAGGREGATED + COLOCATED
 
 @dataclass(frozen=True)
 class Layout:
-    """A cluster shape: instance counts and tensor-parallel degrees."""
+    """A policy on a cluster shape."""
 
     policy: str
-    prefill: int = 0
-    tp_prefill: int = 1
-    decode: int = 0
-    tp_decode: int = 1
-    mixed: int = 0
-    tp_mixed: int = 1
+    shape: ClusterShape
 
-    @property
-    def gpus(self) -> int:
-        return self.prefill * self.tp_prefill + self.decode * self.tp_decode + self.mixed * self.tp_mixed
+    def row(self) -> dict[str, Any]:
+        """Flat, as the JSON outputs hold it: `{"policy", "prefill", "tp_prefill", ...}`."""
+        return {"policy": self.policy, **asdict(self.shape)}
 
-    def describe(self) -> str:
-        if self.mixed:
-            return f"{self.mixed}x TP{self.tp_mixed}"
-        return f"{self.prefill}P TP{self.tp_prefill} : {self.decode}D TP{self.tp_decode}"
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Layout:
+        fields = dict(row)
+        return cls(fields.pop("policy"), ClusterShape(**fields))
 
 
 def profile_for(model: str, tp: int) -> LatencyProfile:
@@ -78,8 +75,8 @@ def model_tps(model: str) -> list[int]:
 
 def instances(layout: Layout, model: str) -> list[InstanceSpec]:
     out: list[InstanceSpec] = []
-    for role, count, tp in (("prefill", layout.prefill, layout.tp_prefill), ("decode", layout.decode, layout.tp_decode),
-                            ("mixed", layout.mixed, layout.tp_mixed)):
+    for role in ROLES:
+        count, tp = layout.shape.count(role), layout.shape.tp(role)
         if count:
             out += [InstanceSpec(role, profile_for(model, tp), tp)] * count
     return out
@@ -88,11 +85,11 @@ def instances(layout: Layout, model: str) -> list[InstanceSpec]:
 def build_policy(layout: Layout, model: str, slo: SLO, hw: HardwareConfig, options: dict[str, Any] | None = None) -> Any:
     opts = dict(options or {})
     if layout.policy == "ecoserve":
-        prof = profile_for(model, layout.tp_decode)
+        prof = profile_for(model, layout.shape.tp_decode)
         opts.setdefault("predictor", "oracle")
         opts.setdefault("slo_tpot_ms", slo.tpot_ms)
         opts.setdefault("costs", CostModel.from_profile(
-            prof, hw.kv_bytes_per_token or kv_bytes_per_token(prof), hw.swap_bytes_per_s * layout.tp_decode,
+            prof, hw.kv_bytes_per_token or kv_bytes_per_token(prof), hw.swap_bytes_per_s * layout.shape.tp_decode,
         ))
     return make_policy(layout.policy, **opts)
 
@@ -164,7 +161,7 @@ def simulate(
     sched = lc.schedule_us.summary("s")
     rate = (len(workload) - 1) / (workload[-1].arrival_s - workload[0].arrival_s) if len(workload) > 1 and workload[-1].arrival_s > workload[0].arrival_s else math.inf
     metrics = RunMetrics(
-        policy=layout.policy, layout=layout.describe(), gpus=layout.gpus, rate=rate, num_requests=len(workload),
+        policy=layout.policy, layout=layout.shape.label, gpus=layout.shape.gpus, rate=rate, num_requests=len(workload),
         finished=len(reqs), attainment=ok / len(workload) if workload else 0.0,
         ttft_ms=_pcts([r.ttft_ms for r in reqs]), tpot_ms=_pcts([r.tpot_ms for r in reqs if r.output_len > 1]),
         jct_ms=_pcts([r.e2e_ms for r in reqs]),
@@ -247,13 +244,13 @@ def layouts(policy: str, model: str, max_gpus: int, max_instances: int = 16) -> 
     if policy in COLOCATED:
         for tp in tps:
             for n in range(1, max_instances + 1):
-                found.append(Layout(policy, mixed=n, tp_mixed=tp))
+                found.append(Layout(policy, ClusterShape(mixed=n, tp_mixed=tp)))
     else:
         for tp_p, tp_d in itertools.product(tps, tps):
             for p_, d in itertools.product(range(1, max_instances + 1), repeat=2):
-                found.append(Layout(policy, prefill=p_, tp_prefill=tp_p, decode=d, tp_decode=tp_d))
-    found = [x for x in found if x.gpus <= max_gpus]
-    found.sort(key=lambda x: (x.gpus, x.prefill + x.decode + x.mixed, x.describe()))
+                found.append(Layout(policy, ClusterShape(prefill=p_, tp_prefill=tp_p, decode=d, tp_decode=tp_d)))
+    found = [x for x in found if x.shape.gpus <= max_gpus]
+    found.sort(key=lambda x: (x.shape.gpus, x.shape.num_instances, x.shape.label))
     yield from found
 
 
@@ -282,5 +279,5 @@ def min_gpus(search: Search, policy: str, rate: float, max_gpus: int = 64,
 
 def _dominates(failed: Layout, candidate: Layout) -> bool:
     """`candidate` has no more of anything than `failed` (same TPs): it fails too."""
-    same_tp = (failed.tp_prefill, failed.tp_decode, failed.tp_mixed) == (candidate.tp_prefill, candidate.tp_decode, candidate.tp_mixed)
-    return same_tp and candidate.prefill <= failed.prefill and candidate.decode <= failed.decode and candidate.mixed <= failed.mixed
+    f, c = failed.shape, candidate.shape
+    return all(c.tp(role) == f.tp(role) and c.count(role) <= f.count(role) for role in ROLES)

@@ -89,7 +89,7 @@ class SimLifecycle(Lifecycle):
 
 
 class NullCodec:
-    """Token ids only: the fake cluster has no text."""
+    """Token ids only: a simulated cluster has no text."""
 
     def decode(self, token_ids: list[int]) -> str:
         return ""

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from ecoserve.config import ClusterShape
 from ecoserve.data.synthetic import with_arrivals
 from ecoserve.data.workload import WorkloadRequest
 from ecoserve.sim.experiment import SLO, Layout, Search, goodput, layouts, min_gpus, model_tps, simulate
@@ -72,12 +73,12 @@ def run_results(args: Any) -> int:
         # The target: what `PAIRS` of DistServe's smallest pair (1 prefill + 1 decode instance at
         # the lowest TP) sustain, so every setting asks for a cluster of several instances.
         tp = model_tps(s.model)[0]
-        unit, _ = goodput(search, Layout("distserve", 1, tp, 1, tp), rel_tol=0.1)
+        unit, _ = goodput(search, Layout("distserve", ClusterShape(1, tp, 1, tp)), rel_tol=0.1)
         rate = round(PAIRS * unit, 2) if unit > 0 else s.rate
         entry: dict[str, Any] = {"setting": {**asdict(s), "slo": asdict(s.slo), "rate": rate, "unit_goodput": unit}}
         for pol in ("ecoserve", "distserve"):
             lay, m, probes = min_gpus(search, pol, rate, max_gpus)
-            entry[pol] = {"layout": asdict(lay) if lay else None, "metrics": m.row() if m else None,
+            entry[pol] = {"layout": lay.row() if lay else None, "metrics": m.row() if m else None,
                           "probes": len(probes)}
             bar.update(1)
         data["gpu_count"].append(entry)
@@ -89,8 +90,8 @@ def run_results(args: Any) -> int:
     gpus = 2 if quick else args.vllm_gpus
     chosen: dict[str, tuple[Layout, float]] = {}
     for pol in ("ecoserve", "distserve", "vllm", "orca"):
-        best = (Layout(pol), -1.0)
-        for lay in [x for x in layouts(pol, s.model, gpus) if x.gpus == gpus]:
+        best = (Layout(pol, ClusterShape()), -1.0)
+        for lay in [x for x in layouts(pol, s.model, gpus) if x.shape.gpus == gpus]:
             g, _ = goodput(search, lay, rel_tol=0.1 if quick else 0.05)
             if g > best[1]:
                 best = (lay, g)
@@ -105,18 +106,18 @@ def run_results(args: Any) -> int:
             pts.append({"rate": r, "attainment": m.attainment, "jct_mean_s": m.jct_ms["mean"] / 1e3,
                         "throughput_tok_s": m.throughput_tok_s})
         sweeps[pol] = pts
-    data["vllm"] = {"gpus": gpus, "layouts": {p: asdict(lay) for p, (lay, _) in chosen.items()},
+    data["vllm"] = {"gpus": gpus, "layouts": {p: lay.row() for p, (lay, _) in chosen.items()},
                     "goodput": {p: g for p, (_, g) in chosen.items()}, "sweeps": sweeps}
     bar.update(1)
 
     # 3. Ablations: goodput of EcoServe with one mechanism off, on one layout.
-    abl_layout = Layout("ecoserve", 1, 1, 1, 1) if quick else Layout("ecoserve", 2, 1, 2, 1)
+    abl_layout = Layout("ecoserve", ClusterShape(1, 1, 1, 1) if quick else ClusterShape(2, 1, 2, 1))
     for name, opts in ABLATIONS.items():
         search = Search(s.model, s.workload, s.slo, n, dur, args.seed, policy_options=opts)
         g, _ = goodput(search, abl_layout, rel_tol=0.1 if quick else 0.05)
         m = search.attainment(abl_layout, g) if g > 0 else None
         data["ablations"][name] = {"goodput": g, "metrics": m.row() if m else None}
-    data["ablations_layout"] = asdict(abl_layout)
+    data["ablations_layout"] = abl_layout.row()
     bar.update(1)
 
     # 4. Predictors, on held-out ShareGPT conversations with their prompts (the learned one reads them).
@@ -226,9 +227,9 @@ def render(data: dict[str, Any], args: Any) -> str:
     ]
     base = v["goodput"].get("vllm") or math.nan
     for pol, g in v["goodput"].items():
-        lay = Layout(**v["layouts"][pol])
+        lay = Layout.from_row(v["layouts"][pol])
         ratio = g / base if base and base > 0 else math.nan
-        lines.append(f"| {pol} | {lay.describe()} | {g:.2f} | {ratio:.2f}x |")
+        lines.append(f"| {pol} | {lay.shape.label} | {g:.2f} | {ratio:.2f}x |")
     lines += ["", "JCT (mean, s) and attainment across a rate sweep:", "",
               "| rate | " + " | ".join(f"{p} JCT / attain" for p in v["sweeps"]) + " |",
               "|---|" + "---|" * len(v["sweeps"])]
@@ -242,8 +243,8 @@ def render(data: dict[str, Any], args: Any) -> str:
         att = [a["attainment"] - b["attainment"] for a, b in zip(eco, vl)]
         lines += ["", f"EcoServe against vllm over the sweep: JCT {min(jct):+.0%} to {max(jct):+.0%} "
                   f"(negative = lower), attainment {min(att):+.2f} to {max(att):+.2f} (absolute)."]
-    al = Layout(**data["ablations_layout"])
-    lines += ["", f"## Ablations (OPT-13B, ShareGPT, {al.describe()})", "",
+    al = Layout.from_row(data["ablations_layout"])
+    lines += ["", f"## Ablations (OPT-13B, ShareGPT, {al.shape.label})", "",
               "| variant | goodput (req/s) | vs full EcoServe | preemptions at goodput | KV reserved / used |", "|---|---|---|---|---|"]
     full = data["ablations"].get("ecoserve", {}).get("goodput") or math.nan
     for name, r in data["ablations"].items():
@@ -251,7 +252,7 @@ def render(data: dict[str, Any], args: Any) -> str:
         rel = r["goodput"] / full - 1 if full and full > 0 else math.nan
         lines.append(f"| {name} | {r['goodput']:.2f} | {_pct(rel)} | {m.get('preemptions', 'n/a')} | "
                      f"{m.get('kvc_reserved', 0):.2f} / {m.get('kvc_used', 0):.2f} |")
-    lines += ["", f"## Predictors (EcoServe, OPT-13B, held-out ShareGPT test conversations, {al.describe()})", "",
+    lines += ["", f"## Predictors (EcoServe, OPT-13B, held-out ShareGPT test conversations, {al.shape.label})", "",
               "The learned predictor reads each prompt's token ids (its point prediction, quantile 0.5); "
               "the histogram learns online from finished requests; the oracle knows every length.", "",
               "| predictor | goodput (req/s) | preemptions at 0.9x goodput | extensions | KV reserved-but-unused share |",

@@ -10,6 +10,7 @@ from collections import deque
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from ecoserve.config import ClusterShape
 from ecoserve.coordinator.ledger import ReservationLedger, Timeline
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.policies.ecoserve import BucketQueues, EcoServeConfig, EcoServePolicy
@@ -17,7 +18,7 @@ from ecoserve.coordinator.policy import SchedulerState, WorkerView
 from ecoserve.coordinator.request import Request, RequestStatus
 from ecoserve.params import SamplingParams
 from ecoserve.predictor.buckets import BucketScheme
-from ecoserve.sim.fake_cluster import FakeCluster, WorkerSpec
+from tests.coordinator.fake_cluster import FakeCluster, worker_specs
 
 BS = 16
 
@@ -108,12 +109,8 @@ POLICIES = ("ecoserve", "distserve", "vllm", "orca")
 
 def _cluster(name: str, options: dict, pool: int, host_blocks: int) -> FakeCluster:
     policy = make_policy(name, **options)
-    if name in ("vllm", "orca"):
-        specs = [WorkerSpec("mixed", pool), WorkerSpec("mixed", pool)]
-    else:
-        specs = [WorkerSpec("prefill", pool), WorkerSpec("decode", pool, host_blocks=host_blocks),
-                 WorkerSpec("decode", pool, host_blocks=host_blocks)]
-    return FakeCluster(policy, specs)
+    shape = ClusterShape(mixed=2) if name in ("vllm", "orca") else ClusterShape(prefill=1, decode=2)
+    return FakeCluster(policy, worker_specs(shape, pool, decode_host_blocks=host_blocks))
 
 
 def _run(cluster: FakeCluster, arrivals: list[tuple[int, int, int, int]], aborts: set[int], check) -> dict[str, int]:

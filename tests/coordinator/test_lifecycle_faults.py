@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ecoserve import protocol as p
-from ecoserve.config import CoordinatorConfig
+from ecoserve.config import ClusterShape, CoordinatorConfig
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.request import Request, RequestStatus as S
 from ecoserve.params import SamplingParams
-from ecoserve.sim.fake_cluster import FakeCluster, WorkerSpec
+from tests.coordinator.fake_cluster import FakeCluster, worker_specs
 
 DISAGG = ("distserve", "ecoserve")
 
@@ -23,7 +23,7 @@ DISAGG = ("distserve", "ecoserve")
 def make_cluster(policy: str = "distserve", prefill: int = 1, decode: int = 2, mixed: int = 0, pool: int = 128,
                  max_retries: int = 2) -> FakeCluster:
     options: dict[str, Any] = {"predictor": "oracle"} if policy == "ecoserve" else {}
-    specs = [WorkerSpec("prefill", pool)] * prefill + [WorkerSpec("decode", pool)] * decode + [WorkerSpec("mixed", pool)] * mixed
+    specs = worker_specs(ClusterShape(prefill=prefill, decode=decode, mixed=mixed), pool)
     cluster = FakeCluster(make_policy(policy, **options), specs)
     cluster.lifecycle.config = CoordinatorConfig(max_retries=max_retries, retry_backoff_s=0.0)
     return cluster

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ecoserve.cli import main
+from ecoserve.config import ClusterShape
 from ecoserve.data.workload import WorkloadRequest
 from ecoserve.sim.experiment import SLO, Layout, Search, goodput, layouts, min_gpus, simulate
 from ecoserve.latency.profile import load_profile
@@ -93,7 +94,7 @@ def test_misprediction_extends_and_preempts_and_still_finishes() -> None:
 
 def test_deterministic_for_a_seed() -> None:
     def once() -> list[tuple[float, float, float]]:
-        m, res, _ = simulate(Layout("ecoserve", 1, 1, 1, 1), "opt-13b", make_workload("sharegpt", 300, 8.0, seed=5),
+        m, res, _ = simulate(Layout("ecoserve", ClusterShape(1, 1, 1, 1)), "opt-13b", make_workload("sharegpt", 300, 8.0, seed=5),
                              SLO(250, 100), policy_options={"predictor": "oracle-noisy"})
         return [(r.ttft_ms, r.tpot_ms, r.e2e_ms) for r in res.requests]
 
@@ -102,7 +103,7 @@ def test_deterministic_for_a_seed() -> None:
 
 def test_overload_stops_early_and_goodput_brackets_it() -> None:
     search = Search("opt-13b", "sharegpt", SLO(250, 100), num_requests=200, min_duration_s=20)
-    lay = Layout("distserve", 1, 1, 1, 1)
+    lay = Layout("distserve", ClusterShape(1, 1, 1, 1))
     over = search.attainment(lay, 200.0)
     assert over.stopped_early and over.attainment < 0.9
     g, probes = goodput(search, lay, rel_tol=0.1)
@@ -118,7 +119,7 @@ def test_min_gpus_returns_the_first_layout_that_meets_the_goal() -> None:
     assert lay is not None and m is not None and m.attainment >= 0.9
     assert all(p.attainment < 0.9 for p in probes[:-1])
     assert all(p.gpus <= m.gpus for p in probes)
-    assert [x.gpus for x in layouts("distserve", "opt-13b", 4)] == sorted(x.gpus for x in layouts("distserve", "opt-13b", 4))
+    assert [x.shape.gpus for x in layouts("distserve", "opt-13b", 4)] == sorted(x.shape.gpus for x in layouts("distserve", "opt-13b", 4))
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
@@ -200,3 +201,12 @@ def test_compare_commands_write_their_tables_json_and_plots(tmp_path, capsys) ->
     doc = json.loads((tmp_path / "v" / "compare_vllm.json").read_text())
     assert set(doc["goodput"]) == {"ecoserve", "vllm", "orca", "distserve"} and all(g > 0 for g in doc["goodput"].values())
     assert doc["gpus"] == 2 and (tmp_path / "v" / "jct_vs_rate.png").stat().st_size > 0
+
+
+def test_a_layout_is_written_flat_and_read_back() -> None:
+    """The JSON outputs (compare-vllm, results) hold a layout as one flat object, as before ClusterShape."""
+    lay = Layout("distserve", ClusterShape(2, 1, 1, 2))
+    assert lay.row() == {"policy": "distserve", "prefill": 2, "tp_prefill": 1, "decode": 1, "tp_decode": 2,
+                         "mixed": 0, "tp_mixed": 1}
+    assert Layout.from_row(lay.row()) == lay
+    assert lay.shape.label == "2P TP1 : 1D TP2" and lay.shape.gpus == 4

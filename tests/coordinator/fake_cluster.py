@@ -1,4 +1,4 @@
-"""A step-synchronous fake cluster: the real coordinator lifecycle and policy, fake workers.
+"""Test fixture: a step-synchronous fake cluster, the real coordinator lifecycle and policy, fake workers.
 
 Each tick the coordinator schedules, every worker handles its messages and takes one step,
 and what the workers said is delivered back. Workers speak the real protocol messages
@@ -7,9 +7,10 @@ and what the workers said is delivered back. Workers speak the real protocol mes
 tick count, so runs are deterministic.
 
 Used by the property-based policy tests (capacity never exceeded, reservations cover use,
-one terminal event per request, no leaks when idle), the fault tests of the lifecycle
-(`kill` a worker: its peers drop their transfers with it on `PeerLost`), and by the scheduler
-benchmarks.
+one terminal event per request, no leaks when idle) and the fault tests of the lifecycle
+(`kill` a worker: its peers drop their transfers with it on `PeerLost`; `fail_transfer`). It
+lives in tests/, not beside the simulator: the simulator's `SimWorker` is the one simulated
+worker in the package, and it has no tick clock, no kills and no reservation-overrun check.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ecoserve import protocol as p
-from ecoserve.config import CoordinatorConfig
+from ecoserve.config import ClusterShape, CoordinatorConfig
 from ecoserve.coordinator.lifecycle import Lifecycle
 from ecoserve.coordinator.policy import Policy, WorkerView
 from ecoserve.coordinator.request import Request
@@ -310,6 +311,13 @@ class WorkerSpec:
     block_size: int = 16
     token_budget: int = 512
     host_blocks: int = 0
+
+
+def worker_specs(shape: ClusterShape, num_blocks: int = 256, decode_host_blocks: int = 0) -> list[WorkerSpec]:
+    """One spec per rank of `shape`, in its rank order; host swap space on the decode ranks only.
+    The fake workers have no tensor parallelism: the shape's TP degrees are not used."""
+    return [WorkerSpec(role, num_blocks, host_blocks=decode_host_blocks if role == "decode" else 0)
+            for role in shape.roles()]
 
 
 class FakeCluster:
