@@ -8,7 +8,7 @@ import random
 from collections import deque
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from ecoserve.config import ClusterShape
 from ecoserve.coordinator.ledger import ReservationLedger, Timeline
@@ -176,6 +176,9 @@ arrival = st.tuples(
     aborts=st.sets(st.integers(0, 59), max_size=6),
     ablate=st.sets(st.sampled_from(["pipelining", "rl_buckets", "ordering", "exact_allocation"]), max_size=2),
 )
+# Found by a random search: a request needing more than (1 - margin) of an idle pool waited forever.
+@example(name="ecoserve", arrivals=[(0, 233, 284, 346), (49, 253, 2, 321), (14, 263, 30, 157)], sigma=0.0,
+         margin=0.49999999999999994, pool=48, host_blocks=0, aborts=set(), ablate=set())
 def test_every_policy_keeps_capacity_one_terminal_event_and_no_leaks(
     name: str, arrivals: list, sigma: float, margin: float, pool: int, host_blocks: int, aborts: set[int], ablate: set[str],
 ) -> None:

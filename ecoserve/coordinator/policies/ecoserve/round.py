@@ -98,7 +98,11 @@ class Round:
             return False
         if cfg.pipelining:
             bound = self._plateau(rank, add, remove)
-            if bound <= self.capacity[rank]:
+            # The margin is kept free for the misjudged lengths of requests sharing a worker; a
+            # worker that holds no reservation shares with nobody, so a cohort may fill its whole
+            # pool there (as under exact allocation). Without this a request needing more than
+            # (1 - margin) of a pool waited forever although the pool could hold it.
+            if bound <= self.capacity[rank] or (self.members[rank] == 0 and not remove and bound <= w.num_blocks):
                 peak = bound  # fits whatever the timeline says
             else:
                 tl = self.timeline(rank)
