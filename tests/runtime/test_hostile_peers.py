@@ -38,12 +38,10 @@ from ecoserve.local_cluster import child_pids, local_cluster
 from ecoserve.bench.serve.run import fetch_server_info
 from ecoserve.cli import main
 from ecoserve.client import SLO, AsyncClient, Client, RequestError
+from tests.runtime.frames import FIELDS, VALID, add
 
 LIMIT_REQUESTS, LIMIT_TOKENS = 4, 600
 SIM = ("--engine", "sim", "--sim-time-scale", "0.2", "--threads-per-worker", "1")
-VALID_PARAMS = dict(max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, seed=None, stop_token_ids=[], ignore_eos=True)
-VALID = dict(request_id="ok", prompt=None, prompt_token_ids=[1, 2, 3], params=VALID_PARAMS, slo=None, stream=False)
-FIELDS = sorted(VALID) + sorted(VALID_PARAMS)  # every field a frame can break, nested ones included
 INT_FIELDS = ("max_tokens", "top_k", "seed")
 OUT_OF_RANGE_INTS = [2**63, 2**63 + 1, 2**64 - 1]  # msgpack carries them; int64 does not
 PARAMS = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -64,23 +62,6 @@ def served(keys: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     auth = ("--auth", "curve", "--keys", str(keys))
     with local_cluster("tiny-llama", 1, 1, 0, *SIM, *limits, *auth, log_dir=tmp_path_factory.mktemp("serve")) as addr:
         yield addr
-
-
-def add(**overrides: object) -> bytes:
-    """An AddRequest frame with fields replaced: a SamplingParams field's name replaces it inside
-    `params`, `slo_ttft_ms` / `slo_tpot_ms` set `slo`, any other name a top-level field."""
-    fields: dict[str, object] = {**VALID, "params": dict(VALID_PARAMS)}
-    slo: dict[str, object] = {}
-    for name, value in overrides.items():
-        if name in VALID_PARAMS:
-            fields["params"][name] = value  # type: ignore[index]
-        elif name in ("slo_ttft_ms", "slo_tpot_ms"):
-            slo[name.removeprefix("slo_")] = value
-        else:
-            fields[name] = value
-    if slo:
-        fields["slo"] = {"ttft_ms": None, "tpot_ms": None, **slo}
-    return msgpack.packb(["AddRequest", fields], use_bin_type=True)
 
 
 def hostile_frames(n: int, seed: int = 0) -> list[tuple[list[bytes], set[str]]]:
