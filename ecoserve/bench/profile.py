@@ -8,7 +8,13 @@ batch is whole prompts queued together and admitted in one step; a decode batch 
 whose context is already in the pool, set up as a decode worker sets up a request once its KV
 has arrived. The grid (profile_fit.make_grid) runs prompts of 16 .. `--max-len` tokens alone
 and in batches of up to `--max-len` tokens, and decode batches of 1 .. `--max-batch` at three
-context lengths, uniform and spread (the torch decode path pads every sequence to the longest).
+context lengths, uniform and spread (the torch decode path pads every sequence to the longest),
+and mixed steps: k = 1, 4, 16 .. `--max-batch` decoding requests (set up as above) and one prompt
+of 16, max-len/4 or max-len tokens queued behind them, which the engine's FCFS batcher runs in
+the same step, one forward pass, as a colocated worker does. The mixed steps fit nothing; they
+choose how the profile costs a mixed step (`mixed_form`, latency/fit.py's fit_mixed: "fused",
+one fixed cost, or "additive", a prefill step plus a decode step), on all but every 4th, and
+the table and `summary` give both forms' error on the held-back ones.
 Points are timed in `--repeats` rounds, every point once a round, so load drifting on a shared
 machine hits them alike; each keeps its median. A decode batch is set up afresh each round and
 times one step (in the first round, after an untimed one).
@@ -35,11 +41,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from ecoserve.latency.fit import (
-    MIN_LEN, DecodeFit, DecodeSample, Fit, Grid, PrefillSample, fit_decode, fit_prefill, make_grid,
+    MIN_LEN, DecodeFit, DecodeSample, Fit, Grid, MixedFit, MixedPoint, MixedSample, PrefillSample, fit_decode,
+    HOLD_OUT_EVERY, fit_mixed, fit_prefill, fitted_profile, make_grid,
 )
+from ecoserve.latency.profile import MIXED_FORMS
 
 if TYPE_CHECKING:
     from ecoserve.engine.llm_engine import LLMEngine
+    from ecoserve.engine.sequence import Sequence
 
 QUICK = dict(max_len=256, max_batch=16, repeats=3)  # --quick
 
@@ -128,9 +137,9 @@ class StepTimer:
             eng.pop_finished(rid)
         return ms
 
-    def decode(self, ctxs: list[int], warmup: bool = False) -> DecodeSample:
-        """One timed decode step (after an untimed one if `warmup`) over sequences holding
-        `ctxs` tokens of KV, set up as a decode worker sets up a request whose KV has arrived."""
+    def _decoding(self, ctxs: list[int]) -> list[Sequence]:
+        """Sequences holding `ctxs` tokens of KV, set up as a decode worker sets up a request
+        whose KV has arrived, each with room for 4 tokens."""
         from ecoserve.params import SamplingParams
 
         eng, params = self.engine, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -142,6 +151,12 @@ class StepTimer:
             seq.num_computed_tokens = n
             eng.scheduler.add_running(seq)
             seqs.append(seq)
+        return seqs
+
+    def decode(self, ctxs: list[int], warmup: bool = False) -> DecodeSample:
+        """One timed decode step (after an untimed one if `warmup`) over sequences holding
+        `ctxs` tokens of KV (`_decoding`)."""
+        eng, seqs = self.engine, self._decoding(ctxs)
         for _ in range(1 + warmup):
             ctx = [s.num_computed_tokens + 1 for s in seqs]  # the keys attention reads this step
             ms = self._timed_step()
@@ -150,6 +165,28 @@ class StepTimer:
         for s in seqs:
             eng.release(s.request_id)
         return DecodeSample(len(ctx), sum(ctx), max(ctx), ms)
+
+    def mixed(self, point: MixedPoint, warmup: bool = False) -> MixedSample:
+        """One step decoding sequences holding `point.decode` tokens of KV (`_decoding`) while it
+        prefills a whole prompt of `point.chunk` tokens queued behind them (the FCFS batcher
+        schedules the running first): one forward pass. After an untimed one if `warmup`."""
+        from ecoserve.params import SamplingParams
+
+        eng, params = self.engine, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        for _ in range(1 + warmup):
+            seqs, rid = self._decoding(point.decode), f"profile-{next(self._ids)}"
+            eng.add_request(rid, self._prompt(point.chunk), params)
+            ctx = [s.num_computed_tokens + 1 for s in seqs]
+            ms = self._timed_step()
+            if eng.last_num_scheduled_tokens != len(seqs) + point.chunk:
+                raise RuntimeError(
+                    f"the engine did not decode {len(seqs)} sequences and prefill {point.chunk} tokens in one step; "
+                    "raise its token budget or batch size"
+                )
+            eng.pop_finished(rid)
+            for s in seqs:
+                eng.release(s.request_id)
+        return MixedSample(point.chunk, point.chunk**2, len(ctx), sum(ctx), max(ctx), ms)
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -209,8 +246,9 @@ def _build_engine(s: dict[str, Any]) -> LLMEngine:
             block_size=s["block_size"], num_blocks=s["num_blocks"], gpu_memory_fraction=s["gpu_memory_fraction"],
             kv_cache_gib=s["kv_cache_gib"],
         ),
-        # Room for every grid batch in one step: up to max_len prompt tokens, or max_batch decodes.
-        scheduler=SchedulerConfig(s["max_batch"], max_num_batched_tokens=max(s["max_len"], s["max_batch"])),
+        # Room for every grid batch in one step: up to max_len prompt tokens and max_batch decodes
+        # (a mixed step holds both, and one sequence more).
+        scheduler=SchedulerConfig(s["max_batch"] + 1, max_num_batched_tokens=s["max_len"] + s["max_batch"]),
     )
     engine = LLMEngine(config)
     torch.set_num_threads(s["threads"])
@@ -223,6 +261,7 @@ def _build_engine(s: dict[str, Any]) -> LLMEngine:
 class Samples(NamedTuple):
     prefill: list[PrefillSample]
     decode: list[DecodeSample]
+    mixed: list[MixedSample]
 
 
 def measure(timer: StepTimer, grid: Grid, repeats: int) -> Samples:
@@ -250,7 +289,14 @@ def measure(timer: StepTimer, grid: Grid, repeats: int) -> Samples:
                 steps[i].append(timer.decode(ctxs, warmup=r == 0))  # a new shape's first step is untimed
                 bar.update()
     decode = [sorted(st, key=lambda x: x.ms)[len(st) // 2] for st in steps]  # the median step, with its Σctx
-    return Samples(prefill, decode)
+    mixed_steps: list[list[MixedSample]] = [[] for _ in grid.mixed]
+    with tqdm(total=len(grid.mixed) * repeats, desc="mixed steps", unit="step") as bar:
+        for r in range(repeats):
+            for i, point in enumerate(grid.mixed):
+                mixed_steps[i].append(timer.mixed(point, warmup=r == 0))
+                bar.update()
+    mixed = [sorted(st, key=lambda x: x.ms)[len(st) // 2] for st in mixed_steps]
+    return Samples(prefill, decode, mixed)
 
 
 def device_description(engine: LLMEngine, threads: int) -> str:
@@ -263,7 +309,8 @@ def device_description(engine: LLMEngine, threads: int) -> str:
 
 
 def profile_document(
-    engine: LLMEngine, s: dict[str, Any], pf: Fit, dec: DecodeFit, samples: Samples, run_s: float,
+    engine: LLMEngine, s: dict[str, Any], pf: Fit, dec: DecodeFit, mixed: MixedFit | None, samples: Samples,
+    run_s: float,
 ) -> dict[str, Any]:
     """The profile (load_profile's keys first), then how it was measured."""
     from ecoserve.report import machine_info
@@ -271,7 +318,7 @@ def profile_document(
     spec, pool = engine.spec, engine.pool
     kv_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * engine.dtype.itemsize
     where = device_description(engine, s["threads"])
-    keys, quality = fit_keys(pf, dec)
+    keys, quality = fit_keys(pf, dec, mixed)
     summary = {"run_s": round(run_s, 1), "clock": s["clock"], "cpu_share": s["cpu_share"]} | quality
     return keys | {
         "max_num_tokens": pool.num_blocks * pool.block_size,
@@ -285,15 +332,21 @@ def profile_document(
         "block_size": pool.block_size,
         "num_blocks": pool.num_blocks,
         "token_budget": s["max_len"],  # the most prompt tokens of a measured prefill batch
-        "num_samples": {"prefill": len(samples.prefill), "decode": len(samples.decode)},
+        "num_samples": {"prefill": len(samples.prefill), "decode": len(samples.decode), "mixed": len(samples.mixed)},
         "summary": summary,
         "machine": machine_info(),
         "settings": s,
-        "samples": {"prefill": [asdict(x) for x in samples.prefill], "decode": [asdict(x) for x in samples.decode]},
+        "samples": {name: [asdict(x) for x in part] for name, part in samples._asdict().items()},
     }
 
 
-def fit_keys(pf: Fit, dec: DecodeFit) -> tuple[dict[str, Any], dict[str, Any]]:
+def _fit_mixed(pf: Fit, dec: DecodeFit, mixed: list[MixedSample]) -> MixedFit | None:
+    """The mixed-step form for these fits; None with too few mixed samples (the profile then
+    takes load_profile's default, "fused")."""
+    return fit_mixed(mixed, fitted_profile("measured", pf, dec)) if len(mixed) >= HOLD_OUT_EVERY else None
+
+
+def fit_keys(pf: Fit, dec: DecodeFit, mixed: MixedFit | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """load_profile's keys for these fits, and their quality for the document's `summary`."""
     keys = {
         "prefill": list(pf.coeffs),
@@ -306,6 +359,12 @@ def fit_keys(pf: Fit, dec: DecodeFit) -> tuple[dict[str, Any], dict[str, Any]]:
     for name, fit in (("prefill", pf), ("decoding_smallbs", dec.small), ("decoding_largebs", dec.large)):
         quality[f"{name}_r2"], quality[f"{name}_max_rel_err"] = fit.r2, fit.max_rel_err
         quality[f"{name}_samples"] = fit.num_samples
+    if mixed is not None:
+        keys["mixed_form"] = quality["mixed_form"] = mixed.form
+        for form, err in mixed.held_back.items():
+            quality[f"mixed_{form}_held_back_mean_abs_pct"] = round(err.mean_abs_pct, 2)
+            quality[f"mixed_{form}_held_back_max_abs_pct"] = round(err.max_abs_pct, 2)
+        quality["mixed_held_back_winner"], quality["mixed_held_back_samples"] = mixed.held_back_winner, mixed.num_held_back
     return keys, quality
 
 
@@ -323,23 +382,26 @@ def refit_profile(args: argparse.Namespace) -> int:
     try:
         doc = json.loads(Path(args.refit).expanduser().read_text(encoding="utf-8"))
         samples = Samples([PrefillSample(**x) for x in doc["samples"]["prefill"]],
-                          [DecodeSample(**x) for x in doc["samples"]["decode"]])
+                          [DecodeSample(**x) for x in doc["samples"]["decode"]],
+                          [MixedSample(**x) for x in doc["samples"].get("mixed", [])])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"--refit {args.refit}: not a profile written by `ecoserve profile` with its samples ({exc})") from None
     out = writable_json_path(args.out)
     pf, dec = fit_prefill(samples.prefill), fit_decode(samples.decode, args.threshold, _context(args.decode_context))
-    keys, quality = fit_keys(pf, dec)
+    mixed = _fit_mixed(pf, dec, samples.mixed)
+    keys, quality = fit_keys(pf, dec, mixed)
     doc = keys | {k: v for k, v in doc.items() if k not in keys}
     doc["units"] = _units(dec.context)
     doc["summary"] = dict(doc.get("summary", {})) | quality
     doc.setdefault("settings", {})["refit"] = {"threshold": args.threshold, "decode_context": args.decode_context}
     out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print_fits(f"{doc.get('model_id', args.refit)}, refitted from {len(samples.prefill) + len(samples.decode)} samples", pf, dec)
+    title = f"{doc.get('model_id', args.refit)}, refitted from {len(samples.prefill) + len(samples.decode)} samples"
+    print_fits(title, pf, dec, mixed)
     print(f"wrote {out}")
     return 0
 
 
-def print_fits(title: str, pf: Fit, dec: DecodeFit) -> None:
+def print_fits(title: str, pf: Fit, dec: DecodeFit, mixed: MixedFit | None = None) -> None:
     from ecoserve.report import print_table
 
     rows = []
@@ -351,6 +413,23 @@ def print_fits(title: str, pf: Fit, dec: DecodeFit) -> None:
     print_table(title, ["fit", "a ms", "b", "c", "R²", "max err", "n"], rows)
     ctx = "batch·max(ctx)" if dec.context == "padded" else "Σctx"
     print(f"prefill ms = a + b·Σl + c·Σl²; decode ms = a + b·{ctx} + c·batch (below / at or above the threshold)")
+    if mixed is not None:
+        print_mixed(mixed)
+
+
+def print_mixed(mixed: MixedFit) -> None:
+    from ecoserve.report import print_table
+
+    rows = [
+        (form, f"{mixed.chosen_on[form].mean_abs_pct:.1f}%", f"{mixed.held_back[form].mean_abs_pct:.1f}%",
+         f"{mixed.held_back[form].max_abs_pct:.1f}%", "chosen" if form == mixed.form else "")
+        for form in MIXED_FORMS
+    ]
+    held, fit_on = mixed.num_held_back, mixed.num_samples - mixed.num_held_back
+    print_table(f"mixed steps: {fit_on} choose the form, {held} held back",
+                ["form", "mean err (choosing)", "mean err (held back)", "max err (held back)", ""], rows)
+    print("additive = prefill step + decode step; fused = the same less the smaller of their fixed costs a "
+          "(one pass); err = |predicted - measured| / measured")
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -375,8 +454,9 @@ def run_profile(args: argparse.Namespace) -> int:
             "the cores), so these wall times are inflated; profile on a quiet machine, or with --threads 1 --clock cpu"
         )
     pf, dec = fit_prefill(samples.prefill), fit_decode(samples.decode, s["threshold"], _context(s["decode_context"]))
-    doc = profile_document(engine, s, pf, dec, samples, time.perf_counter() - start)
+    mixed = _fit_mixed(pf, dec, samples.mixed)
+    doc = profile_document(engine, s, pf, dec, mixed, samples, time.perf_counter() - start)
     out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print_fits(f"{engine.model_id}, {doc['dtype']}, {doc['device']}", pf, dec)
+    print_fits(f"{engine.model_id}, {doc['dtype']}, {doc['device']}", pf, dec, mixed)
     print(f"wrote {out} (KV capacity {doc['max_num_tokens']} tokens; {doc['summary']['run_s']:.0f} s)")
     return 0

@@ -14,7 +14,8 @@ torch.distributed KV transfer between workers. `SimRunner` replaces `ModelRunner
   DistServe's A100 fits), times `sim_time_scale`, counted from the start of `prepare` (a step
   whose own work takes longer just takes longer). Prefill chunks cost a + b·Σn + c·Σn·(s+n)
   for chunks of n tokens after s cached ones (a + b·Σl + c·Σl² for whole prompts); decodes
-  a + b·Σctx + c·batch; a step holding both (mixed workers) costs the sum. KV-transfer time is
+  a + b·Σctx + c·batch; a step holding both (mixed workers) costs the profile's `mixed_ms` (one
+  fused pass unless the profile measured otherwise). KV-transfer time is
   not modelled: the transfers are real, and small. The engine's own scheduling and sampling
   (about 1.3 ms of CPU a step at batch 100) come on top, as a real engine's CPU work would.
 - Tokens: the token at position i of a request is a pure function of (its prompt, i): a 64-bit
@@ -93,7 +94,7 @@ def step_time_ms(profile: LatencyProfile, prefills: list[ScheduledChunk], decode
     # A chunk of n queries after s cached tokens attends to s + n keys: n·(s + n), l² when s = 0.
     sum_sq = sum(c.num_new_tokens * (c.seq.num_computed_tokens + c.num_new_tokens) for c in prefills)
     ctx = [c.seq.num_computed_tokens + 1 for c in decodes]
-    return profile.prefill_ms(sum_len, sum_sq) + profile.decode_ms(len(decodes), sum(ctx), max(ctx, default=0))
+    return profile.mixed_ms(sum_len, sum_sq, len(decodes), sum(ctx), max(ctx, default=0))
 
 
 def _mix64(x: int) -> int:

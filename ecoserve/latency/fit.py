@@ -11,15 +11,24 @@ orders of magnitude, with every coefficient held >= 0: each subset of the three 
 solved and the best feasible solution kept, which is the exact non-negative least-squares
 optimum for three unknowns. The decode threshold is the measured batch size that gives the
 smallest total error over both fits, unless one is given; so is the decode context form.
+
+Mixed steps (a prompt chunk of l tokens prefilled while k requests decode) fit nothing of their
+own: each sample is predicted in both forms of `LatencyProfile.mixed_ms` (additive: prefill +
+decode step; fused: one pass, one fixed cost) from the pure-step fits. Every 4th sample
+(index 3, 7, ...) is held back; the form with the smaller mean |error| / measured over the
+others is chosen, and both forms' errors on the held-back ones are reported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
 
 import numpy as np
+
+from ecoserve.latency.profile import MIXED_FORMS, LatencyProfile
 
 MIN_LEN = 16  # shortest prompt of the grid
 
@@ -81,6 +90,18 @@ class DecodeSample:
 
 
 @dataclass(frozen=True)
+class MixedSample:
+    """One step prefilling a prompt chunk while `batch` requests decode (DecodeSample's fields)."""
+
+    sum_len: int  # prompt tokens of the step
+    sum_len_sq: int  # Σ n·(s + n) over its chunks of n tokens after s cached ones (l² for a whole prompt)
+    batch: int
+    sum_ctx: int
+    max_ctx: int
+    ms: float
+
+
+@dataclass(frozen=True)
 class DecodeFit:
     threshold: int  # batches of this size and more use `large`
     small: Fit
@@ -129,13 +150,71 @@ def _split_fit(samples: Sequence[DecodeSample], threshold: int, context: str = "
     return DecodeFit(threshold, fit(small), fit(large), context)
 
 
+HOLD_OUT_EVERY = 4  # every 4th mixed sample is held back from choosing the form
+
+
+@dataclass(frozen=True)
+class FormError:
+    mean_abs_pct: float  # mean |predicted - measured| / measured, in %
+    max_abs_pct: float
+
+
+@dataclass(frozen=True)
+class MixedFit:
+    form: str  # the chosen form (MIXED_FORMS): smaller mean error on the samples not held back
+    chosen_on: dict[str, FormError]  # by form, over the samples not held back
+    held_back: dict[str, FormError]  # by form, over every HOLD_OUT_EVERY-th sample
+    num_samples: int
+    num_held_back: int
+
+    @property
+    def held_back_winner(self) -> str:
+        return min(MIXED_FORMS, key=lambda f: self.held_back[f].mean_abs_pct)
+
+
+def fit_mixed(samples: Sequence[MixedSample], profile: LatencyProfile) -> MixedFit:
+    """Both mixed forms of `profile` (its prefill and decode fits) against the measured mixed
+    steps; ties go to "fused", the DESIGN §7 default. Needs HOLD_OUT_EVERY samples or more."""
+    if len(samples) < HOLD_OUT_EVERY:
+        raise ValueError(f"choosing the mixed-step form needs >= {HOLD_OUT_EVERY} mixed samples, got {len(samples)}")
+    held = [i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 for i in range(len(samples))]
+    errors: dict[str, tuple[FormError, FormError]] = {}
+    for form in MIXED_FORMS:
+        prof = dataclasses.replace(profile, mixed_form=form)
+        pred = np.array([prof.mixed_ms(s.sum_len, s.sum_len_sq, s.batch, s.sum_ctx, s.max_ctx) for s in samples])
+        ms = np.array([s.ms for s in samples])
+        rel = np.abs(pred - ms) / ms * 100
+        mask = np.array(held)
+        errors[form] = (_form_error(rel[~mask]), _form_error(rel[mask]))
+    chosen = min(MIXED_FORMS, key=lambda f: errors[f][0].mean_abs_pct)  # MIXED_FORMS[0] is "fused"
+    return MixedFit(
+        chosen, {f: e[0] for f, e in errors.items()}, {f: e[1] for f, e in errors.items()}, len(samples), sum(held),
+    )
+
+
+def _form_error(rel_pct: np.ndarray) -> FormError:
+    return FormError(float(rel_pct.mean()), float(rel_pct.max()))
+
+
+def fitted_profile(name: str, pf: Fit, dec: DecodeFit, mixed_form: str = "fused") -> LatencyProfile:
+    """The LatencyProfile these fits make (no capacity): what the mixed forms are evaluated with."""
+    return LatencyProfile(name, pf.coeffs, dec.small.coeffs, dec.large.coeffs, dec.threshold,
+                          decode_context=dec.context, mixed_form=mixed_form)
+
+
 # --- the grid --------------------------------------------------------------------------------
+
+
+class MixedPoint(NamedTuple):
+    decode: list[int]  # tokens already cached for each decoding sequence
+    chunk: int  # tokens of the prompt prefilled in the same step
 
 
 @dataclass(frozen=True)
 class Grid:
     prefill: list[list[int]]  # prompt lengths of each batch
     decode: list[list[int]]  # tokens already cached for each sequence of each batch
+    mixed: list[MixedPoint] = field(default_factory=list)
 
 
 def make_grid(max_len: int, max_batch: int, capacity: int, min_len: int = MIN_LEN, margin: int = 0) -> Grid:
@@ -159,4 +238,21 @@ def make_grid(max_len: int, max_batch: int, capacity: int, min_len: int = MIN_LE
                 continue
             shapes = [[ctx] * b] + ([[max(1, ctx * (i + 1) // b) for i in range(b)]] if b >= 4 else [])
             decode += [s for s in shapes if s not in decode]
-    return Grid([p for p in prefill if sum(p) <= capacity], decode)
+    return Grid([p for p in prefill if sum(p) <= capacity], decode, _mixed_grid(max_len, max_batch, capacity, min_len, margin))
+
+
+def _mixed_grid(max_len: int, max_batch: int, capacity: int, min_len: int, margin: int) -> list[MixedPoint]:
+    """k = 1, 4, 16 .. `max_batch` decoding requests at contexts max_len/4 and max_len, each with
+    a prompt chunk of min_len, max_len/4 and max_len tokens; within the pool like the decodes.
+    Sorted by (k, context, chunk), so every 4th point (held back) falls across the grid."""
+    batches = sorted({min(max_batch, 4**i) for i in range(max(1, max_batch).bit_length())} | {max_batch})
+    chunks = sorted({min_len, max(min_len, max_len // 4), max_len})
+    out: list[MixedPoint] = []
+    for k in batches:
+        for ctx in sorted({max(1, max_len // 4), max_len}):
+            for n in chunks:
+                ctx_k = min(ctx, (capacity - n - margin) // k - margin)
+                point = MixedPoint([ctx_k] * k, n)
+                if ctx_k >= 1 and point not in out:
+                    out.append(point)
+    return out

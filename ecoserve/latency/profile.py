@@ -8,13 +8,24 @@ A profile is named `<model>-tp<N>` (DistServe's fits of its own engine, e.g. `op
 `vllm-<model>-tp<N>` (its fits of the vLLM baseline), or is a JSON file holding one profile:
 `{"prefill": [a, b, c], "decoding_smallbs": [a, b, c], "decoding_largebs": [a, b, c],
 "decoding_large_small_bs_threshold": 95, "max_num_tokens": 66144, "kv_bytes_per_token": 819200,
-"decoding_context": "sum"}` (the last three keys optional; any others are ignored).
+"decoding_context": "sum", "mixed_form": "fused"}` (the last four keys optional; any others are ignored).
 `max_num_tokens` is the KV capacity DistServe measured for that model and degree (pipeline
 degree 1), or the pool of the worker a fitted profile was measured on (`ecoserve profile`);
 `kv_bytes_per_token` its K and V bytes per token over all layers. `decoding_context` "padded"
 (ours, for engines that pad a decode batch to its longest sequence, as our CPU path does)
 replaces Σctx by batch·max(ctx) in the decode form; "sum", DistServe's, is the default.
-No torch here: the coordinator, the CLI and the simulator use it too.
+
+A step that mixes prompt tokens and decodes (a colocated worker's chunked prefill) costs
+`mixed_ms`, by the profile's `mixed_form`:
+
+    additive: prefill_ms + decode_ms                      two passes, two fixed costs
+    fused:    prefill_ms + decode_ms - min(a_p, a_d)      one pass: it pays the larger of the
+                                                         two fixed costs once
+where a_p is the prefill fit's a and a_d the a of the decode fit at the step's batch size. A
+profile `ecoserve profile` measured says which form its mixed steps fitted better
+(`"mixed_form"`, chosen in latency/fit.py); a profile without the key, like DistServe's A100
+fits (nothing mixed was measured), is "fused", the DESIGN §7 default: one forward pass reads
+the weights once. No torch here: the coordinator, the CLI and the simulator use it too.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from typing import Any
 
 DEFAULT_PROFILE = "opt-13b-tp1"
 DECODE_CONTEXTS = ("sum", "padded")
+MIXED_FORMS = ("fused", "additive")
 _FITS = {"": "distserve-profiler-a100-80g.distserve.json", "vllm-": "distserve-profiler-a100-80g.vllm.json"}
 _CAPACITY_FILE = "distserve-max_num_tokens.csv"
 
@@ -47,6 +59,7 @@ class LatencyProfile:
     max_num_tokens: int | None = None  # KV capacity in tokens, when the source gives one
     kv_bytes_per_token: int | None = None  # K and V, all layers, when the source gives it
     decode_context: str = "sum"  # "sum": b·Σctx; "padded": b·batch·max(ctx) (DECODE_CONTEXTS)
+    mixed_form: str = "fused"  # a step holding prompt tokens and decodes: MIXED_FORMS, see mixed_ms
 
     def prefill_ms(self, sum_len: int, sum_len_sq: int) -> float:
         """A prefill batch with Σl = `sum_len` and Σl² = `sum_len_sq`; 0 for an empty one."""
@@ -66,6 +79,19 @@ class LatencyProfile:
                 raise ValueError(f"profile {self.name} models padded decode batches: give the longest context too")
             return a + b * batch * max_context + c * batch
         return a + b * sum_context + c * batch
+
+    def mixed_ms(
+        self, sum_len: int, sum_len_sq: int, batch: int, sum_context: float, max_context: int | None = None,
+    ) -> float:
+        """A step prefilling Σl = `sum_len`, Σl² = `sum_len_sq` prompt tokens (prefill_ms) while
+        decoding `batch` requests (decode_ms's arguments). "additive": the sum of the two steps;
+        "fused": one pass, so the smaller of the two fixed costs is not paid (the module
+        docstring). With one side empty it is the other side's step, in either form."""
+        prefill, decode = self.prefill_ms(sum_len, sum_len_sq), self.decode_ms(batch, sum_context, max_context)
+        if self.mixed_form == "additive" or not (sum_len and batch):
+            return prefill + decode
+        a_decode = (self.decode_large if batch >= self.large_batch_threshold else self.decode_small)[0]
+        return prefill + decode - min(self.prefill[0], a_decode)
 
 
 def profile_names() -> list[str]:
@@ -134,7 +160,10 @@ def _profile(name: str, raw: Any, max_num_tokens: Any, source: str) -> LatencyPr
     context = raw.get("decoding_context", "sum")
     if context not in DECODE_CONTEXTS:
         raise ValueError(f"latency profile {source}: decoding_context must be one of {DECODE_CONTEXTS}, got {context!r}")
-    return LatencyProfile(name, coeffs[0], coeffs[1], coeffs[2], threshold, max_num_tokens, kv_bytes, context)
+    mixed = raw.get("mixed_form", "fused")
+    if mixed not in MIXED_FORMS:
+        raise ValueError(f"latency profile {source}: mixed_form must be one of {MIXED_FORMS} or absent, got {mixed!r}")
+    return LatencyProfile(name, coeffs[0], coeffs[1], coeffs[2], threshold, max_num_tokens, kv_bytes, context, mixed)
 
 
 def _finite(value: Any) -> bool:

@@ -8,8 +8,9 @@ latency model (`latency.profile.LatencyProfile`, DistServe's form):
 - a prefill step takes `a + b·Σl + c·Σl²` ms for the prompts it batches (whole prompts up to
   the worker's token budget; a longer prompt runs alone);
 - a decode step takes `a + b·Σctx + c·batch` ms for its running requests;
-- a mixed (colocated) step does both, chunked prefill filling the budget left by decoding, and
-  takes the sum of the two;
+- a mixed (colocated) step does both, chunked prefill filling the budget left by decoding, in
+  one pass: the profile's `mixed_ms` (fused: the two less the smaller fixed cost a, unless the
+  profile measured the additive form to fit better);
 - a KV transfer takes `bytes / (link bandwidth · TP) + latency` (each GPU of a tensor-parallel
   group moves its own shard), transfers from one prefill instance one after another;
 - swapping a preempted request out and back costs `bytes / swap bandwidth` each way, added to

@@ -379,11 +379,10 @@ class SimWorker:
         cross = 0
         if self.role != "decode" and self.prefill_queue:
             cross = self._take_prefill(prefill_lens, self.budget - n)
-        ms = 0.0
-        if prefill_lens:
-            ms += self.profile.prefill_ms(sum(prefill_lens), sum(x * x for x in prefill_lens) + cross)
-        if n:
-            ms += self.profile.decode_ms(n, self.sum_ctx, self.max_ctx() if self.padded else None)
+        # One step, prefill chunks and decodes alike: the profile's mixed-step form (fused or
+        # additive) prices a step holding both; one holding only one is that side's own step.
+        sum_len, sum_sq = sum(prefill_lens), sum(x * x for x in prefill_lens) + cross
+        ms = self.profile.mixed_ms(sum_len, sum_sq, n, self.sum_ctx, self.max_ctx() if self.padded and n else None)
         self.step_batch = n
         if not ms and not self.extra_s:
             if self.pre_preempted:
