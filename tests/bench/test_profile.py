@@ -3,6 +3,7 @@ file `load_profile` reads back, and the errors a user can make (not a timed test
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecoserve.latency.fit import DecodeSample, PrefillSample, fit_decode, fit_prefill, fit_step_model, make_grid
+from ecoserve.latency.fit import (
+    DecodeSample, MixedSample, PrefillSample, fit_decode, fit_mixed, fit_prefill, fit_step_model, fitted_profile, make_grid,
+)
 from ecoserve.cli import main
 from ecoserve.latency.profile import load_profile
 
@@ -105,6 +108,55 @@ def test_refit_rewrites_the_fits_from_the_samples_a_profile_holds(tmp_path: Path
     assert main(["profile", "--refit", str(tmp_path / "none.json"), "--out", str(out)]) == 2
 
 
+def mixed_samples(truth: str) -> list[MixedSample]:
+    """Steps of a prompt of l tokens with k decodes over ctx keys each, timed by a known form:
+    "additive" = prefill step + decode step; "fused" = the same less min(a_p, a_d) = a_p = 12."""
+    out = []
+    for k in (1, 4, 16, 64):
+        for ctx in (64, 1024):
+            for n in (16, 256, 1024):
+                a, b, c = SMALL if k < 32 else LARGE
+                ms = PREFILL[0] + PREFILL[1] * n + PREFILL[2] * n * n + a + b * k * ctx + c * k
+                out.append(MixedSample(n, n * n, k, k * ctx, ctx, ms - (PREFILL[0] if truth == "fused" else 0.0)))
+    return out
+
+
+@pytest.mark.parametrize("truth, other", [("fused", "additive"), ("additive", "fused")])
+def test_mixed_fit_picks_the_form_that_made_the_steps(truth: str, other: str) -> None:
+    prof = fitted_profile("synthetic", fit_prefill(prefill_samples(PREFILL)), fit_decode(decode_samples()))
+    fit = fit_mixed(mixed_samples(truth), prof)
+    assert fit.form == fit.held_back_winner == truth
+    assert (fit.num_samples, fit.num_held_back) == (24, 6), "every 4th step is held back"
+    assert fit.held_back[truth].max_abs_pct < 1e-6 and fit.chosen_on[truth].max_abs_pct < 1e-6
+    assert fit.held_back[other].mean_abs_pct > 1.0, "the other form is off by the 12 ms fixed cost"
+    assert fit_mixed(mixed_samples(truth), prof) == fit, "deterministic"
+    with pytest.raises(ValueError, match=">= 4 mixed samples, got 3"):
+        fit_mixed(mixed_samples(truth)[:3], prof)
+
+
+def test_refit_chooses_the_mixed_form_and_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, out = tmp_path / "src.json", tmp_path / "refit.json"
+    samples = {"prefill": [vars(s) for s in prefill_samples(PREFILL)], "decode": [vars(s) for s in decode_samples()]}
+    # 1. An older profile, no mixed samples: no mixed_form written, and it loads as "fused".
+    src.write_text(json.dumps({"model": "m", "samples": samples}))
+    assert main(["profile", "--refit", str(src), "--out", str(out)]) == 0
+    assert "mixed_form" not in json.loads(out.read_text()) and load_profile(str(out)).mixed_form == "fused"
+    # 2. With mixed samples timed additively: the refit says so, in the keys and the summary.
+    samples["mixed"] = [vars(s) for s in mixed_samples("additive")]
+    src.write_text(json.dumps({"model": "m", "samples": samples}))
+    assert main(["profile", "--refit", str(src), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["mixed_form"] == doc["summary"]["mixed_form"] == doc["summary"]["mixed_held_back_winner"] == "additive"
+    assert doc["summary"]["mixed_additive_held_back_mean_abs_pct"] == 0.0
+    assert doc["summary"]["mixed_fused_held_back_max_abs_pct"] > 1.0
+    assert load_profile(str(out)).mixed_form == "additive"
+    assert "mixed steps: 18 choose the form, 6 held back" in capsys.readouterr().out
+    # 3. The file refits to itself.
+    again = tmp_path / "again.json"
+    assert main(["profile", "--refit", str(out), "--out", str(again)]) == 0
+    assert load_profile(str(again)) == dataclasses.replace(load_profile(str(out)), name="again")
+
+
 def test_grid_stays_within_the_budget_the_batch_and_the_pool() -> None:
     grid = make_grid(max_len=1024, max_batch=128, capacity=20_000, margin=21)
     assert [16] in grid.prefill and [1024] in grid.prefill and [16] * 64 in grid.prefill
@@ -145,8 +197,11 @@ def test_quick_profile_of_tiny_llama_loads_back(tmp_path: Path, capsys: pytest.C
         r2, err = doc["summary"][f"{name}_r2"], doc["summary"][f"{name}_max_rel_err"]
         assert math.isfinite(r2) and r2 <= 1.0 and err >= 0
     assert doc["num_samples"]["prefill"] == len(doc["samples"]["prefill"]) >= 6
+    assert doc["num_samples"]["mixed"] == len(doc["samples"]["mixed"]) == 18
+    assert doc["mixed_form"] in ("fused", "additive") and prof.mixed_form == doc["mixed_form"]
+    assert doc["summary"]["mixed_held_back_samples"] == 4
     printed = capsys.readouterr().out
-    assert "R²" in printed and f"wrote {out}" in printed
+    assert "R²" in printed and f"wrote {out}" in printed and "held back" in printed
 
 
 def test_bad_input_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ profiles), and the coordinator's TTFT split when the clock starts at 0."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -95,3 +96,57 @@ def test_prefill_steps_take_whole_prompts_or_chunks_up_to_the_budget(
         ends.append(t)
     assert r0.ttft_ms == pytest.approx(ends[0] - 1.0)
     assert r1.ttft_ms == pytest.approx(ends[-1] - 1.0)
+
+
+def test_mixed_ms_follows_the_profile_mixed_form() -> None:
+    fused = LatencyProfile("f", (100.0, 1.0, 0.0), (10.0, 0.5, 2.0), (50.0, 0.5, 2.0), 4)
+    additive = dataclasses.replace(fused, mixed_form="additive")
+    assert fused.mixed_form == "fused", "DESIGN §7: one fused pass unless measured otherwise"
+    # A 10-token prompt (110 ms alone) with 2 decodes over 20 keys (10 + 10 + 4 = 24 ms alone).
+    assert additive.mixed_ms(10, 100, 2, 20) == 134.0
+    assert fused.mixed_ms(10, 100, 2, 20) == 124.0  # the smaller fixed cost, a_d = 10, is not paid
+    # At batch 4 the large-batch fit applies: its a (50) is the smaller one, not paid.
+    assert fused.mixed_ms(10, 100, 4, 40) == additive.mixed_ms(10, 100, 4, 40) - 50.0
+    small_prefill = dataclasses.replace(fused, prefill=(5.0, 1.0, 0.0))
+    assert small_prefill.mixed_ms(10, 100, 2, 20) == 15.0 + 24.0 - 5.0  # a_p = 5 < a_d: a_d is the one paid
+    for prof in (fused, additive):  # one side empty: that side's own step, in either form
+        assert prof.mixed_ms(10, 100, 0, 0) == prof.prefill_ms(10, 100) == 110.0
+        assert prof.mixed_ms(0, 0, 2, 20) == prof.decode_ms(2, 20) == 24.0
+        assert prof.mixed_ms(0, 0, 0, 0) == 0.0
+
+
+def _mixed_run(profile: LatencyProfile) -> list:  # type: ignore[type-arg]
+    sim = Simulator(make_policy("vllm"), [InstanceSpec("mixed", profile)], HardwareConfig())
+    res = sim.run([WorkloadRequest(0.0, 16, 3), WorkloadRequest(0.105, 16, 3)])
+    sim.assert_no_leaks()
+    return res.requests
+
+
+def test_a_mixed_step_on_a_fused_profile_saves_the_smaller_fixed_cost() -> None:
+    # 1. r0 prefills 0-100 ms (first token), decodes 100-110 ms (second).
+    # 2. r1 arrived at 105 ms: the step from 110 ms prefills it and decodes r0's last token.
+    #    Additive: 100 + 10 = 110 ms; fused: one pass, 100 ms (a_d = 10 < a_p = 100 not paid).
+    # 3. r1 decodes its two more tokens alone, 10 ms each.
+    fused = FLAT
+    additive = dataclasses.replace(FLAT, mixed_form="additive")
+    (f0, f1), (a0, a1) = _mixed_run(fused), _mixed_run(additive)
+    assert (f0.e2e_ms, a0.e2e_ms) == (pytest.approx(210.0), pytest.approx(220.0))
+    assert (f1.ttft_ms, a1.ttft_ms) == (pytest.approx(105.0), pytest.approx(115.0))
+    assert a1.e2e_ms - f1.e2e_ms == pytest.approx(FLAT.decode_small[0]), "exactly one mixed step, one a_d saved"
+    # A disaggregated pair never mixes: both forms give the same timings.
+    reqs = [WorkloadRequest(0.0, 16, 3), WorkloadRequest(0.105, 16, 3)]
+    assert [r.e2e_ms for r in _run(fused, reqs)] == [r.e2e_ms for r in _run(additive, reqs)]
+
+
+def test_profile_files_say_their_mixed_form(tmp_path: Path) -> None:
+    raw = {"prefill": [1, 2, 0], "decoding_smallbs": [1, 0.5, 2], "decoding_largebs": [1, 0.5, 2],
+           "decoding_large_small_bs_threshold": 8}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(raw))
+    assert load_profile(str(path)).mixed_form == "fused"  # an older profile, nothing mixed measured
+    assert load_profile("opt-13b-tp1").mixed_form == "fused"  # DistServe's fits measured no mixed steps
+    path.write_text(json.dumps(raw | {"mixed_form": "additive"}))
+    assert load_profile(str(path)).mixed_form == "additive"
+    path.write_text(json.dumps(raw | {"mixed_form": "sum"}))
+    with pytest.raises(ValueError, match=r"mixed_form must be one of \('fused', 'additive'\) or absent, got 'sum'"):
+        load_profile(str(path))
