@@ -1,23 +1,23 @@
 """`ecoserve profile`: measure our own engine's step times and fit a latency profile in
-DistServe's form (bench/profile_fit.py fits), for the simulator and the sim engine.
+DistServe's form (latency/fit.py fits), for the simulator and the sim engine.
 
 Each sample is one `LLMEngine.step()` (schedule, prepare, forward, sample: a worker's step)
 with the KV pool, block size and torch threads a serving worker gets (`--threads` defaults to
 cores / 2: what `serve` gives each of its default 1 prefill + 1 decode workers). A prefill
 batch is whole prompts queued together and admitted in one step; a decode batch is sequences
 whose context is already in the pool, set up as a decode worker sets up a request once its KV
-has arrived. The grid (profile_fit.make_grid) runs prompts of 16 .. `--max-len` tokens alone
-and in batches of up to `--max-len` tokens, and decode batches of 1 .. `--max-batch` at three
-context lengths, uniform and spread (the torch decode path pads every sequence to the longest),
-and mixed steps: k = 1, 4, 16 .. `--max-batch` decoding requests (set up as above) and one prompt
-of 16, max-len/4 or max-len tokens queued behind them, which the engine's FCFS batcher runs in
-the same step, one forward pass, as a colocated worker does. The mixed steps fit nothing; they
-choose how the profile costs a mixed step (`mixed_form`, latency/fit.py's fit_mixed: "fused",
-one fixed cost, or "additive", a prefill step plus a decode step), on all but every 4th, and
-the table and `summary` give both forms' error on the held-back ones.
-Points are timed in `--repeats` rounds, every point once a round, so load drifting on a shared
-machine hits them alike; each keeps its median. A decode batch is set up afresh each round and
-times one step (in the first round, after an untimed one).
+has arrived. The grid (latency/fit.py's make_grid) runs prompts of 16 .. `--max-len` tokens
+alone and in batches of up to `--max-len` tokens; decode batches of 1 .. `--max-batch` at three
+context lengths, uniform and spread (the torch decode path pads every sequence to the longest);
+and mixed steps: k = 1, 4, 16 .. `--max-batch` decoding requests (set up as above) with one
+prompt of 16, max-len/4 or max-len tokens queued behind them, which the engine's FCFS batcher
+runs in the same step, one forward pass, as on a colocated worker. The mixed steps fit nothing:
+they choose how the profile costs a mixed step (`mixed_form`, fit.py's fit_mixed: "fused", one
+fixed cost, or "additive", a prefill step plus a decode step) on all but every 4th, and the
+table and `summary` give both forms' error on those held back. Points are timed in `--repeats`
+rounds, every point of the three kinds once a round, so load drifting on a shared machine hits
+them alike; each keeps its median. A decode or mixed step is set up afresh each round and timed
+once (in the first round, after an untimed one).
 
 On the CPU with one thread, steps are timed by this thread's CPU time (`--clock auto`): all of
 a step's work runs on it, so on a quiet machine it equals the wall time, and on a busy one it
@@ -265,36 +265,34 @@ class Samples(NamedTuple):
 
 
 def measure(timer: StepTimer, grid: Grid, repeats: int) -> Samples:
-    """Median step times over the grid, with a progress bar per phase."""
+    """Median step times over the grid, with one progress bar."""
     from tqdm.auto import tqdm
 
     warm = [min(MIN_LEN, grid.prefill[0][0])] * min(2, len(grid.decode[-1]))
     timer.prefill(warm)  # warm-up: thread pools, allocator, first-call paths
     timer.decode(warm, warmup=True)
-    # Rounds, every point once a round: load drifting on a shared machine hits every point alike.
+    # Rounds, every point of every phase once a round: load drifting on a shared machine hits
+    # every point alike, so the mixed steps compare fairly with the pure ones they are fitted by.
     times: list[list[float]] = [[] for _ in grid.prefill]
-    with tqdm(total=len(grid.prefill) * repeats, desc="prefill steps", unit="step") as bar:
-        for _ in range(repeats):
+    steps: list[list[DecodeSample]] = [[] for _ in grid.decode]
+    mixed_steps: list[list[MixedSample]] = [[] for _ in grid.mixed]
+    total = (len(grid.prefill) + len(grid.decode) + len(grid.mixed)) * repeats
+    with tqdm(total=total, desc="steps (prefill, decode, mixed)", unit="step") as bar:
+        for r in range(repeats):
             for i, lens in enumerate(grid.prefill):
                 times[i].append(timer.prefill(lens))
+                bar.update()
+            for i, ctxs in enumerate(grid.decode):
+                steps[i].append(timer.decode(ctxs, warmup=r == 0))  # a new shape's first step is untimed
+                bar.update()
+            for i, point in enumerate(grid.mixed):
+                mixed_steps[i].append(timer.mixed(point, warmup=r == 0))
                 bar.update()
     prefill = [
         PrefillSample(len(lens), sum(lens), sum(n * n for n in lens), float(np.median(t)))
         for lens, t in zip(grid.prefill, times)
     ]
-    steps: list[list[DecodeSample]] = [[] for _ in grid.decode]
-    with tqdm(total=len(grid.decode) * repeats, desc="decode steps", unit="step") as bar:
-        for r in range(repeats):
-            for i, ctxs in enumerate(grid.decode):
-                steps[i].append(timer.decode(ctxs, warmup=r == 0))  # a new shape's first step is untimed
-                bar.update()
     decode = [sorted(st, key=lambda x: x.ms)[len(st) // 2] for st in steps]  # the median step, with its Σctx
-    mixed_steps: list[list[MixedSample]] = [[] for _ in grid.mixed]
-    with tqdm(total=len(grid.mixed) * repeats, desc="mixed steps", unit="step") as bar:
-        for r in range(repeats):
-            for i, point in enumerate(grid.mixed):
-                mixed_steps[i].append(timer.mixed(point, warmup=r == 0))
-                bar.update()
     mixed = [sorted(st, key=lambda x: x.ms)[len(st) // 2] for st in mixed_steps]
     return Samples(prefill, decode, mixed)
 
