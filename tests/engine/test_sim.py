@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -74,9 +75,13 @@ def test_step_time_follows_the_profile() -> None:
     a, b, c = prof.decode_large
     n = prof.large_batch_threshold
     assert step_time_ms(prof, [], large) == pytest.approx(a + b * 21 * n + c * n)
-    # A mixed step costs both parts.
+    # A mixed step is one fused pass (DistServe's fits measured none): both parts less the
+    # smaller fixed cost; a profile that measured the additive form pays both.
     both = step_time_ms(prof, prefills, small)
-    assert both == pytest.approx(step_time_ms(prof, prefills, []) + step_time_ms(prof, [], small))
+    alone = step_time_ms(prof, prefills, []) + step_time_ms(prof, [], small)
+    assert prof.mixed_form == "fused" and both == pytest.approx(alone - min(prof.prefill[0], prof.decode_small[0]))
+    additive = dataclasses.replace(prof, mixed_form="additive")
+    assert step_time_ms(additive, prefills, small) == pytest.approx(alone)
     assert step_time_ms(prof, [], []) == 0.0
 
 
