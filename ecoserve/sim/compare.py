@@ -86,6 +86,8 @@ def _sim_shape(args: Any) -> ClusterShape:
 def _setup(args: Any, options: dict[str, Any]) -> tuple[Path, Search, list[str], list[int]]:
     """The output folder (made), the search both comparisons run, the policy specs, the seeds."""
     policies, seeds = parse_policies(args.policies), seed_list(args.seed, args.seeds)
+    for pol in policies:
+        spec_policy(pol)  # an option the policy refuses fails now, before any search
     search = Search(args.profile, args.workload, SLO(args.slo_ttft_ms, args.slo_tpot_ms), args.num_requests,
                     args.min_duration_s, seeds[0], hw=hardware(args.link_gbps), policy_options=options)
     out = Path(args.out)

@@ -21,7 +21,7 @@ from ecoserve.config import ClusterShape
 from ecoserve.data.synthetic import with_arrivals
 from ecoserve.data.workload import WorkloadRequest
 from ecoserve.sim.compare import best_layout, gpu_row, sweep
-from ecoserve.sim.experiment import SLO, Layout, Search, goodput, hardware, layouts, min_gpus, model_tps
+from ecoserve.sim.experiment import SLO, Layout, Search, goodput, hardware, layouts, min_gpus, model_tps, spec_policy
 from ecoserve.sim.specs import Spread, parse_policies, policy_label, seed_list, settings_line, settings_row, spread
 from ecoserve.sim.workloads import MAX_TOTAL_LEN
 
@@ -66,6 +66,8 @@ def run_results(args: Any) -> int:
     seeds = [args.seed] if quick else seed_list(args.seed, args.seeds)
     hw = hardware(args.link_gbps)
     vllm_policies = parse_policies(args.vllm_policies)
+    for pol in vllm_policies:
+        spec_policy(pol)  # an option the policy refuses fails now, not after an hour of searches
     rel_tol = 0.1 if quick else 0.05
     settings = SETTINGS[:2] if quick else SETTINGS
     data: dict[str, Any] = {
