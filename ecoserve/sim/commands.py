@@ -17,8 +17,7 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="ecoserve", metavar="SPEC",
                    help="ecoserve, distserve, vllm or orca, with make_policy options as name:option (vllm:prefill-priority)")
     for role in ("prefill", "decode", "mixed"):
-        p.add_argument(f"--{role}", type=int, default=None,
-                       help=f"{role} instances (a layout the policy cannot run is refused; none given: 1P:1D or 1 mixed)")
+        p.add_argument(f"--{role}", type=int, default=None, help=f"{role} instances")
         p.add_argument(f"--tp-{role}", type=int, default=1, help=f"tensor-parallel degree of each {role} instance")
     p.add_argument("--rate", type=float, default=None, help="Poisson rate (req/s); Azure traces: their own times if absent")
     p.add_argument("--num-requests", type=int, default=1000)
@@ -48,10 +47,10 @@ def add_results_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vllm-gpus", type=int, default=4)
     p.add_argument("--vllm-policies", default="ecoserve,distserve,vllm,vllm:prefill-priority,orca", help=POLICIES_HELP)
     p.add_argument("--predictors", default="oracle,histogram,learned")
-    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--seed", type=int, default=0)
     _add_seed_count(p)
     _add_link(p)
-    p.add_argument("--quick", action="store_true", help="a small smoke version (tests): 1 seed, 150 requests, 15 s")
+    p.add_argument("--quick", action="store_true", help="a small smoke version (tests)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -86,7 +85,7 @@ def _add_common(p: argparse.ArgumentParser, profile_flag: str) -> None:
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
     p.add_argument("--predictor", default=None, help="ecoserve's length predictor (default: oracle in the simulator)")
     p.add_argument("--policy-option", action="append", default=[], metavar="K=V", help="an ecoserve policy option")
-    p.add_argument("--seed", type=int, default=0, help="the (first) seed")
+    p.add_argument("--seed", type=int, default=0)
     _add_link(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
