@@ -114,7 +114,7 @@ def run_results(args: Any) -> int:
         search = Search(s.model, s.workload, s.slo, n, dur, seeds[0], hw=hw, policy_options=opts)
         g = spread([goodput(search.with_seed(sd), abl_layout, rel_tol=rel_tol)[0] for sd in seeds])
         m = search.attainment(abl_layout, g.mean) if 0 < g.mean < math.inf else None
-        data["ablations"][name] = {"goodput": g.row(), "metrics": m.row() if m else None}
+        data["ablations"][name] = {"layout": abl_layout.shape.label, "goodput": g.row(), "metrics": m.row() if m else None}
     data["ablations_layout"] = abl_layout.row()
     bar.update(1)
 
@@ -126,10 +126,10 @@ def run_results(args: Any) -> int:
         try:
             g = spread([goodput(tsearch.with_seed(sd), abl_layout, rel_tol=rel_tol)[0] for sd in seeds])
         except ValueError as exc:  # e.g. a predictor that needs prompt text the length files lack
-            data["predictors"][pred] = {"error": str(exc)}
+            data["predictors"][pred] = {"layout": abl_layout.shape.label, "error": str(exc)}
             continue
         m = tsearch.attainment(abl_layout, g.mean * 0.9 if 0 < g.mean < math.inf else 1.0)
-        data["predictors"][pred] = {"goodput": g.row(), "metrics": m.row()}
+        data["predictors"][pred] = {"layout": abl_layout.shape.label, "goodput": g.row(), "metrics": m.row()}
     bar.update(1)
     bar.close()
 
