@@ -196,3 +196,29 @@ def check_cluster(policy: Policy, roles: set[str]) -> None:
             f"policy {policy.name!r} needs {options} workers; this cluster has {sorted(roles) or 'none'}"
             + (" (start it with --mixed K)" if frozenset({"mixed"}) in policy.needs_roles else "")
         )
+
+
+def layout_kinds(policy: Policy) -> list[frozenset[str]]:
+    """The role sets a simulated or searched layout of this policy may have: exactly one of
+    `needs_roles` (an instance of another role would be idle GPUs under a misleading label)."""
+    return list(policy.needs_roles)
+
+
+def check_layout(policy: Policy, counts: dict[str, int]) -> None:
+    """Refuse a layout (instances per role) whose roles are not exactly one of the policy's kinds,
+    naming the kinds it accepts and the flags that ask for them."""
+    roles = frozenset(r for r, n in counts.items() if n > 0)
+    if roles in layout_kinds(policy):
+        return
+    asked = ", ".join(f"{n} {r}" for r, n in counts.items() if n > 0) or "no instances"
+    raise ValueError(f"policy {policy.name!r} cannot run a layout of {asked} instances; it accepts {describe_kinds(policy)}")
+
+
+def describe_kinds(policy: Policy) -> str:
+    """`prefill+decode instances (--prefill N --decode N) or mixed instances (--mixed N)`."""
+    order = ("prefill", "decode", "mixed")
+    parts = []
+    for kind in layout_kinds(policy):
+        roles = sorted(kind, key=order.index)
+        parts.append(f"{'+'.join(roles)} instances ({' '.join(f'--{r} N' for r in roles)})")
+    return " or ".join(parts)

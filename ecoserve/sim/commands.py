@@ -9,9 +9,13 @@ from typing import Any
 from ecoserve.config import parse_option
 
 
+POLICIES_HELP = "comma-separated policy specs, name[:option]: ecoserve, distserve, vllm, vllm:prefill-priority, orca"
+
+
 def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     _add_common(p, "--model")
-    p.add_argument("--policy", default="ecoserve", choices=["ecoserve", "distserve", "vllm", "orca"])
+    p.add_argument("--policy", default="ecoserve", metavar="SPEC",
+                   help="ecoserve, distserve, vllm or orca, with make_policy options as name:option (vllm:prefill-priority)")
     for role in ("prefill", "decode", "mixed"):
         p.add_argument(f"--{role}", type=int, default=None, help=f"{role} instances")
         p.add_argument(f"--tp-{role}", type=int, default=1, help=f"tensor-parallel degree of each {role} instance")
@@ -24,25 +28,28 @@ def add_compare_distserve_arguments(p: argparse.ArgumentParser) -> None:
     _add_compare_common(p)
     p.add_argument("--rate", type=float, required=True, help="the target request rate (req/s)")
     p.add_argument("--max-gpus", type=int, default=32)
-    p.add_argument("--policies", default="ecoserve,distserve")
+    p.add_argument("--policies", default="ecoserve,distserve", help=POLICIES_HELP)
 
 
 def add_compare_vllm_arguments(p: argparse.ArgumentParser) -> None:
     _add_compare_common(p)
     p.add_argument("--gpus", type=int, default=4)
-    p.add_argument("--policies", default="ecoserve,vllm,orca,distserve")
+    p.add_argument("--policies", default="ecoserve,vllm,vllm:prefill-priority,orca,distserve", help=POLICIES_HELP)
     p.add_argument("--points", type=int, default=6, help="rates in the sweep")
     p.add_argument("--rel-tol", type=float, default=0.05)
 
 
 def add_results_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="docs/results.md")
-    p.add_argument("--num-requests", type=int, default=300, help="requests per simulated run (at least)")
-    p.add_argument("--min-duration-s", type=float, default=45.0, help="arrivals span at least this long")
+    p.add_argument("--num-requests", type=int, default=1000, help="requests per simulated run (at least)")
+    p.add_argument("--min-duration-s", type=float, default=120.0, help="arrivals span at least this long")
     p.add_argument("--max-gpus", type=int, default=16)
     p.add_argument("--vllm-gpus", type=int, default=4)
+    p.add_argument("--vllm-policies", default="ecoserve,distserve,vllm,vllm:prefill-priority,orca", help=POLICIES_HELP)
     p.add_argument("--predictors", default="oracle,histogram,learned")
     p.add_argument("--seed", type=int, default=0)
+    _add_seed_count(p)
+    _add_link(p)
     p.add_argument("--quick", action="store_true", help="a small smoke version (tests)")
     p.add_argument("--quiet", action="store_true")
 
@@ -52,6 +59,19 @@ def _add_compare_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=1000, help="requests per simulated run (at least)")
     p.add_argument("--min-duration-s", type=float, default=120.0, help="arrivals span at least this long")
     p.add_argument("--out", required=True, metavar="DIR")
+    _add_seed_count(p)
+
+
+def _add_seed_count(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds, from --seed: each search and sweep runs "
+                   "once per seed; tables give mean (min-max)")
+
+
+def _add_link(p: argparse.ArgumentParser) -> None:
+    from ecoserve.sim.instance import HardwareConfig
+
+    p.add_argument("--link-gbps", type=float, default=HardwareConfig().link_bytes_per_s / 1e9, metavar="GB_S",
+                   help="KV transfer link, GB/s (gigabytes) per GPU, prefill -> decode")
 
 
 def _add_common(p: argparse.ArgumentParser, profile_flag: str) -> None:
@@ -66,6 +86,7 @@ def _add_common(p: argparse.ArgumentParser, profile_flag: str) -> None:
     p.add_argument("--predictor", default=None, help="ecoserve's length predictor (default: oracle in the simulator)")
     p.add_argument("--policy-option", action="append", default=[], metavar="K=V", help="an ecoserve policy option")
     p.add_argument("--seed", type=int, default=0)
+    _add_link(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

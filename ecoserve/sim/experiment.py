@@ -6,9 +6,9 @@ does not); goodput is the highest Poisson rate at which attainment stays >= `goa
 found by doubling then bisection to `rel_tol`; the GPU count for a target rate is the fewest
 GPUs over the layouts searched whose attainment at that rate is >= `goal`.
 
-Layouts (a policy on a `ClusterShape`): disaggregated policies (`ecoserve`, `distserve`) over
-(prefill instances × TP, decode instances × TP); colocated ones (`vllm`, `orca`) over replicas ×
-TP of mixed workers.
+Layouts (a policy spec on a `ClusterShape`, see `specs.py`): every layout a policy accepts, as
+its `needs_roles` says (DESIGN §4.2): prefill+decode instances × TP, and/or replicas × TP of
+mixed workers (`distserve` takes both). A layout a policy refuses is never run.
 Every policy uses the same latency profile family, workload and SLOs.
 """
 
@@ -17,25 +17,33 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 from ecoserve.config import ROLES, ClusterShape
 from ecoserve.coordinator.policies import make_policy
+from ecoserve.coordinator.policy import Policy, check_layout, layout_kinds
 from ecoserve.data.workload import WorkloadRequest
 from ecoserve.latency.cost import CostModel
 from ecoserve.latency.profile import LatencyProfile, load_profile, profile_names
 from ecoserve.params import SLO
 from ecoserve.sim.simulator import HardwareConfig, InstanceSpec, SimResult, Simulator, kv_bytes_per_token
+from ecoserve.sim.specs import parse_policy
 from ecoserve.sim.workloads import make_workload
 
-DISAGGREGATED = ("ecoserve", "distserve")
-COLOCATED = ("vllm", "orca")
-POLICY_NAMES = DISAGGREGATED + COLOCATED
+POLICY_NAMES = ("ecoserve", "distserve", "vllm", "orca")
+LINK_GBPS = HardwareConfig().link_bytes_per_s / 1e9  # the default KV link, GB/s per GPU
+
+
+def hardware(link_gbps: float = LINK_GBPS) -> HardwareConfig:
+    """The simulated hardware with a KV link of `link_gbps` GB/s (gigabytes) per GPU."""
+    if not (link_gbps > 0 and math.isfinite(link_gbps)):
+        raise ValueError(f"--link-gbps (the KV link, GB/s per GPU) must be a number > 0, got {link_gbps}")
+    return HardwareConfig(link_bytes_per_s=link_gbps * 1e9)
 
 @dataclass(frozen=True)
 class Layout:
-    """A policy on a cluster shape."""
+    """A policy spec (`vllm`, `vllm:prefill-priority`) on a cluster shape."""
 
     policy: str
     shape: ClusterShape
@@ -82,16 +90,29 @@ def instances(layout: Layout, model: str) -> list[InstanceSpec]:
     return out
 
 
+def spec_policy(spec: str) -> Policy:
+    """The policy of a spec, with the spec's options only (what it accepts, its name)."""
+    p = parse_policy(spec)
+    return make_policy(p.name, **dict(p.options))
+
+
+def check(layout: Layout) -> None:
+    """Refuse a layout its policy does not accept (its `needs_roles`), naming those it does."""
+    check_layout(spec_policy(layout.policy), {role: layout.shape.count(role) for role in ROLES})
+
+
 def build_policy(layout: Layout, model: str, slo: SLO, hw: HardwareConfig, options: dict[str, Any] | None = None) -> Any:
-    opts = dict(options or {})
-    if layout.policy == "ecoserve":
+    """The layout's policy: the spec's options, then `options`, then the simulator's defaults for ecoserve."""
+    spec = parse_policy(layout.policy)
+    opts = {**dict(spec.options), **(options or {})}
+    if spec.name == "ecoserve":
         prof = profile_for(model, layout.shape.tp_decode)
         opts.setdefault("predictor", "oracle")
         opts.setdefault("slo_tpot_ms", slo.tpot_ms)
         opts.setdefault("costs", CostModel.from_profile(
             prof, hw.kv_bytes_per_token or kv_bytes_per_token(prof), hw.swap_bytes_per_s * layout.shape.tp_decode,
         ))
-    return make_policy(layout.policy, **opts)
+    return make_policy(spec.name, **opts)
 
 
 @dataclass
@@ -145,6 +166,7 @@ def simulate(
     import time
 
     hw = hw or HardwareConfig()
+    check(layout)
     sim = Simulator(build_policy(layout, model, slo, hw, policy_options), instances(layout, model), hw)
     allowance = None if goal is None else int(math.floor((1 - goal) * len(workload)))
     t0 = time.perf_counter()
@@ -188,7 +210,7 @@ class Search:
     seed: int = 0
     goal: float = 0.9
     hw: HardwareConfig = field(default_factory=HardwareConfig)
-    policy_options: dict[str, Any] = field(default_factory=dict)
+    policy_options: dict[str, Any] = field(default_factory=dict)  # ecoserve's knobs (other policies take none)
 
     def requests(self, rate: float) -> list[WorkloadRequest]:
         n = max(self.num_requests, math.ceil(rate * self.min_duration_s))
@@ -198,10 +220,16 @@ class Search:
         """The prompts' token ids, for workloads that have them (none of the named ones)."""
         return None
 
+    def with_seed(self, seed: int) -> Search:
+        return replace(self, seed=seed)
+
+    def options_for(self, layout: Layout) -> dict[str, Any]:
+        """`policy_options` are ecoserve's knobs: the other policies run without them."""
+        return self.policy_options if parse_policy(layout.policy).name == "ecoserve" else {}
+
     def attainment(self, layout: Layout, rate: float) -> RunMetrics:
-        opts = self.policy_options if layout.policy == "ecoserve" else {}
         reqs = self.requests(rate)
-        m, _, _ = simulate(layout, self.model, reqs, self.slo, self.hw, opts, goal=self.goal,
+        m, _, _ = simulate(layout, self.model, reqs, self.slo, self.hw, self.options_for(layout), goal=self.goal,
                            prompt_tokens=self.prompts(len(reqs)))
         m.rate = rate
         return m
@@ -238,18 +266,17 @@ def goodput(search: Search, layout: Layout, rel_tol: float = 0.05, start: float 
 
 
 def layouts(policy: str, model: str, max_gpus: int, max_instances: int = 16) -> Iterator[Layout]:
-    """Every layout of `policy` up to `max_gpus`, fewest GPUs first."""
+    """Every layout `policy` (a spec) accepts up to `max_gpus`, of every kind its `needs_roles`
+    names (prefill+decode, mixed replicas), fewest GPUs first."""
     tps = model_tps(model)
     found: list[Layout] = []
-    if policy in COLOCATED:
-        for tp in tps:
-            for n in range(1, max_instances + 1):
-                found.append(Layout(policy, ClusterShape(mixed=n, tp_mixed=tp)))
-    else:
-        for tp_p, tp_d in itertools.product(tps, tps):
-            for p_, d in itertools.product(range(1, max_instances + 1), repeat=2):
-                found.append(Layout(policy, ClusterShape(prefill=p_, tp_prefill=tp_p, decode=d, tp_decode=tp_d)))
-    found = [x for x in found if x.shape.gpus <= max_gpus]
+    for kind in layout_kinds(spec_policy(policy)):
+        roles = [r for r in ROLES if r in kind]
+        per_role = [[(r, n, tp) for n in range(1, max_instances + 1) for tp in tps] for r in roles]
+        for combo in itertools.product(*per_role):
+            shape = ClusterShape(**{k: v for r, n, tp in combo for k, v in ((r, n), (f"tp_{r}", tp))})
+            if shape.gpus <= max_gpus:
+                found.append(Layout(policy, shape))
     found.sort(key=lambda x: (x.shape.gpus, x.shape.num_instances, x.shape.label))
     yield from found
 
@@ -278,6 +305,10 @@ def min_gpus(search: Search, policy: str, rate: float, max_gpus: int = 64,
 
 
 def _dominates(failed: Layout, candidate: Layout) -> bool:
-    """`candidate` has no more of anything than `failed` (same TPs): it fails too."""
+    """`candidate` is of the same kind (roles) and TPs as `failed`, with no more of anything: it
+    fails too. Layouts of different kinds (mixed, P:D) never dominate one another."""
     f, c = failed.shape, candidate.shape
-    return all(c.tp(role) == f.tp(role) and c.count(role) <= f.count(role) for role in ROLES)
+    used = [r for r in ROLES if f.count(r)]
+    if used != [r for r in ROLES if c.count(r)]:
+        return False
+    return all(c.tp(role) == f.tp(role) and c.count(role) <= f.count(role) for role in used)
