@@ -98,7 +98,8 @@ class Simulator:
                  context_len: int = MAX_TOTAL_LEN) -> None:
         """`max_tokens` is the cap each simulated client sends: "context" (the default) the
         context left after its prompt, `context_len - prompt` (`context_len`: OPT's 2,048, the
-        length every bundled workload is cut to); a whole number, that cap for every request;
+        length every bundled workload is cut to; less where the smallest decode or mixed pool
+        holds fewer tokens, as the live front door refuses more); a whole number, that cap for every request;
         "trace" the request's own trace length (what a fidelity run's live client sends with
         ignore_eos, and how the simulator ran before caps: every policy then knows each length).
         Outputs run to their trace length, clipped to the cap."""
@@ -134,6 +135,9 @@ class Simulator:
             )
             self.registry.last_seen[rank] = math.inf
         self.views = self.registry.views
+        # What the live front door accepts (HelloReply.max_request_tokens): the context, and a whole
+        # request within the smallest decode or mixed pool (deployments size pools over the context).
+        self.max_request_tokens = min(self.context_len, self.registry.min_request_pool() * self.hw.block_size)
         self.lifecycle = SimLifecycle(
             policy, self.registry, NullCodec(), self._to_client, self._to_worker, CoordinatorConfig(),  # type: ignore[arg-type]
             clock=lambda: self.now,
@@ -298,7 +302,7 @@ class Simulator:
         if self.max_tokens == "trace":
             return output_len
         if self.max_tokens == "context":
-            return max(1, self.context_len - prompt_len)
+            return max(1, self.max_request_tokens - prompt_len)
         assert isinstance(self.max_tokens, int)
         return self.max_tokens
 

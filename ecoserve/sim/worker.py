@@ -220,6 +220,8 @@ class SimWorker:
         seq.mode = mode
         self.parked[rid] = seq
         self.sim.to_coordinator(p.Preempted(self.rank, rid, mode, self.free))
+        if self.to_receive:  # the room it freed may be what a posted receive waits for
+            self._post_receives()
 
     def _abort(self, rid: str) -> None:
         self.prefill_queue = deque(e for e in self.prefill_queue if e[0].request_id != rid or self._free_entry(e))
@@ -241,6 +243,8 @@ class SimWorker:
             self.host_free += seq.host_blocks
             seq.blocks = seq.host_blocks = 0
         self.sim.to_coordinator(p.Released(self.rank, rid))
+        if self.to_receive:
+            self._post_receives()
 
     def _free_entry(self, entry: list[Any]) -> bool:
         if entry[2]:
