@@ -164,6 +164,9 @@ class Policy(Protocol):
     # Its length predictor (None: it predicts nothing). The lifecycle binds true lengths to it
     # when it is an oracle; the policy itself never sees one.
     predictor: Predictor | None
+    # The schedule its mixed workers run: "chunked" (prompt chunks fill each step's token budget
+    # beside the decodes) or "prefill-priority" (while prompts wait, whole prompts and no decodes).
+    mixed_schedule: str
 
     def new_queue(self) -> FIFOQueue: ...
 
@@ -182,6 +185,7 @@ class BasePolicy:
     extend_ahead = 0
     start_delay = 32
     predictor: Predictor | None = None
+    mixed_schedule = "chunked"
 
     def new_queue(self) -> FIFOQueue:
         return FIFOQueue()

@@ -111,6 +111,7 @@ class Simulator:
         self.max_tokens, self.context_len = max_tokens, context_len
         self.outputs_clipped = 0  # trace outputs longer than their cap, cut to it
         self.hw = hw or HardwareConfig()
+        self.mixed_schedule = policy.mixed_schedule  # what the policy's mixed workers run (SimWorker)
         self.now = 0.0
         self.events: list[tuple[float, int, int, Any]] = []  # (time, tie, kind, payload)
         self.ties = itertools.count()

@@ -60,7 +60,11 @@ class SimWorker:
         self.sim, self.rank, self.role, self.tp = sim, rank, spec.role, spec.tp
         self.profile = spec.profile
         self.block_size = hw.block_size
-        self.budget = hw.mixed_token_budget if spec.role == "mixed" else hw.prefill_token_budget
+        # A mixed worker of a prefill-priority policy (vllm's mode) runs whole prompts, no decodes,
+        # while prompts wait: its steps are prefill steps, under the prefill budget.
+        self.prefill_first = spec.role == "mixed" and sim.mixed_schedule == "prefill-priority"
+        mixed_budget = spec.role == "mixed" and not self.prefill_first
+        self.budget = hw.mixed_token_budget if mixed_budget else hw.prefill_token_budget
         self.num_blocks = self.free = num_blocks
         self.host_total = self.host_free = int(hw.host_blocks_factor * num_blocks)
         self.kv_bytes_per_token = kv_bytes_per_token
@@ -375,13 +379,18 @@ class SimWorker:
         prefill_lens: list[int] = []
         self.pre_preempted = []
         decode = self.role != "prefill"
+        if self.prefill_first and self.prefill_queue:
+            # Prefill-priority: whole prompts up to the budget, and the decodes wait for a step
+            # without them; only when no waiting prompt fits (no room for its KV) do they run.
+            self._take_prefill(prefill_lens, self.budget, whole=True)
+            decode = not prefill_lens
         if decode and (self.arrived or self.to_resume or self.local_waiting):
             # Joining requests get room for the token this step writes (growth of those already
             # running was made at the end of the previous step).
             self._rejoin(prefill_lens, self.pre_preempted)
         n = len(self.running) if decode else 0
         cross = 0
-        if self.role != "decode" and self.prefill_queue:
+        if self.role != "decode" and self.prefill_queue and not self.prefill_first:
             cross = self._take_prefill(prefill_lens, self.budget - n)
         ms = 0.0
         if prefill_lens:
@@ -398,8 +407,8 @@ class SimWorker:
         self.busy_s += seconds
         return seconds
 
-    def _take_prefill(self, lens: list[int], budget: int) -> int:
-        """Queued prompts (or chunks) into `lens` up to `budget` tokens. Returns Σ n·s over the
+    def _take_prefill(self, lens: list[int], budget: int, whole: bool = False) -> int:
+        """Queued prompts (or chunks; `whole`: never chunked) into `lens` up to `budget` tokens. Returns Σ n·s over the
         chunks of n tokens that continue a prompt after s done ones: their queries attend to
         those s keys too, so the step's Σl² term is Σn² + Σn·s (as engine/sim.py costs it)."""
         mixed = self.role == "mixed"
@@ -412,7 +421,7 @@ class SimWorker:
                 if not self._take(n):
                     return cross  # no room for its KV yet
                 entry[2] = n
-            if self.chunked:  # chunked prefill under the budget (left by decoding, on a mixed worker)
+            if self.chunked and not whole:  # chunked prefill under the budget (left by decoding, on a mixed worker)
                 if budget <= 0:
                     return cross
                 chunk = min(left, budget)
