@@ -97,14 +97,22 @@ class CacheConfig:
             )
 
 
+SCHEDULES = ("chunked", "prefill-priority")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Local batching limits: sequences per step and tokens per step (the chunked-prefill budget)."""
+    """Local batching limits: sequences per step and tokens per step (the chunked-prefill budget),
+    and the schedule: "chunked" (decodes, then prompt chunks filling the budget) or
+    "prefill-priority" (while prompts wait, whole prompts and no decodes: vllm's other mode)."""
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 1024
+    schedule: str = "chunked"
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

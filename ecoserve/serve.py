@@ -128,7 +128,14 @@ def _count(value: int | None, default: int) -> int:
 
 
 def engine_and_coordinator(args: argparse.Namespace) -> tuple[EngineConfig, CoordinatorConfig]:
-    """The EngineConfig every worker gets and the CoordinatorConfig, from serve/launch options."""
+    """The EngineConfig every worker gets and the CoordinatorConfig, from serve/launch options.
+    The workers' local schedule is the policy's (`--policy vllm --policy-option
+    mode=prefill-priority`: mixed workers run whole prompts first; prefill and decode workers
+    see no difference)."""
+    from ecoserve.coordinator.policies import make_policy
+
+    options = policy_options(args)
+    schedule = make_policy(args.policy, **options).mixed_schedule  # bad options refused here, before anything starts
     if args.model is None:  # the sim engine reads only a vocabulary and a tokenizer: the tiny model's
         args.model = "tiny-llama" if args.engine == "sim" else "smollm2-135m"
     engine = EngineConfig(
@@ -140,10 +147,11 @@ def engine_and_coordinator(args: argparse.Namespace) -> tuple[EngineConfig, Coor
             block_size=args.block_size, num_blocks=args.num_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
             kv_cache_gib=args.kv_cache_gib, num_host_blocks=args.num_host_blocks,
         ),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  schedule=schedule),
     )
     coord = CoordinatorConfig(
-        host=args.host, port=args.port, policy=args.policy, policy_options=policy_options(args),
+        host=args.host, port=args.port, policy=args.policy, policy_options=options,
         heartbeat_timeout_s=args.heartbeat_timeout,
         transfer_deadline_s=args.transfer_deadline, drain_timeout_s=args.drain_timeout, max_retries=args.max_retries,
     )

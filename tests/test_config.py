@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+
 import pytest
 
-from ecoserve.config import CacheConfig, ClusterShape, CoordinatorConfig, EngineConfig, ModelConfig, WorkerConfig
+from ecoserve.config import (
+    CacheConfig, ClusterShape, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig, WorkerConfig,
+)
 from ecoserve.engine.llm_engine import LLMEngine
 from ecoserve.launcher import ClusterSpec, worker_config_from_json, worker_config_to_json
 
@@ -24,6 +29,7 @@ from ecoserve.launcher import ClusterSpec, worker_config_from_json, worker_confi
         (lambda: ClusterShape(decode=2, tp_decode=0), "tp_decode .* must be an integer >= 1"),
         (lambda: ClusterShape(mixed=1.5), "the number of mixed instances must be an integer >= 0"),  # type: ignore[arg-type]
         (lambda: ClusterShape(1, 1, 1, 1).tp("router"), "role must be one of"),
+        (lambda: SchedulerConfig(schedule="eager"), "unknown schedule 'eager'; choose one of chunked, prefill-priority"),
     ],
 )
 def test_bad_values_are_refused(build, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -40,9 +46,25 @@ def test_gpu_memory_fraction_is_refused_on_cpu() -> None:
 def test_worker_config_round_trips_through_json() -> None:
     config = WorkerConfig(
         3, 4, "mixed", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2",
-        EngineConfig(model=ModelConfig(model="tiny-llama", max_model_len=512), cache=CacheConfig(num_blocks=7)), secret="k",
+        EngineConfig(model=ModelConfig(model="tiny-llama", max_model_len=512), cache=CacheConfig(num_blocks=7),
+                     scheduler=SchedulerConfig(schedule="prefill-priority")), secret="k",
     )
     assert worker_config_from_json(worker_config_to_json(config)) == config
+
+
+@pytest.mark.parametrize(("options", "schedule"), [
+    ([], "chunked"), (["--policy-option", "mode=chunked"], "chunked"),
+    (["--policy-option", "mode=prefill-priority"], "prefill-priority"),
+])
+def test_workers_run_the_vllm_policys_schedule(options: list[str], schedule: str) -> None:
+    from ecoserve.serve import add_arguments, engine_and_coordinator
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    engine, coord = engine_and_coordinator(p.parse_args(["--policy", "vllm", "--mixed", "1", *options]))
+    assert engine.scheduler.schedule == schedule
+    assert LLMEngine(dataclasses.replace(engine, model=ModelConfig(model="tiny-llama", engine="sim"))).scheduler.prefill_priority == (
+        schedule == "prefill-priority")
 
 
 def test_cluster_shape_counts_gpus_ranks_and_labels() -> None:

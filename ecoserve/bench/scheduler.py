@@ -163,11 +163,10 @@ class _Prompts:
         return ids
 
 
-def _request(rid: str, prompt: list[int], true_len: int, max_tokens: int, arrival: float) -> Request:
+def _request(rid: str, prompt: list[int], max_tokens: int, arrival: float) -> Request:
     return Request(
         request_id=rid, client=b"bench", client_request_id=rid, prompt_token_ids=prompt,
         params=SamplingParams(max_tokens=max_tokens, temperature=0.0), stream=False, arrival=arrival,
-        true_length=true_len,
     )
 
 
@@ -197,14 +196,15 @@ def build_scenario(
     shared = _Prompts()
     now = time.monotonic()
     running = [
-        _request(f"run-{i}", shared(int(prompts[i])), int(outputs[i]), max_tokens, now - 60.0 + i * 1e-3)
-        for i in range(num_running)
+        _request(f"run-{i}", shared(int(prompts[i])), max_tokens, now - 60.0 + i * 1e-3) for i in range(num_running)
     ]
     queued = [
-        _request(f"q-{i}", shared(int(prompts[num_running + i])), int(outputs[num_running + i]), max_tokens,
-                 now - 1.0 + i * 1e-6)
+        _request(f"q-{i}", shared(int(prompts[num_running + i])), max_tokens, now - 1.0 + i * 1e-6)
         for i in range(num_queued)
     ]
+    true_lengths = {r.request_id: int(n) for r, n in zip(running + queued, outputs)}
+    if policy.predictor is not None and policy.predictor.oracle:
+        policy.predictor.bind(true_lengths.get)  # as the simulator's lifecycle would
     for req in running + queued:
         policy.on_admit(req)  # the predicted bucket (the baselines never look at it)
     ecoserve_queue, fifo_queue = policy.new_queue(), FIFOQueue()
@@ -241,7 +241,7 @@ def build_scenario(
     for k, (horizon, members) in enumerate(cohorts):
         rank = decode_ranks[k % len(decode_ranks)]
         # Partway through: below every member's true length (none finished) and not near the horizon.
-        limit = min(min(r.true_length or 1 for r in members), horizon - ahead)
+        limit = min(min(true_lengths[r.request_id] for r in members), horizon - ahead)
         produced = int(rng.integers(0, max(1, limit)))
         start = NOW_STEP - produced
         ledger.add(rank, c.block_size, horizon, [(r.request_id, r.num_prompt_tokens) for r in members],
@@ -389,8 +389,9 @@ def run_benchmark(
 def _warm_histogram(policy: Policy, lengths: str, max_tokens: int, seed: int) -> None:
     rng = np.random.default_rng([seed, 7])
     prompts, outputs = _lengths(lengths, 2000, max_tokens, rng)
+    assert policy.predictor is not None
     for p, o in zip(prompts, outputs):
-        policy.predictor.observe(int(p), int(o))  # type: ignore[attr-defined]
+        policy.predictor.observe(int(p), int(o))
 
 
 # --- the command --------------------------------------------------------------------------------

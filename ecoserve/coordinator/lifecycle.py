@@ -75,6 +75,9 @@ class Lifecycle:
         self.schedule_us = Reservoir()  # one policy.schedule() call
         self.events = WorkerEvents(self)  # worker news folded in
         self.recovery = Recovery(self)  # lost workers, retries, releases
+        # True lengths go to an oracle predictor and nowhere else: no Request or query holds one.
+        if policy.predictor is not None and policy.predictor.oracle:
+            policy.predictor.bind(self.true_length)
 
     def kick(self) -> None:
         self.dirty.set()
@@ -90,12 +93,24 @@ class Lifecycle:
     def has_client_request(self, client: bytes, client_request_id: str) -> bool:
         return (client, client_request_id) in self.by_client
 
+    def true_length(self, request_id: str) -> int | None:
+        """A request's output length when it is certain before it runs (None: it is not): one
+        with `ignore_eos` and no stop tokens runs to its `max_tokens`, nothing can stop it early.
+        Only oracle predictors are given this lookup; the simulator's `SimLifecycle` answers from
+        its trace instead."""
+        req = self.requests.get(request_id)
+        if req is None or not req.ignore_eos or req.stop_token_ids:
+            return None
+        return req.max_tokens
+
     def admit(self, req: Request) -> None:
         """Accept a built request: the policy predicts its length (if it does), then it queues."""
-        if req.ignore_eos and not req.stop_token_ids:
-            req.true_length = req.max_tokens  # nothing can stop it early
-        self.policy.on_admit(req)
-        self.requests[req.request_id] = req
+        self.requests[req.request_id] = req  # first: an oracle predictor looks its length up by id
+        try:
+            self.policy.on_admit(req)
+        except Exception:
+            del self.requests[req.request_id]  # nothing was queued
+            raise
         self.by_client[(req.client, req.client_request_id)] = req.request_id
         self.waiting.push(req)
         self.kick()

@@ -13,6 +13,7 @@ from typing import Iterator, Protocol
 
 from ecoserve.coordinator.ledger import ReservationLedger
 from ecoserve.coordinator.request import Request
+from ecoserve.predictor.predictors import Predictor
 
 
 @dataclass
@@ -160,6 +161,12 @@ class Policy(Protocol):
     # Decode steps a reserved cohort may take to start (the reservation ledger's first horizon;
     # widened as observed). Read only where the policy makes reservations.
     start_delay: int
+    # Its length predictor (None: it predicts nothing). The lifecycle binds true lengths to it
+    # when it is an oracle; the policy itself never sees one.
+    predictor: Predictor | None
+    # The schedule its mixed workers run: "chunked" (prompt chunks fill each step's token budget
+    # beside the decodes) or "prefill-priority" (while prompts wait, whole prompts and no decodes).
+    mixed_schedule: str
 
     def new_queue(self) -> FIFOQueue: ...
 
@@ -177,6 +184,8 @@ class BasePolicy:
     needs_roles: tuple[frozenset[str], ...] = ()
     extend_ahead = 0
     start_delay = 32
+    predictor: Predictor | None = None
+    mixed_schedule = "chunked"
 
     def new_queue(self) -> FIFOQueue:
         return FIFOQueue()

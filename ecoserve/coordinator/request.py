@@ -1,7 +1,9 @@
 """A request as the coordinator tracks it, and its lifecycle (DESIGN §3; docs/structure.md).
 
 Every status change is a timestamped event, so TTFT splits into queueing, prefill, transfer
-and first decode step. Plain data only: the policies read these objects directly.
+and first decode step. Plain data only: the policies read these objects directly, so a request
+holds what its client sent and what the coordinator saw, never its true output length (only
+oracle predictors are given that: `Lifecycle.true_length`).
 
 The retry path (`Request.retry`) is the one way back to `WAITING_PREFILL`: a request whose
 worker was lost, or whose KV transfer failed, before it ended. It keeps the tokens already
@@ -77,7 +79,6 @@ class Request:
     # reservation horizon in output tokens (raised by extensions).
     raw_prediction: int | None = None
     predicted_tokens: int | None = None
-    true_length: int | None = None  # known to simulations only (oracle predictors)
     decode_start_step: int | None = None  # its decode worker's step when it (re)started decoding
     preempt_mode: str | None = None  # while preempted by order of the coordinator: "swap" | "recompute"
     resuming: bool = False  # a Resume was sent; the next token restarts it

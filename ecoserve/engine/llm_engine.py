@@ -91,7 +91,8 @@ class LLMEngine:
         host_blocks = config.cache.num_host_blocks
         self.swap_space = HostSwapSpace(self.runner.kv_cache, host_blocks) if host_blocks else None
         sched = config.scheduler
-        self.scheduler = FCFSScheduler(self.pool, sched.max_num_seqs, sched.max_num_batched_tokens)
+        self.scheduler = FCFSScheduler(self.pool, sched.max_num_seqs, sched.max_num_batched_tokens,
+                                       prefill_priority=sched.schedule == "prefill-priority")
         self.sequences: dict[str, Sequence] = {}
         self.last_preempted: list[Sequence] = []
         # Tokens the last step computed; 0 when it scheduled nothing (every queued request held

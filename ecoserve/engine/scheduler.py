@@ -4,6 +4,11 @@ Each step: every running sequence that is decoding gets one token; the remaining
 goes to prefill chunks, oldest request first. When the KV pool runs dry the most recently
 arrived running sequence is preempted by recompute (its blocks freed, its progress reset).
 
+With `prefill_priority` (vllm's prefill-priority mode) a step that can run prompt work runs
+only that: unfinished prompts of running sequences, then whole waiting prompts, FCFS, up to
+the budget (a prompt longer than the budget starts alone and goes on in budget-sized chunks),
+and no decodes. Decodes run only in steps where no prompt work fits.
+
 Two controls belong to the coordinator rather than to this batcher:
 
 - Reservations. A sequence with `reserved_tokens` set never holds more than
@@ -47,8 +52,10 @@ class SchedulerOutput:
 
 
 class FCFSScheduler:
-    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefill_priority: bool = False) -> None:
         self.pool = pool
+        self.prefill_priority = prefill_priority
         self.preempted_log: list[Sequence] = []  # every preemption, for the worker to report
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -155,6 +162,10 @@ class FCFSScheduler:
         return max(0, min(seq.num_uncomputed, cap - seq.num_computed_tokens))
 
     def schedule(self) -> SchedulerOutput:
+        if self.prefill_priority and (self.waiting or any(not _decoding(s) for s in self.running)):
+            out = self._prompts_first()
+            if out is not None:
+                return out
         budget = self.max_num_batched_tokens
         decodes: list[ScheduledChunk] = []
         prefills: list[ScheduledChunk] = []
@@ -179,7 +190,8 @@ class FCFSScheduler:
             is_decode = n == 1 and seq.num_uncomputed == 1 and seq.output_token_ids
             (decodes if is_decode else prefills).append(chunk)
         # 2. Waiting sequences, FCFS, while budget, slots and blocks last. No preemption for these.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        # (Prefill-priority admits whole prompts only, in `_prompts_first`: none fitted.)
+        while not self.prefill_priority and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             n = min(self._room(seq), budget)
             if n == 0:  # a reservation below what it must recompute: only a direct edit does this
@@ -194,6 +206,43 @@ class FCFSScheduler:
             budget -= n
             prefills.append(ScheduledChunk(seq, n))
         return SchedulerOutput(prefills, decodes, preempted)
+
+    def _prompts_first(self) -> SchedulerOutput | None:
+        """Prefill-priority's step: prompt work only, or None when none fits (decodes run then)."""
+        budget = self.max_num_batched_tokens
+        prefills: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        self.held = []
+        for seq in list(self.running):  # unfinished prompts (and recomputes) first; decodes wait
+            if seq not in self.running:
+                continue
+            room = self._room(seq)
+            if room == 0:
+                self.held.append(seq.request_id)
+                continue
+            if _decoding(seq) or budget == 0:
+                continue
+            n = min(room, budget)
+            if self._reserve(seq, n, preempted):
+                budget -= n
+                prefills.append(ScheduledChunk(seq, n))
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            room = self._room(seq)
+            if room == 0 or (prefills and room > budget):  # whole prompts; a longer one starts alone
+                break
+            n = min(room, budget)
+            if seq.block_table.blocks_needed(seq.num_computed_tokens + n) > self.pool.num_free:
+                break
+            seq.block_table.ensure_capacity(seq.num_computed_tokens + n, self.pool)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            budget -= n
+            prefills.append(ScheduledChunk(seq, n))
+        if not prefills:
+            return None  # (victims of a failed _reserve are in preempted_log and back in waiting)
+        return SchedulerOutput(prefills, [], preempted)
 
     def _reserve(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
         """Blocks for `n` more tokens of `seq`, preempting the newest others if needed."""
@@ -221,3 +270,8 @@ class FCFSScheduler:
         self.running.remove(seq)
         seq.block_table.release(self.pool)
         seq.status = SequenceStatus.FINISHED
+
+
+def _decoding(seq: Sequence) -> bool:
+    """Whether its next step is one decode token (its prompt and any recompute are done)."""
+    return seq.num_uncomputed == 1 and bool(seq.output_token_ids)

@@ -1,8 +1,14 @@
 """Response-length predictors (no torch): one interface, `predict(query) -> Prediction`, and
 `observe(prompt_len, output_len)` for those that learn online as requests finish.
 
-- `oracle`: the true length (simulations and upper bounds); it needs `true_length`.
+- `oracle`: the true length (simulations and upper bounds).
 - `oracle-noisy`: the true length times a log-normal error exp(N(0, sigma^2)), seeded.
+
+Only these two ever see a true length, and not through their query: they declare `oracle =
+True`, and whoever knows lengths in advance (the coordinator's `Lifecycle.true_length`: a
+live request with `ignore_eos` and no stop tokens, or the simulator's trace) binds a lookup by
+request id to them (`bind`). No `PredictionQuery` and no `Request` carries one, so no other
+predictor and no policy can read it.
 - `fixed`: the same `length` for every request (tests; forcing under- or over-prediction).
 - `histogram`: per prompt-length bin (powers of two), a chosen quantile of the output lengths
   observed so far in that bin; a bin with fewer than `min_samples` falls back to all bins,
@@ -19,18 +25,24 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from ecoserve.predictor.buckets import BucketScheme
 from ecoserve.predictor.learned import load_length_model
 
 
+# request id -> its output length when known before it runs (None: not known). Bound to oracles only.
+TrueLengths = Callable[[str], Optional[int]]
+
+
 @dataclass(frozen=True)
 class PredictionQuery:
+    """What a client's request tells a predictor: no true length (oracles look theirs up)."""
+
     prompt_len: int
-    max_tokens: int
-    true_length: int | None = None  # known to simulations and oracles only
+    max_tokens: int  # the client's cap
     prompt_token_ids: Sequence[int] | None = None  # the prompt itself (the learned predictor reads it)
+    request_id: str = ""  # the key an oracle's bound lookup takes
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,9 @@ class Prediction:
 
 class Predictor(Protocol):
     name: str
+    oracle: bool  # reads true lengths: only these are bound to a `TrueLengths` lookup
+
+    def bind(self, lengths: TrueLengths) -> None: ...
 
     def predict(self, query: PredictionQuery) -> Prediction: ...
 
@@ -52,9 +67,13 @@ _KNOWN_LENGTHS = "simulations, or in a live server requests with ignore_eos and 
 
 class _Base:
     name = ""
+    oracle = False
 
     def __init__(self, buckets: BucketScheme | None = None) -> None:
         self.buckets = buckets or BucketScheme()
+
+    def bind(self, lengths: TrueLengths) -> None:
+        raise TypeError(f"the {self.name} predictor is no oracle: it is never given true lengths")
 
     def _make(self, length: float, max_tokens: int) -> Prediction:
         n = max(1, min(max_tokens, math.ceil(length)))
@@ -67,16 +86,33 @@ class _Base:
         return None
 
 
-class OraclePredictor(_Base):
+class _Oracle(_Base):
+    """A predictor that reads true lengths, through the lookup bound to it (and nothing else)."""
+
+    oracle = True
+
+    def __init__(self, buckets: BucketScheme | None = None) -> None:
+        super().__init__(buckets)
+        self._lengths: TrueLengths | None = None
+
+    def bind(self, lengths: TrueLengths) -> None:
+        self._lengths = lengths
+
+    def _true_length(self, query: PredictionQuery) -> int:
+        n = None if self._lengths is None else self._lengths(query.request_id)
+        if n is None:
+            raise ValueError(f"the {self.name} predictor needs each request's true length: {_KNOWN_LENGTHS}")
+        return n
+
+
+class OraclePredictor(_Oracle):
     name = "oracle"
 
     def predict(self, query: PredictionQuery) -> Prediction:
-        if query.true_length is None:
-            raise ValueError(f"the oracle predictor needs each request's true length: {_KNOWN_LENGTHS}")
-        return self._make(query.true_length, query.max_tokens)
+        return self._make(self._true_length(query), query.max_tokens)
 
 
-class NoisyOraclePredictor(_Base):
+class NoisyOraclePredictor(_Oracle):
     name = "oracle-noisy"
 
     def __init__(self, sigma: float = 0.5, seed: int = 0, buckets: BucketScheme | None = None) -> None:
@@ -87,9 +123,7 @@ class NoisyOraclePredictor(_Base):
         self.rng = random.Random(seed)
 
     def predict(self, query: PredictionQuery) -> Prediction:
-        if query.true_length is None:
-            raise ValueError(f"the oracle-noisy predictor needs each request's true length: {_KNOWN_LENGTHS}")
-        return self._make(query.true_length * math.exp(self.rng.gauss(0.0, self.sigma)), query.max_tokens)
+        return self._make(self._true_length(query) * math.exp(self.rng.gauss(0.0, self.sigma)), query.max_tokens)
 
 
 class FixedPredictor(_Base):

@@ -161,13 +161,16 @@ def simulate(
     layout: Layout, model: str, workload: Sequence[WorkloadRequest], slo: SLO, hw: HardwareConfig | None = None,
     policy_options: dict[str, Any] | None = None, goal: float | None = None,
     progress: Callable[[int], None] | None = None, prompt_tokens: Sequence[Sequence[int]] | None = None,
+    max_tokens: str | int = "context",
 ) -> tuple[RunMetrics, SimResult, Simulator]:
-    """Run `workload` on `layout`. With `goal`, stop as soon as attainment >= goal is impossible."""
+    """Run `workload` on `layout`. With `goal`, stop as soon as attainment >= goal is impossible.
+    `max_tokens`: the cap each simulated client sends (`Simulator`: "context", "trace" or a number)."""
     import time
 
     hw = hw or HardwareConfig()
     check(layout)
-    sim = Simulator(build_policy(layout, model, slo, hw, policy_options), instances(layout, model), hw)
+    sim = Simulator(build_policy(layout, model, slo, hw, policy_options), instances(layout, model), hw,
+                    max_tokens=max_tokens)
     allowance = None if goal is None else int(math.floor((1 - goal) * len(workload)))
     t0 = time.perf_counter()
     res = sim.run(workload, slo.ttft_ms, slo.tpot_ms, progress=progress, miss_allowance=allowance,

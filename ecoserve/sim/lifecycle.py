@@ -9,7 +9,8 @@ only the requests something happened to; `SimLifecycle` folds it in through the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ecoserve.coordinator.lifecycle import Lifecycle
 from ecoserve.coordinator.request import Request, RequestStatus as S
@@ -59,7 +60,16 @@ class DecodeProgress:
 
 
 class SimLifecycle(Lifecycle):
-    """`Lifecycle`, with a decode step's news folded in from `DecodeProgress`."""
+    """`Lifecycle`, with a decode step's news folded in from `DecodeProgress`, and the trace's
+    output lengths (`trace_lengths`, filled by the simulator) as the true lengths it gives
+    oracle predictors: a simulated request ignores EOS up to its cap, yet the simulated worker
+    ends it at its trace length, so the live rule (`ignore_eos` -> `max_tokens`) does not hold."""
+
+    # request id -> its forced output length; the simulator sets its own table here
+    trace_lengths: Mapping[str, int] = MappingProxyType({})
+
+    def true_length(self, request_id: str) -> int | None:
+        return self.trace_lengths.get(request_id)
 
     def on_worker_message(self, msg: Any) -> None:
         if not isinstance(msg, DecodeProgress):

@@ -24,6 +24,12 @@ not per token or per block. The coordinator sees the same state a live one would
 step's count and free blocks on the worker views, and a request's output length.
 Deterministic: ties break by event order.
 
+Requests carry only what a client sends (DESIGN §7): `max_tokens` is the client's cap (by
+default the context left after the prompt, `MAX_TOTAL_LEN - prompt`, as DistServe's and vLLM's
+ShareGPT benchmarks send for OPT), with EOS ignored, and the simulated worker ends each request
+at its trace length (clipped to the cap; `SimResult.counters["outputs_clipped"]` counts those).
+The trace length reaches oracle predictors only (`SimLifecycle.true_length`); no policy sees it.
+
 Files: this one is the event loop (arrivals, steps, transfers, samples); `worker.py` the
 simulated worker; `lifecycle.py` the coordinator side (`SimLifecycle`, `DecodeProgress`);
 `instance.py` what an instance is (`InstanceSpec`, `HardwareConfig`).
@@ -47,11 +53,13 @@ from ecoserve.params import SLO, SamplingParams
 from ecoserve.sim.instance import HardwareConfig, InstanceSpec, kv_bytes_per_token
 from ecoserve.sim.lifecycle import NullCodec, SimLifecycle, TokenCount, lifecycle_leaks
 from ecoserve.sim.worker import SimWorker
+from ecoserve.sim.workloads import MAX_TOTAL_LEN
 
 _STEP, _ARRIVAL, _TRANSFER, _SAMPLE = 0, 1, 2, 3  # event kinds
 _NO_FIRST_TOKEN = (S.WAITING_PREFILL, S.PREFILLING)
 
 __all__ = ["HardwareConfig", "InstanceSpec", "RequestResult", "SimResult", "Simulator", "kv_bytes_per_token"]
+MAX_TOKENS_MODES = ("context", "trace")  # or a whole number: the same cap for every request
 
 
 
@@ -87,8 +95,24 @@ class Simulator:
     """Run one workload through the coordinator policy on simulated instances."""
 
     def __init__(self, policy: Policy, instances: Sequence[InstanceSpec], hw: HardwareConfig | None = None,
-                 sample_every_s: float = 1.0) -> None:
+                 sample_every_s: float = 1.0, max_tokens: str | int = "context",
+                 context_len: int = MAX_TOTAL_LEN) -> None:
+        """`max_tokens` is the cap each simulated client sends: "context" (the default) the
+        context left after its prompt, `context_len - prompt` (`context_len`: OPT's 2,048, the
+        length every bundled workload is cut to; less where the smallest decode or mixed pool
+        holds fewer tokens, as the live front door refuses more); a whole number, that cap for every request;
+        "trace" the request's own trace length (what a fidelity run's live client sends with
+        ignore_eos, and how the simulator ran before caps: every policy then knows each length).
+        Outputs run to their trace length, clipped to the cap."""
+        if isinstance(max_tokens, bool) or not (max_tokens in MAX_TOKENS_MODES or (
+                isinstance(max_tokens, int) and max_tokens >= 1)):
+            raise ValueError(f"max_tokens must be one of {MAX_TOKENS_MODES} or a whole number >= 1, got {max_tokens!r}")
+        if context_len < 2:
+            raise ValueError(f"context_len must be >= 2 tokens, got {context_len}")
+        self.max_tokens, self.context_len = max_tokens, context_len
+        self.outputs_clipped = 0  # trace outputs longer than their cap, cut to it
         self.hw = hw or HardwareConfig()
+        self.mixed_schedule = policy.mixed_schedule  # what the policy's mixed workers run (SimWorker)
         self.now = 0.0
         self.events: list[tuple[float, int, int, Any]] = []  # (time, tie, kind, payload)
         self.ties = itertools.count()
@@ -113,10 +137,14 @@ class Simulator:
             )
             self.registry.last_seen[rank] = math.inf
         self.views = self.registry.views
+        # What the live front door accepts (HelloReply.max_request_tokens): the context, and a whole
+        # request within the smallest decode or mixed pool (deployments size pools over the context).
+        self.max_request_tokens = min(self.context_len, self.registry.min_request_pool() * self.hw.block_size)
         self.lifecycle = SimLifecycle(
             policy, self.registry, NullCodec(), self._to_client, self._to_worker, CoordinatorConfig(),  # type: ignore[arg-type]
             clock=lambda: self.now,
         )
+        self.lifecycle.trace_lengths = self.true_lengths  # for oracle predictors only
         self.extend_ahead = policy.extend_ahead
         self.schedule_calls = 0
         self.n_events = 0
@@ -268,18 +296,31 @@ class Simulator:
         busy = {w.rank: (w.busy_s / self.now if self.now else 0.0) for w in self.workers}
         counters = {k: float(v) for k, v in lc.counters.items()}
         counters["unfinished"] = float(n - len(results))
+        counters["outputs_clipped"] = float(self.outputs_clipped)
         return SimResult(results, self.end_s, counters, self.kv_samples, self.schedule_calls, self.n_events, busy, stopped)
+
+    def cap_for(self, prompt_len: int, output_len: int) -> int:
+        """The `max_tokens` a simulated client sends (see `__init__`)."""
+        if self.max_tokens == "trace":
+            return output_len
+        if self.max_tokens == "context":
+            return max(1, self.max_request_tokens - prompt_len)
+        assert isinstance(self.max_tokens, int)
+        return self.max_tokens
 
     def _arrive(self, rid: str, w: WorkloadRequest, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> None:
         prompt = list(self.prompt_tokens[int(rid[1:])]) if self.prompt_tokens is not None else [1] * w.prompt_len
+        cap = self.cap_for(w.prompt_len, w.output_len)
+        # The client's cap with EOS ignored; the simulated worker ends it at its trace length.
         req = Request(
             request_id=rid, client=b"sim", client_request_id=rid, prompt_token_ids=prompt,
-            params=SamplingParams(max_tokens=w.output_len, temperature=0.0), stream=False,
+            params=SamplingParams(max_tokens=cap, temperature=0.0, ignore_eos=True), stream=False,
             slo=SLO(slo_ttft_ms, slo_tpot_ms), arrival=self.now,
             output_token_ids=TokenCount(),  # type: ignore[arg-type]
         )
-        req.true_length = w.output_len
-        self.true_lengths[rid] = w.output_len
+        if w.output_len > cap:
+            self.outputs_clipped += 1
+        self.true_lengths[rid] = min(w.output_len, cap)
         self.meta[rid] = (w.arrival_s, w.prompt_len, req)
         self.lifecycle.admit(req)
         self.dirty = True

@@ -60,7 +60,11 @@ class SimWorker:
         self.sim, self.rank, self.role, self.tp = sim, rank, spec.role, spec.tp
         self.profile = spec.profile
         self.block_size = hw.block_size
-        self.budget = hw.mixed_token_budget if spec.role == "mixed" else hw.prefill_token_budget
+        # A mixed worker of a prefill-priority policy (vllm's mode) runs whole prompts, no decodes,
+        # while prompts wait: its steps are prefill steps, under the prefill budget.
+        self.prefill_first = spec.role == "mixed" and sim.mixed_schedule == "prefill-priority"
+        mixed_budget = spec.role == "mixed" and not self.prefill_first
+        self.budget = hw.mixed_token_budget if mixed_budget else hw.prefill_token_budget
         self.num_blocks = self.free = num_blocks
         self.host_total = self.host_free = int(hw.host_blocks_factor * num_blocks)
         self.kv_bytes_per_token = kv_bytes_per_token
@@ -84,6 +88,7 @@ class SimWorker:
         self.arrived: list[_Seq] = []
         self.running: dict[str, _Seq] = {}  # active, in the order they joined
         self.capped: dict[str, _Seq] = {}  # held at their reservation until extended
+        self.newly_capped = False  # a request came to its cap since the last report
         self.local_waiting: deque[_Seq] = deque()
         self.parked: dict[str, _Seq] = {}
         self.to_resume: deque[_Seq] = deque()
@@ -220,6 +225,8 @@ class SimWorker:
         seq.mode = mode
         self.parked[rid] = seq
         self.sim.to_coordinator(p.Preempted(self.rank, rid, mode, self.free))
+        if self.to_receive:  # the room it freed may be what a posted receive waits for
+            self._post_receives()
 
     def _abort(self, rid: str) -> None:
         self.prefill_queue = deque(e for e in self.prefill_queue if e[0].request_id != rid or self._free_entry(e))
@@ -241,6 +248,8 @@ class SimWorker:
             self.host_free += seq.host_blocks
             seq.blocks = seq.host_blocks = 0
         self.sim.to_coordinator(p.Released(self.rank, rid))
+        if self.to_receive:
+            self._post_receives()
 
     def _free_entry(self, entry: list[Any]) -> bool:
         if entry[2]:
@@ -303,7 +312,14 @@ class SimWorker:
         """Out of the batch until its reservation is extended."""
         self._leave(seq)
         del self.running[seq.rid]
+        self._cap(seq)
+
+    def _cap(self, seq: _Seq) -> None:
+        # Reaching its cap is news: the policy extends a request early only when room allows and
+        # otherwise waits for it to use up its prediction, then makes room. A live worker reports
+        # every step; this one reports only news, so the end of the step must ask for a round.
         self.capped[seq.rid] = seq
+        self.newly_capped = True
 
     def _drop_for_room(self, seq: _Seq, preempted: list[str]) -> None:
         """Out of the batch, its blocks freed, to come back (recomputed) when there is room, as
@@ -331,7 +347,7 @@ class SimWorker:
         """Requests coming back into the batch at this step start (cost added to the step)."""
         for seq in self.arrived:
             if self._at_cap(seq):
-                self.capped[seq.rid] = seq
+                self._cap(seq)
                 continue
             need = self.blocks_for(seq.prompt + seq.produced)
             if not self._take(need - seq.blocks):
@@ -371,13 +387,18 @@ class SimWorker:
         prefill_lens: list[int] = []
         self.pre_preempted = []
         decode = self.role != "prefill"
+        if self.prefill_first and self.prefill_queue:
+            # Prefill-priority: whole prompts up to the budget, and the decodes wait for a step
+            # without them; only when no waiting prompt fits (no room for its KV) do they run.
+            self._take_prefill(prefill_lens, self.budget, whole=True)
+            decode = not prefill_lens
         if decode and (self.arrived or self.to_resume or self.local_waiting):
             # Joining requests get room for the token this step writes (growth of those already
             # running was made at the end of the previous step).
             self._rejoin(prefill_lens, self.pre_preempted)
         n = len(self.running) if decode else 0
         cross = 0
-        if self.role != "decode" and self.prefill_queue:
+        if self.role != "decode" and self.prefill_queue and not self.prefill_first:
             cross = self._take_prefill(prefill_lens, self.budget - n)
         # One step, prefill chunks and decodes alike: the profile's mixed-step form (fused or
         # additive) prices a step holding both; one holding only one is that side's own step.
@@ -393,8 +414,8 @@ class SimWorker:
         self.busy_s += seconds
         return seconds
 
-    def _take_prefill(self, lens: list[int], budget: int) -> int:
-        """Queued prompts (or chunks) into `lens` up to `budget` tokens. Returns Σ n·s over the
+    def _take_prefill(self, lens: list[int], budget: int, whole: bool = False) -> int:
+        """Queued prompts (or chunks; `whole`: never chunked) into `lens` up to `budget` tokens. Returns Σ n·s over the
         chunks of n tokens that continue a prompt after s done ones: their queries attend to
         those s keys too, so the step's Σl² term is Σn² + Σn·s (as engine/sim.py costs it)."""
         mixed = self.role == "mixed"
@@ -407,7 +428,7 @@ class SimWorker:
                 if not self._take(n):
                     return cross  # no room for its KV yet
                 entry[2] = n
-            if self.chunked:  # chunked prefill under the budget (left by decoding, on a mixed worker)
+            if self.chunked and not whole:  # chunked prefill under the budget (left by decoding, on a mixed worker)
                 if budget <= 0:
                     return cross
                 chunk = min(left, budget)
@@ -463,8 +484,10 @@ class SimWorker:
         sim.views[self.rank].free_blocks = self.free
         # A step that changed nothing but its clock and the blocks it took cannot make waiting
         # work fit (room only grows when something ends, moves or is preempted, and each of
-        # those is a message that asks for a new round), so the coordinator is asked only then.
-        if finished or near or preempted or resumed:
+        # those is a message that asks for a new round), so the coordinator is asked only then,
+        # or when a request came to its cap (the policy may now make room for it).
+        if finished or near or preempted or resumed or self.newly_capped:
+            self.newly_capped = False
             sim.to_coordinator(DecodeProgress(self.rank, finished, resumed, preempted, near))
         if finished and self.to_receive:
             self._post_receives()

@@ -340,6 +340,8 @@ class FakeCluster:
         self.lifecycle = Lifecycle(
             policy, self.registry, NullCodec(), self._to_client, self._to_worker, CoordinatorConfig(),  # type: ignore[arg-type]
         )
+        if policy.predictor is not None and policy.predictor.oracle:
+            policy.predictor.bind(self.true_lengths.get)  # what the simulator's trace would tell it
         self._ids = 0
 
     def _to_client(self, client: bytes, msg: Any) -> None:
@@ -377,7 +379,6 @@ class FakeCluster:
             request_id=rid, client=b"c", client_request_id=rid, prompt_token_ids=[1] * prompt_len,
             params=SamplingParams(max_tokens=max_tokens, temperature=0.0), stream=False, slo=SLO(slo_ttft_ms, slo_tpot_ms),
         )
-        req.true_length = min(true_len, max_tokens)
         self.true_lengths[rid] = true_len
         self.lifecycle.admit(req)
         return rid

@@ -23,13 +23,11 @@ from tests.coordinator.fake_cluster import FakeCluster, worker_specs
 BS = 16
 
 
-def _request(rid: str, prompt: int, max_tokens: int, true_len: int | None = None) -> Request:
-    req = Request(
+def _request(rid: str, prompt: int, max_tokens: int) -> Request:
+    return Request(
         request_id=rid, client=b"c", client_request_id=rid, prompt_token_ids=[1] * prompt,
         params=SamplingParams(max_tokens=max_tokens, temperature=0.0), stream=False,
     )
-    req.true_length = true_len
-    return req
 
 
 def _blocks(tokens: int) -> int:
@@ -61,7 +59,9 @@ def test_pipelining_admits_a_guest_that_exact_allocation_refuses_and_the_timelin
             buckets=BucketScheme(bounds=(64, 1200)),
         ))
         queue = BucketQueues()
-        guest = _request("guest", guest_prompt, max_tokens=64, true_len=60)
+        guest = _request("guest", guest_prompt, max_tokens=64)
+        assert policy.predictor is not None
+        policy.predictor.bind({"guest": 60}.get)  # its true length, as a lifecycle binds it
         policy.on_admit(guest)
         assert guest.predicted_tokens == guest_h
         queue.push(guest)

@@ -89,3 +89,50 @@ def test_waiting_request_does_not_start_without_blocks() -> None:
     out = sched.schedule()
     assert [c.seq for c in out.prefills] == [a]
     assert list(sched.waiting) == [b] and b.block_table.blocks == []
+
+
+def test_prefill_priority_runs_whole_prompts_and_pauses_decodes() -> None:
+    sched = FCFSScheduler(BlockPool(64, block_size=4), 8, 16, prefill_priority=True)
+    a, b, c, d = make_requests([10, 20, 5, 4])
+    sched.add(a)
+    # 1. Step one: a's whole prompt.
+    out = sched.schedule()
+    assert [(x.seq.request_id, x.num_new_tokens) for x in out.prefills] == [("r0", 10)] and not out.decodes
+    apply(out)
+    # 2. b (longer than the budget) and c wait: b starts alone with a budget-sized chunk, a waits.
+    sched.add(b)
+    sched.add(c)
+    out = sched.schedule()
+    assert [(x.seq.request_id, x.num_new_tokens) for x in out.prefills] == [("r1", 16)] and not out.decodes
+    apply(out)
+    # 3. b's rest, then c whole (4 + 5 <= 16); still no decode while prompts wait.
+    out = sched.schedule()
+    assert [(x.seq.request_id, x.num_new_tokens) for x in out.prefills] == [("r1", 4), ("r2", 5)]
+    assert not out.decodes
+    apply(out)
+    # 4. No prompt waits: everyone decodes.
+    out = sched.schedule()
+    assert sorted(x.seq.request_id for x in out.decodes) == ["r0", "r1", "r2"] and not out.prefills
+    apply(out)
+    # 5. A new prompt pauses the decodes again.
+    sched.add(d)
+    out = sched.schedule()
+    assert [(x.seq.request_id, x.num_new_tokens) for x in out.prefills] == [("r3", 4)] and not out.decodes
+    for seq in (a, b, c, d):
+        sched.finish(seq)
+    sched.pool.assert_no_leaks()
+
+
+def test_prefill_priority_decodes_when_no_waiting_prompt_fits() -> None:
+    sched = FCFSScheduler(BlockPool(5, block_size=4), 8, 16, prefill_priority=True)
+    a, b = make_requests([8, 16])
+    sched.add(a)
+    apply(sched.schedule())  # a's prompt: 2 blocks
+    sched.add(b)  # needs 4 blocks; 3 are free
+    out = sched.schedule()
+    assert not out.prefills and [x.seq.request_id for x in out.decodes] == ["r0"]
+    sched.finish(a)
+    out = sched.schedule()
+    assert [(x.seq.request_id, x.num_new_tokens) for x in out.prefills] == [("r1", 16)]
+    sched.finish(b)
+    sched.pool.assert_no_leaks()

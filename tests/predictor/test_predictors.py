@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import statistics
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 from ecoserve.predictor.buckets import BucketScheme
-from ecoserve.predictor.predictors import HistogramPredictor, Prediction, PredictionQuery, make_predictor
+from ecoserve.predictor.predictors import PREDICTORS, HistogramPredictor, Prediction, PredictionQuery, make_predictor
 
 
 def test_default_buckets_are_width_32_to_512_then_doubling() -> None:
@@ -38,17 +39,32 @@ def test_bad_bucket_schemes_are_refused(kwargs: dict[str, object], message: str)
 
 def test_oracle_returns_the_true_length_and_needs_it() -> None:
     p = make_predictor("oracle")
-    assert p.predict(PredictionQuery(10, 256, true_length=70)).length == 70
-    assert p.predict(PredictionQuery(10, 256, true_length=70)).bucket == 96
-    assert p.predict(PredictionQuery(10, 50, true_length=70)).length == 50
     with pytest.raises(ValueError, match="needs each request's true length"):
-        p.predict(PredictionQuery(10, 256))
+        p.predict(PredictionQuery(10, 256, request_id="r"))  # nothing bound yet
+    p.bind({"r": 70}.get)
+    assert p.predict(PredictionQuery(10, 256, request_id="r")).length == 70
+    assert p.predict(PredictionQuery(10, 256, request_id="r")).bucket == 96
+    assert p.predict(PredictionQuery(10, 50, request_id="r")).length == 50
+    with pytest.raises(ValueError, match="needs each request's true length"):
+        p.predict(PredictionQuery(10, 256, request_id="unknown"))
+
+
+def test_only_oracles_take_true_lengths() -> None:
+    """A query has no true length, and a predictor that is no oracle refuses a lookup."""
+    assert "true_length" not in {f.name for f in dataclasses.fields(PredictionQuery)}
+    assert {n for n, cls in PREDICTORS.items() if cls.oracle} == {"oracle", "oracle-noisy"}
+    for name in ("fixed", "histogram"):
+        with pytest.raises(TypeError, match="no oracle"):
+            make_predictor(name).bind({"r": 70}.get)
 
 
 def test_noisy_oracle_has_the_asked_log_error_and_is_seeded() -> None:
     a, b = make_predictor("oracle-noisy", sigma=0.5, seed=3), make_predictor("oracle-noisy", sigma=0.5, seed=3)
-    preds = [a.predict(PredictionQuery(10, 10**6, true_length=1000)).length for _ in range(4000)]
-    assert preds[:50] == [b.predict(PredictionQuery(10, 10**6, true_length=1000)).length for _ in range(50)]
+    a.bind({"r": 1000}.get)
+    b.bind({"r": 1000}.get)
+    q = PredictionQuery(10, 10**6, request_id="r")
+    preds = [a.predict(q).length for _ in range(4000)]
+    assert preds[:50] == [b.predict(q).length for _ in range(50)]
     logs = [math.log(x / 1000) for x in preds]
     assert abs(statistics.mean(logs)) < 0.05 and abs(statistics.stdev(logs) - 0.5) < 0.05
 

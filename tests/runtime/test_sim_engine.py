@@ -84,6 +84,14 @@ def test_sim_2p2d_serves_50_concurrent_requests_and_releases_every_block(cluster
     print({k: v for k, v in stats.items() if "." not in k})
 
 
+@pytest.mark.parametrize("mode", ["chunked", "prefill-priority"])
+def test_sim_vllm_modes_serve_on_a_mixed_worker(cluster, mode: str) -> None:  # type: ignore[no-untyped-def]
+    # 40 blocks of 16: requests wait for room and are preempted by recompute on the way.
+    options = ("--policy", "vllm", "--policy-option", f"mode={mode}", "--num-blocks", "40")
+    with cluster("tiny-llama", 0, 0, 1, *SIM, *options) as addr:
+        check(addr, workload(30))
+
+
 def test_sim_under_predicted_ecoserve_swaps_and_keeps_tokens(cluster) -> None:  # type: ignore[no-untyped-def]
     """Every request predicted to produce 4 tokens on a 24-block decode pool: extensions run out
     of room and victims are swapped to the host and back; the sim checks the KV that returns."""

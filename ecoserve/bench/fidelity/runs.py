@@ -260,7 +260,8 @@ def run_sim(s: Settings, requests: list[WorkloadRequest], scale: dict[str, float
     )
     specs = [InstanceSpec("prefill", profile("prefill"), 1, s.num_blocks)] * s.prefill
     specs += [InstanceSpec("decode", profile("decode"), 1, s.num_blocks)] * s.decode
-    sim = Simulator(make_policy(s.policy, **s.options), specs, hw)
+    # The live client (bench/serve) sends max_tokens = the trace length with ignore_eos: the same here.
+    sim = Simulator(make_policy(s.policy, **s.options), specs, hw, max_tokens="trace")
     return sim.run(requests, s.slo_ttft_ms, s.slo_tpot_ms), sim
 
 

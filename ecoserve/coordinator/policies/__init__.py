@@ -1,4 +1,5 @@
-"""Scheduling policies by name: `make_policy("ecoserve", predictor="histogram", margin=0.1)`."""
+"""Scheduling policies by name: `make_policy("ecoserve", predictor="histogram", margin=0.1)`,
+`make_policy("vllm", mode="prefill-priority")`."""
 
 from __future__ import annotations
 
@@ -17,17 +18,24 @@ POLICIES: dict[str, Any] = {
 }
 
 
+# The baselines' knobs: vllm's `mode` is "chunked" (default) or "prefill-priority" (VLLM_MODES).
+BASELINE_OPTIONS: dict[str, tuple[str, ...]] = {"vllm": ("mode",)}
+
+
 def make_policy(name: str, **options: Any) -> Policy:
-    """Build a policy; `options` are its knobs (for `ecoserve`, EcoServeConfig's fields, with
+    """Build a policy; `options` are its knobs (`vllm`: `mode`; for `ecoserve`, EcoServeConfig's fields, with
     `buckets` as a list of bounds and `costs` as a `CostModel`, or as the dict of its CLI knobs,
     `CostModel.from_options`). Unknown names and knobs raise ValueError saying what is allowed."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
     if name != "ecoserve":
-        if options:
-            raise ValueError(f"policy {name!r} takes no options (got {sorted(options)}); predictors and "
-                             "ablation switches apply to --policy ecoserve")
-        return POLICIES[name]()  # type: ignore[no-any-return]
+        takes = BASELINE_OPTIONS.get(name, ())
+        unknown = sorted(set(options) - set(takes))
+        if unknown:
+            what = f"it takes {', '.join(takes)}" if takes else "it takes no options"
+            raise ValueError(f"policy {name!r}: unknown option(s) {unknown}; {what} (predictors and ablation "
+                             "switches apply to --policy ecoserve)")
+        return POLICIES[name](**options)  # type: ignore[no-any-return]
     allowed = {f.name for f in dataclasses.fields(EcoServeConfig)}
     unknown = sorted(set(options) - allowed)
     if unknown:

@@ -1,8 +1,12 @@
 """Colocated baselines on `mixed` workers (DESIGN §4.2).
 
 - `vllm`: FCFS over the whole cluster to the mixed worker with the fewest queued prompt tokens;
-  the worker runs continuous batching with chunked prefill under its token budget, takes blocks
-  on demand and preempts the latest arrival by recompute when it runs out.
+  the worker runs continuous batching, takes blocks on demand and preempts the latest arrival by
+  recompute when it runs out. Two modes (`mode`), the schedule its mixed workers run:
+  "chunked" (the default, vLLM's today): each step's decodes, then prompt chunks filling the
+  token budget; "prefill-priority" (vLLM before chunked prefill, the baseline DistServe's and
+  EcoServe's papers measured): while prompts wait, a step runs whole prompts up to the prefill
+  token budget and no decodes; decodes run only when no waiting prompt fits.
 - `orca`: as `vllm`, but a request is admitted only when its worker can hold prompt +
   `max_tokens` alongside everything already admitted there; the coordinator keeps that
   reservation until the request ends, so a worker never runs out and never preempts.
@@ -13,15 +17,21 @@ from __future__ import annotations
 from ecoserve.coordinator.policy import BasePolicy, Decisions, DispatchPrefill, SchedulerState, WorkerView
 
 
+VLLM_MODES = ("chunked", "prefill-priority")
+
+
 class VLLMPolicy(BasePolicy):
     name = "vllm"
     needs_roles: tuple[frozenset[str], ...] = (frozenset({"mixed"}),)
     reserve_max_tokens = False
 
-    def __init__(self, queue_factor: float = 2.0) -> None:
+    def __init__(self, queue_factor: float = 2.0, mode: str = "chunked") -> None:
         if queue_factor <= 0:
             raise ValueError(f"queue_factor must be > 0, got {queue_factor}")
+        if mode not in VLLM_MODES:
+            raise ValueError(f"unknown {self.name} mode {mode!r}; choose one of {', '.join(VLLM_MODES)}")
         self.queue_factor = queue_factor
+        self.mixed_schedule = mode
 
     def schedule(self, state: SchedulerState) -> Decisions:
         out = Decisions()

@@ -52,7 +52,7 @@ class EcoServePolicy(BasePolicy):
     def __init__(self, config: EcoServeConfig | None = None, predictor: Predictor | None = None) -> None:
         self.config = config or EcoServeConfig()
         c = self.config
-        self.predictor = predictor or make_predictor(c.predictor, c.buckets, **c.predictor_options)
+        self.predictor: Predictor | None = predictor or make_predictor(c.predictor, c.buckets, **c.predictor_options)
         self.extend_ahead = c.extend_ahead
         self.start_delay = c.start_delay
 
@@ -62,12 +62,16 @@ class EcoServePolicy(BasePolicy):
         return BucketQueues()
 
     def on_admit(self, req: Request) -> None:
-        query = PredictionQuery(req.num_prompt_tokens, req.max_tokens, req.true_length, req.prompt_token_ids)
+        # What the client sent, nothing more: an oracle predictor looks the true length up itself
+        # (the lifecycle binds its lookup to oracles only; see predictor/predictors.py).
+        query = PredictionQuery(req.num_prompt_tokens, req.max_tokens, req.prompt_token_ids, req.request_id)
+        assert self.predictor is not None
         pred = self.predictor.predict(query)
         req.raw_prediction = pred.length
         req.predicted_tokens = pred.bucket if self.config.rl_buckets else pred.length
 
     def on_finish(self, req: Request) -> None:
+        assert self.predictor is not None
         self.predictor.observe(req.num_prompt_tokens, max(1, len(req.output_token_ids)))
 
     # --- one round -------------------------------------------------------------------------------

@@ -101,8 +101,11 @@ class Round:
             # The margin is kept free for the misjudged lengths of requests sharing a worker; a
             # worker that holds no reservation shares with nobody, so a cohort may fill its whole
             # pool there (as under exact allocation). Without this a request needing more than
-            # (1 - margin) of a pool waited forever although the pool could hold it.
-            if bound <= self.capacity[rank] or (self.members[rank] == 0 and not remove and bound <= w.num_blocks):
+            # (1 - margin) of a pool waited forever although the pool could hold it. There its
+            # exact need counts, not the bound (up to a block more per member): a request the
+            # front door accepts (prompt + max_tokens within a pool) must fit an idle worker.
+            alone = exact or bound
+            if bound <= self.capacity[rank] or (self.members[rank] == 0 and not remove and alone <= w.num_blocks):
                 peak = bound  # fits whatever the timeline says
             else:
                 tl = self.timeline(rank)
