@@ -50,6 +50,7 @@ def add_results_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     _add_seed_count(p)
     _add_link(p)
+    _add_max_tokens(p)
     p.add_argument("--quick", action="store_true", help="a small smoke version (tests)")
     p.add_argument("--quiet", action="store_true")
 
@@ -70,8 +71,27 @@ def _add_seed_count(p: argparse.ArgumentParser) -> None:
 def _add_link(p: argparse.ArgumentParser) -> None:
     from ecoserve.sim.instance import HardwareConfig
 
-    p.add_argument("--link-gbps", type=float, default=HardwareConfig().link_bytes_per_s / 1e9, metavar="GB_S",
+    p.add_argument("--link-gbs", type=float, default=HardwareConfig().link_bytes_per_s / 1e9, metavar="GB_S",
                    help="KV transfer link, GB/s (gigabytes) per GPU, prefill -> decode")
+
+
+def _add_max_tokens(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", default="context", type=_max_tokens, metavar="context|trace|N",
+                   help="the max_tokens each simulated client sends: context (default: the context limit less "
+                   "the prompt, as DistServe's and vLLM's benchmarks do), trace (the trace's own output length: "
+                   "the true length leaks to every policy, kept only to reproduce older figures) or a number")
+
+
+def _max_tokens(text: str) -> str | int:
+    if text in ("context", "trace"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be context, trace or a whole number >= 1, got {text!r}")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser, profile_flag: str) -> None:
@@ -84,9 +104,11 @@ def _add_common(p: argparse.ArgumentParser, profile_flag: str) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=250.0)
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
     p.add_argument("--predictor", default=None, help="ecoserve's length predictor (default: oracle in the simulator)")
-    p.add_argument("--policy-option", action="append", default=[], metavar="K=V", help="an ecoserve policy option")
+    p.add_argument("--policy-option", action="append", default=[], metavar="K=V",
+                   help="a policy option: ecoserve's knobs (margin=0.1, pipelining=false, ...); vllm's mode=prefill-priority")
     p.add_argument("--seed", type=int, default=0)
     _add_link(p)
+    _add_max_tokens(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

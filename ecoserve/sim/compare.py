@@ -46,22 +46,23 @@ def metrics_table(rows: Sequence[RunMetrics]) -> str:
 def run_sim(args: Any, options: dict[str, Any]) -> int:
     """`ecoserve sim`: one run, the DESIGN §8 metric table."""
     layout = Layout(args.policy, _sim_shape(args))
-    hw = hardware(args.link_gbps)
+    hw = hardware(args.link_gbs)
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     workload = make_workload(args.workload, args.num_requests, args.rate, args.seed)
     bar = tqdm(total=len(workload), desc=f"sim {args.policy}", unit="req", disable=args.quiet)
-    m, res, _ = simulate(layout, args.model, workload, slo, hw, policy_options=options, progress=bar.update)
+    m, res, _ = simulate(layout, args.model, workload, slo, hw, policy_options=options, progress=bar.update,
+                         max_tokens=args.max_tokens)
     bar.close()
     if args.rate is not None:
         m.rate = args.rate
     print(f"{args.model}, {args.workload}, {len(workload)} requests, seed {args.seed}, "
-          f"KV link {args.link_gbps:g} GB/s per GPU")
+          f"KV link {args.link_gbs:g} GB/s per GPU, max_tokens {args.max_tokens}")
     print(metrics_table([m]))
     print(f"simulated {m.num_requests} requests in {m.wall_s:.2f} s wall ({m.num_requests / max(m.wall_s, 1e-9):,.0f} "
           f"requests/s), {res.events:,} events, {res.schedule_calls:,} scheduling rounds "
           f"(p50 {m.schedule_us_p50:.0f} us, p99 {m.schedule_us_p99:.0f} us)")
     if args.out:
-        _write(Path(args.out), {"settings": {"seed": args.seed, "link_gbps": args.link_gbps, "layout": layout.row()},
+        _write(Path(args.out), {"settings": {"seed": args.seed, "link_gbs": args.link_gbs, "layout": layout.row()},
                                 "metrics": m.row(), "counters": res.counters, "events": res.events,
                                 "schedule_calls": res.schedule_calls})
         print(f"wrote {args.out}")
@@ -89,19 +90,22 @@ def _setup(args: Any, options: dict[str, Any]) -> tuple[Path, Search, list[str],
     for pol in policies:
         spec_policy(pol)  # an option the policy refuses fails now, before any search
     search = Search(args.profile, args.workload, SLO(args.slo_ttft_ms, args.slo_tpot_ms), args.num_requests,
-                    args.min_duration_s, seeds[0], hw=hardware(args.link_gbps), policy_options=options)
+                    args.min_duration_s, seeds[0], hw=hardware(args.link_gbs), policy_options=options,
+                    max_tokens=args.max_tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return out, search, policies, seeds
 
 
 def header(search: Search, seeds: Sequence[int]) -> str:
-    return settings_line(search.num_requests, search.min_duration_s, seeds, search.hw.link_bytes_per_s / 1e9)
+    return settings_line(search.num_requests, search.min_duration_s, seeds, search.hw.link_bytes_per_s / 1e9,
+                         search.max_tokens)
 
 
 def settings(search: Search, seeds: Sequence[int]) -> dict[str, Any]:
     return {"profile": search.model, "workload": search.workload, "slo": asdict(search.slo), "goal": search.goal,
-            **settings_row(search.num_requests, search.min_duration_s, seeds, search.hw.link_bytes_per_s / 1e9)}
+            **settings_row(search.num_requests, search.min_duration_s, seeds, search.hw.link_bytes_per_s / 1e9,
+                            search.max_tokens)}
 
 
 def compare_distserve(args: Any, options: dict[str, Any]) -> dict[str, Any]:
@@ -248,7 +252,8 @@ def sweep(search: Search, seeds: Sequence[int], chosen: dict[str, Layout | None]
             runs = []
             for sd in seeds:
                 s = search.with_seed(sd)
-                runs.append(simulate(lay, s.model, s.requests(r), s.slo, s.hw, s.options_for(lay))[0])
+                runs.append(simulate(lay, s.model, s.requests(r), s.slo, s.hw, s.options_for(lay),
+                                     max_tokens=s.max_tokens)[0])
             figs = {"attainment": spread([m.attainment for m in runs]), "jct_mean_s": spread([m.jct_ms["mean"] / 1e3 for m in runs]),
                     "jct_p90_s": spread([m.jct_ms["p90"] / 1e3 for m in runs]),
                     "throughput_rps": spread([m.throughput_rps for m in runs])}

@@ -32,14 +32,14 @@ from ecoserve.sim.specs import parse_policy
 from ecoserve.sim.workloads import make_workload
 
 POLICY_NAMES = ("ecoserve", "distserve", "vllm", "orca")
-LINK_GBPS = HardwareConfig().link_bytes_per_s / 1e9  # the default KV link, GB/s per GPU
+LINK_GBS = HardwareConfig().link_bytes_per_s / 1e9  # the default KV link, GB/s per GPU
 
 
-def hardware(link_gbps: float = LINK_GBPS) -> HardwareConfig:
-    """The simulated hardware with a KV link of `link_gbps` GB/s (gigabytes) per GPU."""
-    if not (link_gbps > 0 and math.isfinite(link_gbps)):
-        raise ValueError(f"--link-gbps (the KV link, GB/s per GPU) must be a number > 0, got {link_gbps}")
-    return HardwareConfig(link_bytes_per_s=link_gbps * 1e9)
+def hardware(link_gbs: float = LINK_GBS) -> HardwareConfig:
+    """The simulated hardware with a KV link of `link_gbs` GB/s (gigabytes) per GPU."""
+    if not (link_gbs > 0 and math.isfinite(link_gbs)):
+        raise ValueError(f"--link-gbs (the KV link, GB/s per GPU) must be a number > 0, got {link_gbs}")
+    return HardwareConfig(link_bytes_per_s=link_gbs * 1e9)
 
 @dataclass(frozen=True)
 class Layout:
@@ -214,6 +214,7 @@ class Search:
     goal: float = 0.9
     hw: HardwareConfig = field(default_factory=HardwareConfig)
     policy_options: dict[str, Any] = field(default_factory=dict)  # ecoserve's knobs (other policies take none)
+    max_tokens: str | int = "context"  # what each simulated client sends (Simulator's `max_tokens`)
 
     def requests(self, rate: float) -> list[WorkloadRequest]:
         n = max(self.num_requests, math.ceil(rate * self.min_duration_s))
@@ -233,7 +234,7 @@ class Search:
     def attainment(self, layout: Layout, rate: float) -> RunMetrics:
         reqs = self.requests(rate)
         m, _, _ = simulate(layout, self.model, reqs, self.slo, self.hw, self.options_for(layout), goal=self.goal,
-                           prompt_tokens=self.prompts(len(reqs)))
+                           prompt_tokens=self.prompts(len(reqs)), max_tokens=self.max_tokens)
         m.rate = rate
         return m
 

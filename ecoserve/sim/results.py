@@ -64,21 +64,21 @@ def run_results(args: Any) -> int:
     quick = args.quick
     n, dur, max_gpus = (150, 15.0, 8) if quick else (args.num_requests, args.min_duration_s, args.max_gpus)
     seeds = [args.seed] if quick else seed_list(args.seed, args.seeds)
-    hw = hardware(args.link_gbps)
+    hw = hardware(args.link_gbs)
     vllm_policies = parse_policies(args.vllm_policies)
     for pol in vllm_policies:
         spec_policy(pol)  # an option the policy refuses fails now, not after an hour of searches
     rel_tol = 0.1 if quick else 0.05
     settings = SETTINGS[:2] if quick else SETTINGS
     data: dict[str, Any] = {
-        "settings": {**settings_row(n, dur, seeds, args.link_gbps), "max_gpus": max_gpus, "quick": quick},
+        "settings": {**settings_row(n, dur, seeds, args.link_gbs, args.max_tokens), "max_gpus": max_gpus, "quick": quick},
         "gpu_count": [], "vllm": {}, "ablations": {}, "predictors": {},
     }
     bar = tqdm(total=len(settings) * 2 + 3, desc="results", unit="part", disable=args.quiet)
 
     # 1. GPU count per policy for each setting, once per seed.
     for s in settings:
-        search = Search(s.model, s.workload, s.slo, n, dur, seeds[0], hw=hw)
+        search = Search(s.model, s.workload, s.slo, n, dur, seeds[0], hw=hw, max_tokens=args.max_tokens)
         # The target: what `PAIRS` of DistServe's smallest pair (1 prefill + 1 decode instance at
         # the lowest TP) sustain on the first seed, so every setting asks for a cluster of several instances.
         tp = model_tps(s.model)[0]
@@ -93,7 +93,7 @@ def run_results(args: Any) -> int:
 
     # 2. vLLM-style serving on equal GPUs (OPT-13B, ShareGPT): each policy's best layout there.
     s = SETTINGS[0]
-    search = Search(s.model, s.workload, s.slo, n, dur, seeds[0], hw=hw)
+    search = Search(s.model, s.workload, s.slo, n, dur, seeds[0], hw=hw, max_tokens=args.max_tokens)
     gpus = 2 if quick else args.vllm_gpus
     chosen: dict[str, Layout] = {}
     goodputs: dict[str, Spread] = {}
@@ -111,7 +111,7 @@ def run_results(args: Any) -> int:
     # 3. Ablations: goodput of EcoServe with one mechanism off, on one layout.
     abl_layout = Layout("ecoserve", ClusterShape(1, 1, 1, 1) if quick else ClusterShape(2, 1, 2, 1))
     for name, opts in ABLATIONS.items():
-        search = Search(s.model, s.workload, s.slo, n, dur, seeds[0], hw=hw, policy_options=opts)
+        search = Search(s.model, s.workload, s.slo, n, dur, seeds[0], hw=hw, policy_options=opts, max_tokens=args.max_tokens)
         g = spread([goodput(search.with_seed(sd), abl_layout, rel_tol=rel_tol)[0] for sd in seeds])
         m = search.attainment(abl_layout, g.mean) if 0 < g.mean < math.inf else None
         data["ablations"][name] = {"layout": abl_layout.shape.label, "goodput": g.row(), "metrics": m.row() if m else None}
@@ -121,7 +121,7 @@ def run_results(args: Any) -> int:
     # 4. Predictors, on held-out ShareGPT conversations with their prompts (the learned one reads them).
     test = _sharegpt_test(args.quick)
     for pred in args.predictors.split(","):
-        tsearch = _TextSearch(s.model, "sharegpt", s.slo, n, dur, seeds[0], hw=hw, policy_options={"predictor": pred},
+        tsearch = _TextSearch(s.model, "sharegpt", s.slo, n, dur, seeds[0], hw=hw, policy_options={"predictor": pred}, max_tokens=args.max_tokens,
                               test=test)
         try:
             g = spread([goodput(tsearch.with_seed(sd), abl_layout, rel_tol=rel_tol)[0] for sd in seeds])
@@ -175,11 +175,13 @@ def render(data: dict[str, Any], args: Any) -> str:
     cmd = f"ecoserve bench results --out {args.out}" + (" --quick" if args.quick else "")
     defaults = {"num_requests": 1000, "min_duration_s": 120.0, "max_gpus": 16, "vllm_gpus": 4,
                 "vllm_policies": "ecoserve,distserve,vllm,vllm:prefill-priority,orca",
-                "predictors": "oracle,histogram,learned", "seed": 0, "seeds": 3, "link_gbps": 25.0}
+                "predictors": "oracle,histogram,learned", "seed": 0, "seeds": 3, "link_gbs": 25.0,
+                "max_tokens": "context"}
     for key, default in defaults.items():
         if getattr(args, key) != default:
             cmd += f" --{key.replace('_', '-')} {getattr(args, key)}"
-    header = settings_line(st["num_requests_min"], st["min_duration_s"], st["seeds"], st["link_gbps"])
+    header = settings_line(st["num_requests_min"], st["min_duration_s"], st["seeds"], st["link_gbs"],
+                           st.get("max_tokens", "trace"))
     lines = [
         "# Results (simulated)",
         "",
@@ -190,6 +192,12 @@ def render(data: dict[str, Any], args: Any) -> str:
         "`ecoserve/data/profiles/`). EcoServe runs with the `oracle` predictor unless said otherwise. "
         "Attainment = share of requests meeting TTFT and TPOT SLOs together; goal 90%. "
         "We report what we measured, whichever way it falls.",
+        "",
+        "DistServe's fits measured no step that mixes prompt tokens with decodes, so a colocated "
+        "worker's mixed step is costed as one fused forward pass (DESIGN §7): the prefill step plus "
+        "the decode step, less the smaller of their two fixed costs. On our own engine (SmolLM2-135M, "
+        "CPU) the fused form predicted held-back mixed steps better than the additive one "
+        "(`ecoserve/data/profiles/README.md`).",
         "",
         f"Every run: {header}. Each search runs once per seed; a figure reads mean (min–max over the seeds).",
         "",

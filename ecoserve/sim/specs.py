@@ -107,14 +107,17 @@ def spread(values: Sequence[float]) -> Spread:
     return Spread(tuple(float(v) for v in values))
 
 
-def settings_line(num_requests: int, min_duration_s: float, seeds: Sequence[int], link_gbps: float) -> str:
+def settings_line(num_requests: int, min_duration_s: float, seeds: Sequence[int], link_gbs: float,
+                  max_tokens: str | int = "context") -> str:
     """The header every headline table opens with."""
     s = ",".join(str(x) for x in seeds)
+    cap = {"context": "the context limit less the prompt", "trace": "the trace's own length (true lengths leak)"}
     return (f"N >= {num_requests} requests per run, arrivals over >= {min_duration_s:g} s (more requests where the "
             f"rate needs them), seeds {s} ({len(seeds)}; figures are mean (min–max) over them), "
-            f"KV link {link_gbps:g} GB/s per GPU")
+            f"KV link {link_gbs:g} GB/s per GPU, clients' max_tokens {cap.get(str(max_tokens), max_tokens)}")
 
 
-def settings_row(num_requests: int, min_duration_s: float, seeds: Sequence[int], link_gbps: float) -> dict[str, Any]:
+def settings_row(num_requests: int, min_duration_s: float, seeds: Sequence[int], link_gbs: float,
+                 max_tokens: str | int = "context") -> dict[str, Any]:
     return {"num_requests_min": num_requests, "min_duration_s": min_duration_s, "seeds": list(seeds),
-            "link_gbps": link_gbps}
+            "link_gbs": link_gbs, "max_tokens": max_tokens}

@@ -215,13 +215,13 @@ def test_compare_commands_write_their_tables_json_and_plots(tmp_path, capsys) ->
 def test_seeds_give_a_spread_and_the_header_names_n_span_seeds_and_link(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "v"
     assert main(["bench", "compare-vllm", "--policies", "vllm", "--gpus", "1", "--points", "2", "--num-requests", "60",
-                 "--min-duration-s", "5", "--seeds", "2", "--seed", "3", "--link-gbps", "10", "--rel-tol", "0.2",
+                 "--min-duration-s", "5", "--seeds", "2", "--seed", "3", "--link-gbs", "10", "--rel-tol", "0.2",
                  "--quiet", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert ("N >= 60 requests per run, arrivals over >= 5 s (more requests where the rate needs them), seeds 3,4 (2; "
             "figures are mean (min–max) over them), KV link 10 GB/s per GPU") in text
     doc = json.loads((out / "compare_vllm.json").read_text())
-    assert doc["settings"]["seeds"] == [3, 4] and doc["settings"]["link_gbps"] == 10
+    assert doc["settings"]["seeds"] == [3, 4] and doc["settings"]["link_gbs"] == 10
     g = doc["goodput"]["vllm"]
     assert len(g["values"]) == 2 and g["min"] <= g["mean"] <= g["max"] and g["min"] == min(g["values"])
     pt = doc["sweeps"]["vllm"][0]
@@ -234,7 +234,7 @@ def test_the_link_bandwidth_reaches_the_simulator() -> None:
     fast, _, _ = simulate(lay, "opt-13b", reqs, SLO(250, 100), hardware(25.0))
     slow, _, _ = simulate(lay, "opt-13b", reqs, SLO(250, 100), hardware(0.05))
     assert slow.jct_ms["mean"] > fast.jct_ms["mean"]
-    with pytest.raises(ValueError, match="--link-gbps"):
+    with pytest.raises(ValueError, match="--link-gbs"):
         hardware(0)
 
 
@@ -315,3 +315,14 @@ def test_a_layout_is_written_flat_and_read_back() -> None:
                          "mixed": 0, "tp_mixed": 1}
     assert Layout.from_row(lay.row()) == lay
     assert lay.shape.label == "2P TP1 : 1D TP2" and lay.shape.gpus == 4
+
+
+def test_the_clients_max_tokens_is_an_option_of_the_simulator_commands(capsys) -> None:  # type: ignore[no-untyped-def]
+    common = ["sim", "--policy", "orca", "--mixed", "1", "--rate", "2", "--num-requests", "30", "--quiet"]
+    assert main([*common, "--max-tokens", "trace"]) == 0
+    assert "max_tokens trace" in capsys.readouterr().out
+    assert main([*common, "--max-tokens", "600"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--max-tokens", "all"])
+    assert exit_info.value.code == 2
+    assert "must be context, trace or a whole number >= 1, got 'all'" in capsys.readouterr().err
