@@ -326,3 +326,21 @@ def test_the_clients_max_tokens_is_an_option_of_the_simulator_commands(capsys) -
         main([*common, "--max-tokens", "all"])
     assert exit_info.value.code == 2
     assert "must be context, trace or a whole number >= 1, got 'all'" in capsys.readouterr().err
+
+
+def test_results_quick_names_its_settings_layouts_and_both_vllm_baselines(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """`bench results --quick` end to end: the header states N, span, seeds, link and the clients'
+    max_tokens; both vllm modes are rows, each also on vLLM's own fits; every row names a layout;
+    the predictor table shows over-prediction (extensions, reserved-but-unused KV)."""
+    out = tmp_path / "results.md"
+    assert main(["bench", "results", "--quick", "--quiet", "--predictors", "oracle,histogram", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "N >= 150 requests per run, arrivals over >= 15 s" in text and "KV link 25 GB/s per GPU" in text
+    assert "clients' max_tokens the context limit less the prompt" in text
+    assert "one fused forward pass" in text
+    for label in ("vllm (chunked prefill)", "vllm (prefill-priority)"):
+        assert f"| {label} |" in text and f"| {label}, on vLLM's own A100 fits |" in text
+    assert "| predictor | goodput (req/s) | preemptions at 0.9x goodput | extensions | KV reserved-but-unused share |" in text
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["settings"]["max_tokens"] == "context" and doc["settings"]["seeds"] == [0]
+    assert set(doc["vllm"]["own_fits"]) == {"vllm", "vllm:prefill-priority"}
