@@ -6,6 +6,8 @@
 One receive task per client routes replies by request id into per-request queues, so any number
 of requests can be in flight on one client. A call that stops waiting before its request's
 terminal event (timeout, cancellation, a stream left early) aborts the request on the server.
+When the server dies or becomes unreachable, every pending call fails within `heartbeat_timeout`
+seconds with `RequestError` code "server_unreachable" (liveness.py), whatever its own timeout.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import zmq.asyncio
 
 from ecoserve import protocol
 from ecoserve.auth import ClientKeys, load_client_keys
+from ecoserve.client.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S, ServerWatch, check_heartbeat_timeout
 from ecoserve.client.types import SLO, Completion, Delta, RequestError, ServerInfo, check_timeout, make_add_request
 from ecoserve.params import SamplingParams
 
@@ -61,7 +64,8 @@ class _Request:
                 event = await asyncio.wait_for(self.queue.get(), remaining)
             except asyncio.TimeoutError:
                 raise TimeoutError(
-                    f"request {rid} did not finish within its timeout of {self.timeout}s; it was aborted on the server"
+                    f"request {rid} did not finish within its timeout of {self.timeout}s; the client stopped "
+                    f"waiting and asked the server to abort it"
                 ) from None
         else:
             event = self.queue.get_nowait()  # already here: a reply beats a deadline that just passed
@@ -134,14 +138,27 @@ class AsyncStream:
 class AsyncClient:
     """An asyncio client: `await AsyncClient.connect(address)` or `async with AsyncClient(address)`.
 
-    `auth_keys` (a server started with `--auth curve`): the folder `ecoserve keys generate` made
-    (its server.pub, client.pub and client.key), or `ecoserve.auth.load_client_keys(folder, name)`.
+    `timeout`: seconds to wait for the handshake. `auth_keys` (a server started with `--auth
+    curve`): the folder `ecoserve keys generate` made (its server.pub, client.pub and client.key),
+    or `ecoserve.auth.load_client_keys(folder, name)`. `heartbeat_timeout` (seconds, default 10,
+    from 0.1 to 3600): the server is declared unreachable, and every pending call fails with
+    `RequestError` code "server_unreachable", once its connection closes or it has sent nothing,
+    not even a heartbeat reply, for this long. Heartbeats go out every second and the server's
+    ZeroMQ I/O thread answers them, so a server that is merely busy is not declared dead.
     """
 
     def __init__(
-        self, address: str, *, timeout: float = 10.0, client_name: str = "ecoserve-client", auth_keys: AuthKeys = None
+        self,
+        address: str,
+        *,
+        timeout: float = 10.0,
+        client_name: str = "ecoserve-client",
+        auth_keys: AuthKeys = None,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
     ) -> None:
         check_timeout("timeout", timeout)
+        check_heartbeat_timeout(heartbeat_timeout)
+        self.heartbeat_timeout = heartbeat_timeout
         self.address = address
         self.auth_keys = auth_keys if auth_keys is None or isinstance(auth_keys, ClientKeys) else load_client_keys(auth_keys)
         self.client_name = client_name
@@ -150,6 +167,7 @@ class AsyncClient:
         self._connect_timeout = timeout
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
+        self._watch: ServerWatch | None = None
         self._receiver: asyncio.Task[None] | None = None
         self._requests: dict[str, asyncio.Queue[_Event]] = {}
         # Stats replies carry no id: the server answers GetStats in order, so waiters form a FIFO.
@@ -159,9 +177,17 @@ class AsyncClient:
 
     @classmethod
     async def connect(
-        cls, address: str, *, timeout: float = 10.0, client_name: str = "ecoserve-client", auth_keys: AuthKeys = None
+        cls,
+        address: str,
+        *,
+        timeout: float = 10.0,
+        client_name: str = "ecoserve-client",
+        auth_keys: AuthKeys = None,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
     ) -> AsyncClient:
-        client = cls(address, timeout=timeout, client_name=client_name, auth_keys=auth_keys)
+        client = cls(
+            address, timeout=timeout, client_name=client_name, auth_keys=auth_keys, heartbeat_timeout=heartbeat_timeout
+        )
         await client._connect()
         return client
 
@@ -181,7 +207,7 @@ class AsyncClient:
         slo: SLO | None = None,
         timeout: float | None = None,
     ) -> Completion:
-        """Run one request to its end; `timeout` (seconds, None = forever) aborts it when it expires."""
+        """Run one request to its end; `timeout` (seconds, None = no limit) aborts it when it expires."""
         request = self._new_request(prompt, params, slo, timeout, stream=False)
         try:
             await request.start()
@@ -278,6 +304,7 @@ class AsyncClient:
             sock.curve_serverkey = self.auth_keys.server_public
             sock.curve_publickey = self.auth_keys.public
             sock.curve_secretkey = self.auth_keys.secret
+        watch = ServerWatch(sock, self.address, self.heartbeat_timeout)  # before connect: it sees the handshake
         try:
             try:
                 sock.connect(self.address)
@@ -293,13 +320,15 @@ class AsyncClient:
                     f"running there, or {self._auth_hint()}"
                 ) from None
         except BaseException:
+            watch.close()
             sock.close(linger=0)
             ctx.term()
             raise
+        watch.connected()
         self.server_name = reply.server_name
         self.server_info = ServerInfo.from_message(reply)
-        self._ctx, self._sock = ctx, sock
-        self._receiver = asyncio.get_running_loop().create_task(self._receive(sock))
+        self._ctx, self._sock, self._watch = ctx, sock, watch
+        self._receiver = asyncio.get_running_loop().create_task(self._receive(sock, watch))
 
     def _auth_hint(self) -> str:
         if self.auth_keys is None:
@@ -322,15 +351,35 @@ class AsyncClient:
             )
         return reply
 
-    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+    async def _receive(self, sock: zmq.asyncio.Socket, watch: ServerWatch) -> None:
+        poller = zmq.asyncio.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(watch.monitor, zmq.POLLIN)
         try:
-            while self._error is None:
-                self._dispatch(protocol.decode(await sock.recv()))
+            while True:
+                self._receive_ready(sock, watch)  # what is here first: it may predate a close
+                if self._error is not None:  # a connection-level error reply, or closed meanwhile
+                    return
+                if watch.lost():
+                    self._receive_ready(sock, watch)  # replies sent before the close still count
+                    self._shutdown(watch.error())
+                    return
+                await poller.poll()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a socket failure or an unreadable frame: no reply can be trusted now
             error = ConnectionError(f"the connection to {self.address} failed ({exc}); make a new client")
             self._shutdown(error)
+
+    def _receive_ready(self, sock: zmq.asyncio.Socket, watch: ServerWatch) -> None:
+        """Dispatch every message already received, without waiting."""
+        while self._error is None:
+            try:
+                frame = sock.recv(zmq.NOBLOCK).result()  # type: ignore[attr-defined]
+            except zmq.Again:
+                return
+            watch.heard()
+            self._dispatch(protocol.decode(frame))
 
     def _dispatch(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.StatsReply):
@@ -364,6 +413,8 @@ class AsyncClient:
                 waiter.set_exception(copy.copy(error))
         if self._receiver is not None and self._receiver is not asyncio.current_task():
             self._receiver.cancel()
+        if self._watch is not None:
+            self._watch.close()
         if self._sock is not None and self._ctx is not None and not self._sock.closed:
             self._sock.close(linger=0)
             self._ctx.term()

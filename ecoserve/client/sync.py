@@ -10,6 +10,7 @@ from collections.abc import Coroutine, Generator, Sequence
 from typing import Any, TypeVar, Union
 
 from ecoserve.client.aio import AsyncClient, AsyncStream, AuthKeys
+from ecoserve.client.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S
 from ecoserve.client.types import SLO, Completion, Delta, RequestError, ServerInfo
 from ecoserve.params import SamplingParams
 
@@ -98,18 +99,28 @@ async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
 class Client:
     """A blocking client; connects on construction and raises TimeoutError if the server is not there.
 
-    `auth_keys`: for a server started with `--auth curve` (see AsyncClient).
+    `auth_keys`: for a server started with `--auth curve`; `heartbeat_timeout` (default 10 s): how
+    long the server may stay silent, heartbeats included, before every pending call fails with
+    `RequestError` code "server_unreachable" (see AsyncClient).
     """
 
     def __init__(
-        self, address: str, *, timeout: float = 10.0, client_name: str = "ecoserve-client", auth_keys: AuthKeys = None
+        self,
+        address: str,
+        *,
+        timeout: float = 10.0,
+        client_name: str = "ecoserve-client",
+        auth_keys: AuthKeys = None,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"ecoserve-client {address}", daemon=True)
         self._thread.start()
         self._closed = False
         try:
-            connect = AsyncClient.connect(address, timeout=timeout, client_name=client_name, auth_keys=auth_keys)
+            connect = AsyncClient.connect(
+                address, timeout=timeout, client_name=client_name, auth_keys=auth_keys, heartbeat_timeout=heartbeat_timeout
+            )
             self._client = self._call(connect)
         except BaseException:
             self._stop_loop()
@@ -136,7 +147,7 @@ class Client:
         slo: SLO | None = None,
         timeout: float | None = None,
     ) -> Completion:
-        """Run one request to its end; `timeout` (seconds, None = forever) aborts it when it expires."""
+        """Run one request to its end; `timeout` (seconds, None = no limit) aborts it when it expires."""
         return self._call(self._client.generate(prompt, params, slo=slo, timeout=timeout))
 
     def stream(

@@ -74,8 +74,10 @@ class RequestError(Exception):
     """The server refused or failed a request.
 
     `code` is the server's `ErrorReply.code` ("bad_request", "failed", "version",
-    "unknown_request", "shutting_down", "bad_frame"); `request_id` is None for an error that
-    concerns the connection rather than one request.
+    "unknown_request", "shutting_down", "bad_frame"), or the client's own "server_unreachable"
+    (the server's connection closed, or it sent not even a heartbeat reply for the client's
+    `heartbeat_timeout`); `request_id` is None for an error that concerns the connection rather
+    than one request.
     """
 
     def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
