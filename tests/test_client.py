@@ -282,8 +282,10 @@ def test_timeout_raises_and_aborts(make_server: Callable[..., FakeServer]) -> No
 
     async def main() -> None:
         async with AsyncClient(server.address) as client:
-            with pytest.raises(TimeoutError, match=r"request [0-9a-f]{32} did not finish within its timeout of 0.1s"):
+            expected = r"request [0-9a-f]{32} did not finish within its timeout of 0.1s; the client stopped waiting"
+            with pytest.raises(TimeoutError, match=expected) as info:
                 await client.generate("slow", timeout=0.1)
+            assert "aborted on the server" not in str(info.value)  # the client cannot know that it was
             await asyncio.to_thread(server.wait_for, lambda: len(server.of_type(protocol.AbortRequest)) == 1)
             assert await client.stats() == {}  # still usable; the late "abort" reply was dropped
 
@@ -408,6 +410,30 @@ def test_connection_level_error_and_close_fail_pending_calls(make_server: Callab
         with pytest.raises(ConnectionError, match="closed"):
             await client.generate("y")
         await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_server_that_goes_away_fails_pending_calls_as_unreachable(make_server: Callable[..., FakeServer]) -> None:
+    server = make_server(held_open)
+
+    async def main() -> None:
+        async with AsyncClient(server.address) as client:
+            deltas = client.stream("x").__aiter__()
+            await deltas.__anext__()
+            waiting = asyncio.create_task(client.generate("y"))
+            await asyncio.to_thread(server.wait_for, lambda: len(server.of_type(protocol.AddRequest)) == 2)
+            await asyncio.to_thread(server.close)  # its socket closes: the connection drops
+
+            async def rest_of_stream() -> None:
+                async for _ in deltas:
+                    pass
+
+            for call in (rest_of_stream(), waiting, client.stats()):
+                with pytest.raises(RequestError) as info:
+                    await asyncio.wait_for(call, 10)
+                assert info.value.code == "server_unreachable"
+                assert f"the ecoserve server at {server.address} is unreachable" in info.value.message
 
     asyncio.run(main())
 

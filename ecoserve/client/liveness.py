@@ -110,7 +110,7 @@ class ServerWatch:
             self.silent_s = time.monotonic() - self.last_heard
 
     def _events(self) -> list[int]:
-        events = []
+        events: list[int] = []
         while True:
             try:
                 frames = self.monitor.recv_multipart(zmq.NOBLOCK).result()  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ from ecoserve.local_cluster import ClusterError, child_pids
 
 SIM = ("--engine", "sim", "--sim-time-scale", "1.0")  # about 20 ms a token: a 2000-token request stays in flight
 LONG = SamplingParams(max_tokens=2000, ignore_eos=True)
+DEFAULT_TIMEOUT_S = 10.0  # the clients' default heartbeat_timeout, the bound these tests hold them to
 MARGIN_S = 5.0  # scheduling slack on a loaded machine, on top of the stated bound
 
 
@@ -93,7 +94,7 @@ def test_a_killed_server_fails_a_stream_without_timeout_and_a_generate_async(clu
             kill_server(server_pid)
             t0 = time.monotonic()
             both = asyncio.gather(rest_of_stream(), generate, return_exceptions=True)
-            outcomes = await asyncio.wait_for(both, client.heartbeat_timeout + MARGIN_S)
+            outcomes = await asyncio.wait_for(both, DEFAULT_TIMEOUT_S + MARGIN_S)
             elapsed = time.monotonic() - t0
             # 3. The client stays failed: a later call says the same.
             with pytest.raises(RequestError) as later:
@@ -103,8 +104,8 @@ def test_a_killed_server_fails_a_stream_without_timeout_and_a_generate_async(clu
     with killed_cluster(cluster) as addr:
         elapsed, errors = asyncio.run(run(addr))
     for error in errors:
-        assert_unreachable(error, addr, 10.0)
-    assert elapsed < 10.0 + MARGIN_S
+        assert_unreachable(error, addr, DEFAULT_TIMEOUT_S)
+    assert elapsed < DEFAULT_TIMEOUT_S + MARGIN_S
 
 
 def test_a_killed_server_fails_a_stream_without_timeout_and_a_generate_sync(cluster) -> None:  # type: ignore[no-untyped-def]
@@ -123,7 +124,7 @@ def test_a_killed_server_fails_a_stream_without_timeout_and_a_generate_sync(clus
             kill_server(server_pid)
             t0 = time.monotonic()
             streamed = in_thread(lambda: list(deltas))
-            errors = [streamed.exception(10.0 + MARGIN_S), generate.exception(10.0 + MARGIN_S)]
+            errors = [streamed.exception(DEFAULT_TIMEOUT_S + MARGIN_S), generate.exception(DEFAULT_TIMEOUT_S + MARGIN_S)]
             elapsed = time.monotonic() - t0
             # 3. The client stays failed: a later call says the same.
             with pytest.raises(RequestError) as later:
@@ -131,8 +132,8 @@ def test_a_killed_server_fails_a_stream_without_timeout_and_a_generate_sync(clus
             errors.append(later.value)
     for error in errors:
         assert error is not None
-        assert_unreachable(error, addr, 10.0)
-    assert elapsed < 10.0 + MARGIN_S
+        assert_unreachable(error, addr, DEFAULT_TIMEOUT_S)
+    assert elapsed < DEFAULT_TIMEOUT_S + MARGIN_S
 
 
 def test_a_frozen_server_is_declared_unreachable_after_the_heartbeat_timeout(cluster) -> None:  # type: ignore[no-untyped-def]
@@ -186,4 +187,4 @@ def test_heartbeat_timeout_is_validated() -> None:
     for bad in (0, 0.05, -1.0, float("nan"), float("inf"), 4000.0, True, "10"):
         with pytest.raises(ValueError, match=r"heartbeat_timeout must be a number of seconds from 0.1 to 3600"):
             AsyncClient("tcp://127.0.0.1:1", heartbeat_timeout=bad)  # type: ignore[arg-type]
-    assert AsyncClient("tcp://127.0.0.1:1").heartbeat_timeout == 10.0
+    assert AsyncClient("tcp://127.0.0.1:1").heartbeat_timeout == DEFAULT_TIMEOUT_S
