@@ -10,7 +10,8 @@ as JSON on the command line (`python -m ecoserve.launcher worker '{...}'`): noth
 On SIGINT/SIGTERM the coordinator drains (finishes or fails what is in flight), tells every
 worker to stop, and any process still alive after a grace period is killed. Workers ignore
 SIGINT and SIGTERM themselves (a signal to the whole group, as Ctrl-C or systemd sends, must not
-cut the drain short): they stop on the coordinator's Shutdown, or when the launcher is gone.
+cut the drain short): they stop on the coordinator's Shutdown, or within 1 s of the launcher's
+death at any stage, start-up included (ecoserve/runtime/parent.py).
 A worker the coordinator declared lost (its heartbeats stopped) is told to shut down; one still
 running `FENCE_GRACE_S` later is killed, so a stalled rank cannot come back half-alive.
 """
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ecoserve.envs import cluster_secret
+from ecoserve.envs import cluster_secret, launcher_pid
 from ecoserve.config import (
     CacheConfig, ClusterShape, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig, WorkerConfig,
 )
@@ -99,8 +100,11 @@ def worker_config_from_json(text: str) -> WorkerConfig:
 
 
 def start_worker(config: WorkerConfig, threads: int) -> subprocess.Popen[bytes]:
+    """Start one worker rank. Call it from the launcher's main thread: the worker's parent-death
+    signal fires when the thread that started it exits, not only the process."""
     env = dict(os.environ, ECOSERVE_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     env["ECOSERVE_CLUSTER_SECRET"] = config.secret
+    env["ECOSERVE_LAUNCHER_PID"] = str(os.getpid())  # the worker exits when this process does
     config = dataclasses.replace(config, secret="")  # not on the command line: see envs.cluster_secret
     cmd = [sys.executable, "-m", "ecoserve.launcher", "worker", worker_config_to_json(config)]
     return subprocess.Popen(cmd, env=env)
@@ -231,6 +235,11 @@ def run_async(coro: object) -> int:
 
 
 def _worker_main(config_json: str) -> int:
+    parent = launcher_pid()
+    if parent is not None:  # first: a launcher killed while we load must not leave us running
+        from ecoserve.runtime.parent import exit_with_launcher
+
+        exit_with_launcher(parent)
     # Ctrl-C (and systemd's stop) signal the whole group; the launcher leads the drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
