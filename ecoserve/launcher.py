@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 STARTUP_TIMEOUT_S = 300.0
 EXIT_GRACE_S = 10.0
 FENCE_GRACE_S = 5.0  # a lost worker's time to obey its Shutdown before it is killed
+WORKER_START_FAILED = 3  # a worker's exit status when it could not be built; it printed why in one line
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,11 @@ async def _startup(coord: Coordinator, procs: list[subprocess.Popen[bytes]], sto
     while not coord.ready:
         for rank, proc in enumerate(procs):
             if proc.poll() is not None:
+                for other in procs:  # no cluster forms without this rank: nothing to drain or wait for
+                    if other.poll() is None:
+                        other.kill()
+                if proc.returncode == WORKER_START_FAILED:  # it printed its one-line error
+                    return 2
                 print(f"error: worker rank {rank} exited with code {proc.returncode} during start-up "
                       "(its error is printed above)", file=sys.stderr, flush=True)
                 return 1
@@ -245,7 +251,7 @@ def _worker_main(config_json: str) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = worker_config_from_json(config_json)
     config = dataclasses.replace(config, secret=config.secret or cluster_secret())
-    from ecoserve.runtime.rank import WorkerRefused, serve_worker
+    from ecoserve.runtime.rank import WorkerRefused, WorkerStartFailed, serve_worker
 
     if config.role == "prefill":
         from ecoserve.prefill.worker import PrefillWorker as cls
@@ -256,6 +262,9 @@ def _worker_main(config_json: str) -> int:
     except WorkerRefused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WorkerStartFailed as exc:  # one line, as `ecoserve serve` refuses anything else
+        print(f"ecoserve: error: {exc}", file=sys.stderr, flush=True)
+        return WORKER_START_FAILED
     return 0
 
 
