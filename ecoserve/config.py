@@ -67,6 +67,9 @@ class ModelConfig:
             raise ValueError(f"the sim engine keeps its KV in float32: dtype must be 'auto' or 'float32', got {self.dtype!r}")
 
 
+MIN_NUM_BLOCKS = 2  # the smallest KV pool worth serving from: see CacheConfig
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV pool: block size, and a block count, or a share of the GPU's free memory
@@ -85,8 +88,12 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
-        if self.num_blocks is not None and self.num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1 or None, got {self.num_blocks}")
+        if self.num_blocks is not None and self.num_blocks < MIN_NUM_BLOCKS:
+            raise ValueError(
+                f"num_blocks must be >= {MIN_NUM_BLOCKS} (or unset: sized from kv_cache_gib), got {self.num_blocks}: "
+                f"a pool of one block holds one request of at most block_size ({self.block_size}) tokens, prompt "
+                "and output together, and nothing else"
+            )
         if not self.kv_cache_gib > 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.gpu_memory_fraction is not None and not 0 < self.gpu_memory_fraction < 1:
@@ -253,6 +260,13 @@ class CoordinatorConfig:
             raise ValueError(f"retry_backoff_s must be a number of seconds >= 0, got {self.retry_backoff_s!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        check_host("host", self.host)
+        check_host("control_host", self.control_host)
+        if not 0 <= self.drain_timeout_s < float("inf"):
+            raise ValueError(
+                f"drain_timeout_s must be a number of seconds >= 0 (0: fail what is in flight at once), "
+                f"got {self.drain_timeout_s!r}"
+            )
         if not self.heartbeat_timeout_s > 0 or not self.transfer_deadline_s > 0:
             raise ValueError("heartbeat_timeout_s and transfer_deadline_s must be > 0")
         if self.max_transfers_in_flight_per_pair < 1:
@@ -275,6 +289,25 @@ class CoordinatorConfig:
     @property
     def client_addr(self) -> str:
         return f"tcp://{self.host}:{self.port}"
+
+
+def check_host(name: str, host: str) -> None:
+    """ValueError unless `host` is a valid IP address, `*`, or a name (resolved when the socket
+    binds, where an unknown one is refused). Digits and dots only is an IPv4 address, so it must
+    be a valid one: 256.1.1.1 is refused here rather than looked up as a name."""
+    import ipaddress
+
+    allowed = ("give an IPv4 or IPv6 address of this machine (127.0.0.1: this machine only, 0.0.0.0: every "
+               "interface) or a host name")
+    if host == "*":
+        return
+    if ":" in host or all(part.isdigit() for part in host.split(".")):
+        try:
+            ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            raise ValueError(f"{name} {host!r} is not a valid IP address; {allowed}") from None
+    elif not host or any(c.isspace() or c in "/[]" for c in host):
+        raise ValueError(f"{name} {host!r} is not a valid address; {allowed}")
 
 
 def parse_option(text: str) -> tuple[str, Any]:

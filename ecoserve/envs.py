@@ -54,6 +54,13 @@ def cluster_secret() -> str:
     return os.environ.get("ECOSERVE_CLUSTER_SECRET", "")
 
 
+def launcher_pid() -> int | None:
+    """The pid of the launcher that started this worker (``ECOSERVE_LAUNCHER_PID``, set by the
+    launcher); None for a process not started by one. A worker exits when that process is gone."""
+    value = os.environ.get("ECOSERVE_LAUNCHER_PID", "")
+    return int(value) if value.isdigit() else None
+
+
 def fault_injection() -> str:
     """Faults to inject into worker ranks, for tests only (``ECOSERVE_FAULT``; unset: none).
 

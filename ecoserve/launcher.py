@@ -10,7 +10,8 @@ as JSON on the command line (`python -m ecoserve.launcher worker '{...}'`): noth
 On SIGINT/SIGTERM the coordinator drains (finishes or fails what is in flight), tells every
 worker to stop, and any process still alive after a grace period is killed. Workers ignore
 SIGINT and SIGTERM themselves (a signal to the whole group, as Ctrl-C or systemd sends, must not
-cut the drain short): they stop on the coordinator's Shutdown, or when the launcher is gone.
+cut the drain short): they stop on the coordinator's Shutdown, or within 1 s of the launcher's
+death at any stage, start-up included (ecoserve/runtime/parent.py).
 A worker the coordinator declared lost (its heartbeats stopped) is told to shut down; one still
 running `FENCE_GRACE_S` later is killed, so a stalled rank cannot come back half-alive.
 """
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ecoserve.envs import cluster_secret
+from ecoserve.envs import cluster_secret, launcher_pid
 from ecoserve.config import (
     CacheConfig, ClusterShape, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig, WorkerConfig,
 )
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 STARTUP_TIMEOUT_S = 300.0
 EXIT_GRACE_S = 10.0
 FENCE_GRACE_S = 5.0  # a lost worker's time to obey its Shutdown before it is killed
+WORKER_START_FAILED = 3  # a worker's exit status when it could not be built; it printed why in one line
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,11 @@ def worker_config_from_json(text: str) -> WorkerConfig:
 
 
 def start_worker(config: WorkerConfig, threads: int) -> subprocess.Popen[bytes]:
+    """Start one worker rank. Call it from the launcher's main thread: the worker's parent-death
+    signal fires when the thread that started it exits, not only the process."""
     env = dict(os.environ, ECOSERVE_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     env["ECOSERVE_CLUSTER_SECRET"] = config.secret
+    env["ECOSERVE_LAUNCHER_PID"] = str(os.getpid())  # the worker exits when this process does
     config = dataclasses.replace(config, secret="")  # not on the command line: see envs.cluster_secret
     cmd = [sys.executable, "-m", "ecoserve.launcher", "worker", worker_config_to_json(config)]
     return subprocess.Popen(cmd, env=env)
@@ -177,6 +182,11 @@ async def _startup(coord: Coordinator, procs: list[subprocess.Popen[bytes]], sto
     while not coord.ready:
         for rank, proc in enumerate(procs):
             if proc.poll() is not None:
+                for other in procs:  # no cluster forms without this rank: nothing to drain or wait for
+                    if other.poll() is None:
+                        other.kill()
+                if proc.returncode == WORKER_START_FAILED:  # it printed its one-line error
+                    return 2
                 print(f"error: worker rank {rank} exited with code {proc.returncode} during start-up "
                       "(its error is printed above)", file=sys.stderr, flush=True)
                 return 1
@@ -231,12 +241,17 @@ def run_async(coro: object) -> int:
 
 
 def _worker_main(config_json: str) -> int:
+    parent = launcher_pid()
+    if parent is not None:  # first: a launcher killed while we load must not leave us running
+        from ecoserve.runtime.parent import exit_with_launcher
+
+        exit_with_launcher(parent)
     # Ctrl-C (and systemd's stop) signal the whole group; the launcher leads the drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = worker_config_from_json(config_json)
     config = dataclasses.replace(config, secret=config.secret or cluster_secret())
-    from ecoserve.runtime.rank import WorkerRefused, serve_worker
+    from ecoserve.runtime.rank import WorkerRefused, WorkerStartFailed, serve_worker
 
     if config.role == "prefill":
         from ecoserve.prefill.worker import PrefillWorker as cls
@@ -247,6 +262,9 @@ def _worker_main(config_json: str) -> int:
     except WorkerRefused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WorkerStartFailed as exc:  # one line, as `ecoserve serve` refuses anything else
+        print(f"ecoserve: error: {exc}", file=sys.stderr, flush=True)
+        return WORKER_START_FAILED
     return 0
 
 

@@ -134,6 +134,10 @@ def engine_and_coordinator(args: argparse.Namespace) -> tuple[EngineConfig, Coor
     see no difference)."""
     from ecoserve.coordinator.policies import make_policy
 
+    if args.threads_per_worker is not None and args.threads_per_worker < 1:
+        raise ValueError(
+            f"--threads-per-worker must be >= 1 (or omitted: this machine's cores / workers), got {args.threads_per_worker}"
+        )
     options = policy_options(args)
     schedule = make_policy(args.policy, **options).mixed_schedule  # bad options refused here, before anything starts
     if args.model is None:  # the sim engine reads only a vocabulary and a tokenizer: the tiny model's

@@ -9,6 +9,7 @@ decisions by sending worker messages. The coordinator never touches tensors.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import os
@@ -87,18 +88,12 @@ class Coordinator:
             self.authenticator = start_authenticator(self.ctx, self.server_keys.authorized)
         elif c.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("the client socket on %s accepts anyone who can reach it; see --auth curve", c.host)
-        if c.control_port:
-            self.back.bind(f"tcp://{c.control_host}:{c.control_port}")
-            self.control_addr = f"tcp://{c.control_host}:{c.control_port}"
-        else:
-            port = self.back.bind_to_random_port(f"tcp://{c.control_host}")
-            self.control_addr = f"tcp://{c.control_host}:{port}"
-        if c.port:
-            self.front.bind(c.client_addr)
-            self.client_addr = c.client_addr
-        else:
-            port = self.front.bind_to_random_port(f"tcp://{c.host}")
-            self.client_addr = f"tcp://{c.host}:{port}"
+        try:
+            self.control_addr = bind_socket(self.back, c.control_host, c.control_port, "workers' control socket")
+            self.client_addr = bind_socket(self.front, c.host, c.port, "client socket (--host, --port)")
+        except ValueError:
+            self.close()  # nothing started: release what was opened, then refuse
+            raise
 
     def _to_client(self, client: bytes, message: Any) -> None:
         if isinstance(message, (p.RequestFinished, p.ErrorReply)) and message.request_id is not None:
@@ -408,3 +403,24 @@ class Coordinator:
             self._stats_waiters.pop(0)
             values["stats_missing_workers"] = float(len(ranks))
             self._to_client(client, p.StatsReply(values))
+
+
+def bind_socket(sock: zmq.asyncio.Socket, host: str, port: int, what: str) -> str:
+    """Bind `sock` to `host`:`port` (0: a free port) and return its address, or raise a
+    ValueError naming the address and why it cannot be bound (in use, or not this machine's)."""
+    addr = f"tcp://{host}:{port or '*'}"
+    try:
+        if port:
+            sock.bind(addr)
+            return addr
+        return f"tcp://{host}:{sock.bind_to_random_port(f'tcp://{host}')}"
+    except zmq.ZMQError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ValueError(
+                f"cannot bind the {what} to {addr}: the address is in use (another server listens there); "
+                "choose a free port, or 0 to pick one"
+            ) from None
+        raise ValueError(
+            f"cannot bind the {what} to {addr}: {exc.strerror}; give an address of this machine "
+            "(127.0.0.1: this machine only, 0.0.0.0: every interface)"
+        ) from None

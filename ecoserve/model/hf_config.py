@@ -105,11 +105,45 @@ def validate_model_folder(folder: Path) -> None:
         missing = [s for s in shards if not (folder / s).is_file()]
         if not shards or missing:
             raise ValueError(f"{index} names missing weight shards: {missing or 'none listed'}")
-        return
-    if not any(folder.glob("*.safetensors")):
+        files = [folder / s for s in shards]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
         others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".gguf"))
         found = f" (found {', '.join(others)}, which are not read)" if others else ""
         raise ValueError(f"{folder} has no *.safetensors weights{found}")
+    for path in files:
+        check_safetensors_header(path)
+
+
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+
+
+def check_safetensors_header(path: Path) -> None:
+    """ValueError unless `path` starts like a safetensors file: an 8-byte little-endian header
+    length, a JSON object of that length, and every tensor's data inside the file. Reads only
+    the header, so a garbage file is refused before any worker starts to load it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little")
+        if len(head) < 8 or length > min(size - 8, MAX_HEADER_BYTES):
+            why = f"its header length field says {length} bytes" if len(head) == 8 else "it is shorter than 8 bytes"
+            raise ValueError(f"{path} is not a safetensors file ({why}; the file has {size} bytes)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    data_bytes = size - 8 - length
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if name != "__metadata__" and not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes
+        ):
+            raise ValueError(f"{path} is damaged: tensor {name!r} has data offsets {offsets} outside its {data_bytes} data bytes")
 
 
 def read_config_json(folder: Path) -> dict[str, Any]:

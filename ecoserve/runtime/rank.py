@@ -227,9 +227,20 @@ class Worker:
         raise NotImplementedError
 
 
+class WorkerStartFailed(RuntimeError):
+    """This worker could not be built (its model did not load, its KV pool did not fit); the text
+    says which rank and why, in one line."""
+
+
 def serve_worker(worker_cls: type[Worker], config: WorkerConfig) -> None:
     """Build, register and run one worker; report a fatal error to the coordinator first."""
-    worker = worker_cls(config)
+    try:
+        worker = worker_cls(config)
+    except Exception as exc:  # not yet registered: the launcher reports it, and stops the cluster
+        what = str(exc).splitlines()[0] if str(exc) else "(no message)"
+        raise WorkerStartFailed(
+            f"worker rank {config.rank} ({config.role}) could not start: {type(exc).__name__}: {what}"
+        ) from exc
     try:
         worker.register()
         worker.run()

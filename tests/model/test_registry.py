@@ -185,8 +185,13 @@ def test_resolve_checks_sharded_weights(tmp_path: Path) -> None:
     (folder / shards["a.weight"]).write_bytes(b"")
     with pytest.raises(ValueError, match="model-00002-of-00002.safetensors"):
         resolve_model(folder)
-    (folder / shards["b.weight"]).write_bytes(b"")
+    no_tensors = (2).to_bytes(8, "little") + b"{}"  # a well-formed safetensors file holding nothing
+    for shard in shards.values():
+        (folder / shard).write_bytes(no_tensors)
     assert resolve_model(folder) == folder.resolve()
+    (folder / shards["b.weight"]).write_bytes(b"")  # a header check refuses what could not be loaded
+    with pytest.raises(ValueError, match="model-00002-of-00002.safetensors is not a safetensors file"):
+        resolve_model(folder)
 
 
 def _no_config(tmp: Path) -> Path:

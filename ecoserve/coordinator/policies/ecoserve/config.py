@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,8 @@ class EcoServeConfig:
     exact_allocation: bool = True
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # --policy-option values arrive as JSON or strings
+            _check_type(f, getattr(self, f.name))
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
         if self.start_delay < 0:
@@ -44,3 +48,29 @@ class EcoServeConfig:
             )
         if self.preempt_mode not in PREEMPT_MODES:
             raise ValueError(f"preempt_mode must be one of {PREEMPT_MODES}, got {self.preempt_mode!r}")
+
+
+# What each annotation admits, and how a message names it. bool is an int to Python: refused
+# where a number is asked for, and a number is refused where true or false is.
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "float": ((int, float), "a number"),
+    "int": ((int,), "an integer"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+    "dict[str, Any]": ((dict,), "a JSON object"),
+    "BucketScheme": ((BucketScheme,), "a list of increasing bucket bounds, e.g. [32,64,128]"),
+    "CostModel": ((CostModel,), "a JSON object of cost-model knobs"),
+}
+
+
+def _check_type(f: dataclasses.Field[Any], value: Any) -> None:
+    annotation = str(f.type)
+    optional = annotation.endswith(" | None")
+    types, what = _KINDS[annotation.removesuffix(" | None")]
+    if optional and value is None:
+        return
+    if isinstance(value, types) and (bool in types or not isinstance(value, bool)):
+        return
+    default = f.default if f.default is not dataclasses.MISSING else None
+    shown = f" (default {json.dumps(default)})" if default is not None else ""
+    raise ValueError(f"ecoserve option {f.name} must be {what}{' or null' if optional else ''}{shown}, got {value!r}")
