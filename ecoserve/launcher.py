@@ -46,6 +46,9 @@ STARTUP_TIMEOUT_S = 300.0
 EXIT_GRACE_S = 10.0
 FENCE_GRACE_S = 5.0  # a lost worker's time to obey its Shutdown before it is killed
 WORKER_START_FAILED = 3  # a worker's exit status when it could not be built; it printed why in one line
+# What a worker's start-up failure says about its input (a model folder, a pool size, memory):
+# the one line is the whole story. Anything else is a bug, and its traceback is printed before it.
+USER_ERRORS = (ValueError, KeyError, OSError, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,11 @@ def _worker_main(config_json: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except WorkerStartFailed as exc:  # one line, as `ecoserve serve` refuses anything else
+        cause = exc.__cause__
+        if cause is not None and not isinstance(cause, USER_ERRORS):  # a bug, not bad input: keep its trace
+            import traceback
+
+            traceback.print_exception(cause, file=sys.stderr)
         print(f"ecoserve: error: {exc}", file=sys.stderr, flush=True)
         return WORKER_START_FAILED
     return 0
