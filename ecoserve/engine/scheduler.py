@@ -199,13 +199,17 @@ class FCFSScheduler:
                 break
             if seq.block_table.blocks_needed(seq.num_computed_tokens + n) > self.pool.num_free:
                 break
-            seq.block_table.ensure_capacity(seq.num_computed_tokens + n, self.pool)
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            prefills.append(self._start(seq, n))
             budget -= n
-            prefills.append(ScheduledChunk(seq, n))
         return SchedulerOutput(prefills, decodes, preempted)
+
+    def _start(self, seq: Sequence, n: int) -> ScheduledChunk:
+        """The queue head `seq` starts running with `n` tokens of its prompt this step."""
+        seq.block_table.ensure_capacity(seq.num_computed_tokens + n, self.pool)
+        self.waiting.popleft()
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return ScheduledChunk(seq, n)
 
     def _prompts_first(self) -> SchedulerOutput | None:
         """Prefill-priority's step: prompt work only, or None when none fits (decodes run then)."""
@@ -234,12 +238,8 @@ class FCFSScheduler:
             n = min(room, budget)
             if seq.block_table.blocks_needed(seq.num_computed_tokens + n) > self.pool.num_free:
                 break
-            seq.block_table.ensure_capacity(seq.num_computed_tokens + n, self.pool)
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            prefills.append(self._start(seq, n))
             budget -= n
-            prefills.append(ScheduledChunk(seq, n))
         if not prefills:
             return None  # (victims of a failed _reserve are in preempted_log and back in waiting)
         return SchedulerOutput(prefills, [], preempted)
