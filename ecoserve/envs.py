@@ -61,6 +61,13 @@ def launcher_pid() -> int | None:
     return int(value) if value.isdigit() else None
 
 
+def start_error_file() -> Path | None:
+    """Where a worker writes its one-line start-up error (``ECOSERVE_START_ERROR_FILE``, set by
+    the launcher, which prints the first worker's line only); None: the worker prints it."""
+    value = os.environ.get("ECOSERVE_START_ERROR_FILE", "")
+    return Path(value) if value else None
+
+
 def fault_injection() -> str:
     """Faults to inject into worker ranks, for tests only (``ECOSERVE_FAULT``; unset: none).
 

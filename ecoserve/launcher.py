@@ -28,13 +28,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ecoserve.envs import cluster_secret, launcher_pid
+from ecoserve.envs import cluster_secret, launcher_pid, start_error_file
 from ecoserve.config import (
     CacheConfig, ClusterShape, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig, WorkerConfig,
 )
@@ -103,10 +104,13 @@ def worker_config_from_json(text: str) -> WorkerConfig:
     return WorkerConfig(engine=engine, **raw)
 
 
-def start_worker(config: WorkerConfig, threads: int) -> subprocess.Popen[bytes]:
+def start_worker(config: WorkerConfig, threads: int, error_file: Path | None = None) -> subprocess.Popen[bytes]:
     """Start one worker rank. Call it from the launcher's main thread: the worker's parent-death
-    signal fires when the thread that started it exits, not only the process."""
+    signal fires when the thread that started it exits, not only the process. With `error_file`
+    the worker writes its one-line start-up error there instead of printing it."""
     env = dict(os.environ, ECOSERVE_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    if error_file is not None:
+        env["ECOSERVE_START_ERROR_FILE"] = str(error_file)
     env["ECOSERVE_CLUSTER_SECRET"] = config.secret
     env["ECOSERVE_LAUNCHER_PID"] = str(os.getpid())  # the worker exits when this process does
     config = dataclasses.replace(config, secret="")  # not on the command line: see envs.cluster_secret
@@ -129,23 +133,27 @@ async def run_cluster(
     coord.bind()
     dist_init = f"tcp://127.0.0.1:{free_port()}"
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // len(roles))
-    procs = [
-        start_worker(
-            WorkerConfig(
-                rank, len(roles), role, coord.control_addr, dist_init, engine, secret=coord_config.secret,
-                max_transfers_in_flight_per_pair=coord_config.max_transfers_in_flight_per_pair,
-            ),
-            threads,
-        )
-        for rank, role in enumerate(roles)
-    ]
-    layout = "ranks: " + ", ".join(f"{r}={role}" for r, role in enumerate(roles))
-    return await serve_until_stopped(coord, procs, coord_config, layout, ready_file)
+    with tempfile.TemporaryDirectory(prefix="ecoserve-start-") as errors:
+        # Workers that fail to start write their line here: the first is printed, not one per rank.
+        error_files = [Path(errors) / f"rank-{rank}" for rank in range(len(roles))]
+        procs = [
+            start_worker(
+                WorkerConfig(
+                    rank, len(roles), role, coord.control_addr, dist_init, engine, secret=coord_config.secret,
+                    max_transfers_in_flight_per_pair=coord_config.max_transfers_in_flight_per_pair,
+                ),
+                threads,
+                error_files[rank],
+            )
+            for rank, role in enumerate(roles)
+        ]
+        layout = "ranks: " + ", ".join(f"{r}={role}" for r, role in enumerate(roles))
+        return await serve_until_stopped(coord, procs, coord_config, layout, ready_file, error_files=error_files)
 
 
 async def serve_until_stopped(
     coord: Coordinator, procs: list[subprocess.Popen[bytes]], coord_config: CoordinatorConfig, layout: str,
-    ready_file: Path | None, linger_s: float = 0.2,
+    ready_file: Path | None, linger_s: float = 0.2, error_files: list[Path] | None = None,
 ) -> int:
     """Run the coordinator until SIGINT/SIGTERM with this machine's worker processes `procs`
     (ranks 0 .. len(procs)-1): wait for every rank to register, announce, watch, drain, stop."""
@@ -157,7 +165,7 @@ async def serve_until_stopped(
     serve_task.add_done_callback(lambda _: stop.set())  # a coordinator that crashed stops the cluster
     code = 0
     try:
-        code = await _startup(coord, procs, stop)
+        code = await _startup(coord, procs, stop, error_files)
         if code == 0:
             print(f"EcoServe ready at {coord.client_addr}  (policy {coord_config.policy}; {layout})", flush=True)
             if ready_file is not None:
@@ -180,7 +188,9 @@ async def serve_until_stopped(
     return code
 
 
-async def _startup(coord: Coordinator, procs: list[subprocess.Popen[bytes]], stop: asyncio.Event) -> int:
+async def _startup(
+    coord: Coordinator, procs: list[subprocess.Popen[bytes]], stop: asyncio.Event, error_files: list[Path] | None = None,
+) -> int:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not coord.ready:
         for rank, proc in enumerate(procs):
@@ -188,7 +198,9 @@ async def _startup(coord: Coordinator, procs: list[subprocess.Popen[bytes]], sto
                 for other in procs:  # no cluster forms without this rank: nothing to drain or wait for
                     if other.poll() is None:
                         other.kill()
-                if proc.returncode == WORKER_START_FAILED:  # it printed its one-line error
+                if proc.returncode == WORKER_START_FAILED:  # its one line: printed, or in its error file
+                    if error_files is not None and error_files[rank].exists():
+                        print(error_files[rank].read_text().strip(), file=sys.stderr, flush=True)
                     return 2
                 print(f"error: worker rank {rank} exited with code {proc.returncode} during start-up "
                       "(its error is printed above)", file=sys.stderr, flush=True)
@@ -268,10 +280,13 @@ def _worker_main(config_json: str) -> int:
     except WorkerStartFailed as exc:  # one line, as `ecoserve serve` refuses anything else
         cause = exc.__cause__
         if cause is not None and not isinstance(cause, USER_ERRORS):  # a bug, not bad input: keep its trace
-            import traceback
-
             traceback.print_exception(cause, file=sys.stderr)
-        print(f"ecoserve: error: {exc}", file=sys.stderr, flush=True)
+        line = f"ecoserve: error: {exc}"
+        path = start_error_file()
+        if path is None:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            path.write_text(line + "\n")
         return WORKER_START_FAILED
     return 0
 
