@@ -28,6 +28,7 @@ from ecoserve.coordinator.clients import ClientWatch
 from ecoserve.coordinator.frontend import BadRequest, Limits, TextCodec, build_request
 from ecoserve.coordinator.lifecycle import Lifecycle
 from ecoserve.coordinator.limits import ClientLimits
+from ecoserve.coordinator.outbox import ClientOutbox, Sent
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.policy import Policy
 from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry, worker_identity
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 5.0
 RECV_BATCH = 32  # messages read before the policy runs again
-REGISTER_MAX_BYTES = 64 * 1024  # the most read from a peer that is not (yet) a registered worker
+REGISTER_MAX_BYTES = 64 * 1024
+FLUSH_INTERVAL_S = 0.005  # how often frames queued for slow clients are offered again  # the most read from a peer that is not (yet) a registered worker
 
 
 class Coordinator:
@@ -53,6 +55,9 @@ class Coordinator:
         self.ctx = zmq.asyncio.Context()
         self.front = self.ctx.socket(zmq.ROUTER)
         self.front.setsockopt(zmq.LINGER, 0)
+        # A full pipe to a client raises Again, a vanished client EHOSTUNREACH: nothing is dropped
+        # silently (coordinator/outbox.py keeps what a slow client cannot take yet).
+        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # Frames up to 4x the protocol's limit are read and answered with an error naming the
         # limit; ZeroMQ drops the connection of a peer that sends anything larger.
         self.front.setsockopt(zmq.MAXMSGSIZE, 4 * p.MAX_FRAME_BYTES)
@@ -75,6 +80,9 @@ class Coordinator:
         self.strays = 0  # control frames refused: not from a registered worker's own socket
         self._next_stray_log = 0.0
         self.client_watch = ClientWatch(self.front, self._client_gone)  # disconnected clients' requests end
+        self.outbox = ClientOutbox(self.front, config.max_queued_bytes_per_client)
+        self._lost_deltas: dict[bytes, set[str]] = {}  # client -> requests a delta of which was refused
+        self._ending_slow = False  # True while too-slow requests are aborted: their terminal says so
         self._stats_waiters: list[tuple[bytes, set[int], dict[str, float], float]] = []
         self._ready = asyncio.Event()
         self._stopping = False
@@ -96,10 +104,45 @@ class Coordinator:
             raise
 
     def _to_client(self, client: bytes, message: Any) -> None:
+        if isinstance(message, p.RequestFinished) and (
+            self._ending_slow or message.request_id in self._lost_deltas.get(client, ())
+        ):  # the client missed some of its tokens: its one terminal event says why
+            self._lost_deltas.get(client, set()).discard(message.request_id)
+            self.lifecycle.counters["requests_client_too_slow"] += 1
+            message = p.ErrorReply(message.request_id, "client_too_slow", self._too_slow_text())
         if isinstance(message, (p.RequestFinished, p.ErrorReply)) and message.request_id is not None:
             if not self.lifecycle.has_client_request(client, message.request_id):  # its terminal event
                 self.client_limits.release(client, message.request_id)
-        self.front.send_multipart([client, p.encode(message)])
+        delta_of = message.request_id if isinstance(message, p.TokenDelta) else None
+        if self.outbox.send(client, p.encode(message), delta_of) is Sent.OVER:
+            assert delta_of is not None
+            if client not in self._lost_deltas:  # end its requests soon, not inside the caller's update
+                asyncio.get_running_loop().call_soon(self._end_too_slow, client)
+            self._lost_deltas.setdefault(client, set()).add(delta_of)
+
+    def _too_slow_text(self) -> str:
+        return (
+            f"the client did not read its replies: more than {self.config.max_queued_bytes_per_client} bytes of "
+            "tokens waited for it, so its requests in flight were aborted; read streams as they arrive"
+        )
+
+    def _end_too_slow(self, client: bytes) -> None:
+        """`client` let its queue pass the bound: abort all it has in flight (KV freed everywhere);
+        its queued deltas go, and each request's one terminal event is a "client_too_slow" error."""
+        if client not in self._lost_deltas:  # it vanished meanwhile
+            return
+        mine = [crid for c, crid in self.lifecycle.by_client if c == client]
+        self.outbox.drop_deltas(client, set(mine))
+        self._ending_slow = True
+        try:
+            for crid in mine:
+                self.lifecycle.abort_client_request(client, crid)
+        finally:
+            self._ending_slow = False
+        del self._lost_deltas[client]  # every request that lost a delta has had its terminal event
+        self.lifecycle.counters["clients_too_slow"] += 1
+        log.warning("a client stopped reading: %d of its requests ended with client_too_slow", len(mine))
+        self.lifecycle.kick()
 
     def _to_worker(self, rank: int, message: Any) -> None:
         self.back.send_multipart([worker_identity(rank), p.encode(message)])
@@ -122,6 +165,7 @@ class Coordinator:
             asyncio.create_task(self._schedule_loop()),
             asyncio.create_task(self._monitor_loop()),
             asyncio.create_task(self.client_watch.run()),
+            asyncio.create_task(self._flush_loop()),
         ]
         try:
             while not self._stopping:
@@ -204,8 +248,17 @@ class Coordinator:
                 break
         return batch
 
+    async def _flush_loop(self) -> None:
+        """While any client has frames waiting, offer them again every FLUSH_INTERVAL_S."""
+        while True:
+            await self.outbox.pending.wait()
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            self.outbox.flush()  # a vanished client's queue is dropped; ClientWatch ends its requests
+
     def _client_gone(self, client: bytes) -> None:
         """The client's connection closed: abort everything it still had in flight."""
+        self.outbox.forget(client)
+        self._lost_deltas.pop(client, None)
         aborted = self.lifecycle.abort_client_requests(client)
         self.lifecycle.counters["clients_disconnected"] += 1
         if aborted:
@@ -380,6 +433,8 @@ class Coordinator:
         values = self.lifecycle.stats() | {
             "coordinator_pid": float(os.getpid()), "draining": float(self.draining),
             "control_frames_refused": float(self.strays),
+            "client_queued_frames": float(self.outbox.queued_frames()),
+            "client_queued_bytes": float(self.outbox.queued_bytes()),
         }
         self._stats_waiters.append((client, ranks, values, time.monotonic() + STATS_TIMEOUT_S))
         self._expire_stats(time.monotonic())
