@@ -1,4 +1,7 @@
-"""Frames to client connections that are not reading: kept in order, bounded, sent later.
+"""Frames to ROUTER peers that are not reading: kept in order, bounded, sent later.
+
+The server keeps one outbox for clients (bounded) and one for workers (never bounded: no frame
+to a worker is optional).
 
 The front ROUTER sends with ROUTER_MANDATORY and NOBLOCK, so a full pipe to one client raises
 `zmq.Again` instead of silently dropping the frame (ZeroMQ's default), and a client that is gone
@@ -36,7 +39,7 @@ class Queued(NamedTuple):
     delta_of: str | None  # the client request id of a TokenDelta; None for every other frame
 
 
-class ClientOutbox:
+class Outbox:
     def __init__(self, sock: zmq.asyncio.Socket, max_queued_bytes: int) -> None:
         self.sock = sock
         self.max_queued_bytes = max_queued_bytes

@@ -16,7 +16,7 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
@@ -28,7 +28,7 @@ from ecoserve.coordinator.clients import ClientWatch
 from ecoserve.coordinator.frontend import BadRequest, Limits, TextCodec, build_request
 from ecoserve.coordinator.lifecycle import Lifecycle
 from ecoserve.coordinator.limits import ClientLimits
-from ecoserve.coordinator.outbox import ClientOutbox, Sent
+from ecoserve.coordinator.outbox import Outbox, Sent
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.policy import Policy
 from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry, worker_identity
@@ -70,6 +70,11 @@ class Coordinator:
             self.front.curve_publickey = self.server_keys.public
         self.back = self.ctx.socket(zmq.ROUTER)
         self.back.setsockopt(zmq.LINGER, 0)
+        # As on the front: a worker that cannot take a frame yet gets it later, in order, and
+        # one whose connection is gone is declared lost instead of silently missing it.
+        self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.worker_outbox = Outbox(self.back, max_queued_bytes=2**62)  # deltas only are bounded: none here
+        self._unreachable: set[int] = set()  # ranks found gone, declared lost right after the current update
         self.client_addr = ""
         self.control_addr = ""
         self.lifecycle = Lifecycle(
@@ -80,7 +85,7 @@ class Coordinator:
         self.strays = 0  # control frames refused: not from a registered worker's own socket
         self._next_stray_log = 0.0
         self.client_watch = ClientWatch(self.front, self._client_gone)  # disconnected clients' requests end
-        self.outbox = ClientOutbox(self.front, config.max_queued_bytes_per_client)
+        self.outbox = Outbox(self.front, config.max_queued_bytes_per_client)
         self._lost_deltas: dict[bytes, set[str]] = {}  # client -> requests a delta of which was refused
         self._ending_slow = False  # True while too-slow requests are aborted: their terminal says so
         self._stats_waiters: list[tuple[bytes, set[int], dict[str, float], float]] = []
@@ -145,7 +150,21 @@ class Coordinator:
         self.lifecycle.kick()
 
     def _to_worker(self, rank: int, message: Any) -> None:
-        self.back.send_multipart([worker_identity(rank), p.encode(message)])
+        if self.worker_outbox.send(worker_identity(rank), p.encode(message)) is Sent.GONE:
+            self._worker_unreachable(rank)
+
+    def _worker_unreachable(self, rank: int) -> None:
+        """A frame for `rank` found its control connection gone: what it was sent is lost, so the
+        worker is lost (declared right after the current update, not inside it)."""
+        if self._stopping or rank not in self.registry.views or self.is_lost(rank) or rank in self._unreachable:
+            return
+        self._unreachable.add(rank)
+        asyncio.get_running_loop().call_soon(self._lose_unreachable, rank)
+
+    def _lose_unreachable(self, rank: int) -> None:
+        self._unreachable.discard(rank)
+        if not self._stopping and not self.is_lost(rank):
+            self.worker_lost(rank, "its control connection is gone: a message to it could not be delivered")
 
     # --- main tasks ------------------------------------------------------------------------
 
@@ -165,7 +184,8 @@ class Coordinator:
             asyncio.create_task(self._schedule_loop()),
             asyncio.create_task(self._monitor_loop()),
             asyncio.create_task(self.client_watch.run()),
-            asyncio.create_task(self._flush_loop()),
+            asyncio.create_task(self._flush_loop(self.outbox, lambda client: None)),  # ClientWatch ends their requests
+            asyncio.create_task(self._flush_loop(self.worker_outbox, self._gone_worker)),
         ]
         try:
             while not self._stopping:
@@ -187,9 +207,10 @@ class Coordinator:
         self.lifecycle.fail_all("the server shut down before the request finished")
 
     def stop(self) -> None:
+        self._stopping = True  # first: a worker already gone is not declared lost now
         for rank in self.registry.alive_ranks():
             self._to_worker(rank, p.Shutdown())
-        self._stopping = True
+        self.worker_outbox.flush()  # one more offer: the flush task ends with serve()
 
     def close(self) -> None:
         if self.authenticator is not None:
@@ -248,12 +269,19 @@ class Coordinator:
                 break
         return batch
 
-    async def _flush_loop(self) -> None:
-        """While any client has frames waiting, offer them again every FLUSH_INTERVAL_S."""
+    @staticmethod
+    async def _flush_loop(outbox: Outbox, on_gone: Callable[[bytes], None]) -> None:
+        """While any peer has frames waiting, offer them again every FLUSH_INTERVAL_S."""
         while True:
-            await self.outbox.pending.wait()
+            await outbox.pending.wait()
             await asyncio.sleep(FLUSH_INTERVAL_S)
-            self.outbox.flush()  # a vanished client's queue is dropped; ClientWatch ends its requests
+            for peer in outbox.flush():  # a vanished peer's queue is dropped
+                on_gone(peer)
+
+    def _gone_worker(self, sender: bytes) -> None:
+        rank = self.registry.rank_of(sender)
+        if rank is not None:
+            self._worker_unreachable(rank)
 
     def _client_gone(self, client: bytes) -> None:
         """The client's connection closed: abort everything it still had in flight."""
@@ -384,7 +412,7 @@ class Coordinator:
     def _register(self, sender: bytes, msg: p.RegisterWorker) -> None:
         reason = self.registry.register(msg, sender)
         # The answer goes to the socket that asked, never to the rank it claims to be.
-        self.back.send_multipart([sender, p.encode(p.RegisterReply(reason is None, reason or ""))])
+        self.worker_outbox.send(sender, p.encode(p.RegisterReply(reason is None, reason or "")))  # gone: nobody to tell
         if reason is not None:  # an error: it may be one of ours, misconfigured
             self._stray(sender, f"a registration as rank {msg.rank}: {reason}", logging.ERROR)
         elif self.registry.complete:

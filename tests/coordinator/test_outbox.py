@@ -9,7 +9,7 @@ from collections import deque
 import zmq
 import zmq.asyncio
 
-from ecoserve.coordinator.outbox import ClientOutbox, Sent
+from ecoserve.coordinator.outbox import Outbox, Sent
 
 ID = b"reader"
 
@@ -27,7 +27,7 @@ def test_a_full_pipe_queues_in_order_bounds_deltas_only_and_flushes_when_read() 
         router.bind("inproc://outbox")
         dealer.connect("inproc://outbox")
         await asyncio.sleep(0.05)
-        outbox = ClientOutbox(router, max_queued_bytes=100)
+        outbox = Outbox(router, max_queued_bytes=100)
 
         # 1. Frames go straight out until the pipe is full; then they queue, in order.
         results = [outbox.send(ID, b"d%03d" % i, delta_of="r") for i in range(40)]
@@ -59,7 +59,7 @@ def test_dropped_deltas_leave_other_requests_and_terminal_frames() -> None:
         ctx = zmq.asyncio.Context()
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
-        outbox = ClientOutbox(router, max_queued_bytes=1000)
+        outbox = Outbox(router, max_queued_bytes=1000)
         outbox.queues[ID] = deque()  # a client whose pipe is full
         outbox.bytes[ID] = 0
         for frame, rid in ((b"a1", "a"), (b"b1", "b"), (b"a-end", None), (b"b2", "b")):
