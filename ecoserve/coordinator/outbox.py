@@ -62,6 +62,14 @@ class Outbox:
         self.bytes[client] += len(frame)
         return Sent.QUEUED
 
+    def offer(self, peer: bytes, frame: bytes) -> Sent:
+        """Send `frame` now if nothing waits for `peer` and its pipe takes it; never queue it.
+        SENT, GONE, or OVER: not sent, dropped."""
+        if peer in self.queues:
+            return Sent.OVER
+        result = self._try(peer, frame)
+        return Sent.OVER if result is Sent.QUEUED else result
+
     def drop_deltas(self, client: bytes, request_ids: set[str]) -> None:
         """Drop the queued deltas of `request_ids` (requests ended for being too slow)."""
         queue = self.queues.get(client)

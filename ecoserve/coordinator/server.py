@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 5.0
 RECV_BATCH = 32  # messages read before the policy runs again
-REGISTER_MAX_BYTES = 64 * 1024
-FLUSH_INTERVAL_S = 0.005  # how often frames queued for slow clients are offered again  # the most read from a peer that is not (yet) a registered worker
+REGISTER_MAX_BYTES = 64 * 1024  # the most read from a peer that is not (yet) a registered worker
+FLUSH_INTERVAL_S = 0.005  # how often frames queued for slow peers are offered again
 
 
 class Coordinator:
@@ -412,7 +412,11 @@ class Coordinator:
     def _register(self, sender: bytes, msg: p.RegisterWorker) -> None:
         reason = self.registry.register(msg, sender)
         # The answer goes to the socket that asked, never to the rank it claims to be.
-        self.worker_outbox.send(sender, p.encode(p.RegisterReply(reason is None, reason or "")))  # gone: nobody to tell
+        reply = p.encode(p.RegisterReply(reason is None, reason or ""))
+        if reason is None:
+            self.worker_outbox.send(sender, reply)
+        else:  # a refused peer may be a stranger: never queue for it (it could make us hold unbounded memory)
+            self.worker_outbox.offer(sender, reply)
         if reason is not None:  # an error: it may be one of ours, misconfigured
             self._stray(sender, f"a registration as rank {msg.rank}: {reason}", logging.ERROR)
         elif self.registry.complete:

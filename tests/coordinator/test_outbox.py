@@ -9,7 +9,7 @@ from collections import deque
 import zmq
 import zmq.asyncio
 
-from ecoserve.coordinator.outbox import Outbox, Sent
+from ecoserve.coordinator.outbox import Outbox, Queued, Sent
 
 ID = b"reader"
 
@@ -66,6 +66,23 @@ def test_dropped_deltas_leave_other_requests_and_terminal_frames() -> None:
             assert outbox.send(ID, frame, delta_of=rid) is Sent.QUEUED
         outbox.drop_deltas(ID, {"b"})
         assert [q.frame for q in outbox.queues[ID]] == [b"a1", b"a-end"] and outbox.bytes[ID] == 7
+        router.close()
+        ctx.term()
+
+    asyncio.run(run())
+
+
+def test_offer_never_queues() -> None:
+    async def run() -> None:
+        ctx = zmq.asyncio.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        outbox = Outbox(router, max_queued_bytes=1000)
+        assert outbox.offer(b"stranger", b"x") is Sent.GONE
+        outbox.queues[ID] = deque([Queued(b"earlier", None)])  # something already waits for it
+        outbox.bytes[ID] = 7
+        assert outbox.offer(ID, b"later") is Sent.OVER and list(outbox.queues[ID]) == [Queued(b"earlier", None)]
         router.close()
         ctx.term()
 
