@@ -240,6 +240,11 @@ class CoordinatorConfig:
     # Per client connection, in flight at once; over either, a request gets an "over_limit" error.
     max_inflight_per_client: int = 65536
     max_prompt_tokens_per_client: int = 2**24
+    # Per client connection: bytes of token deltas the coordinator keeps for a client that is not
+    # reading, beyond what ZeroMQ buffers (coordinator/outbox.py). Past it, the client's requests
+    # in flight are aborted and each ends with one ErrorReply "client_too_slow"; terminal events
+    # are always kept. Set from ECOSERVE_CLIENT_QUEUE_BYTES by `ecoserve serve` (tests).
+    max_queued_bytes_per_client: int = 64 * 2**20
     heartbeat_timeout_s: float = 30.0  # a worker silent this long is declared lost
     transfer_deadline_s: float = 60.0
     max_transfers_in_flight_per_pair: int = 4
@@ -281,7 +286,7 @@ class CoordinatorConfig:
                 "auth 'curve' needs keys_dir (--keys DIR: a folder made by `ecoserve keys generate --out DIR`), "
                 f"and keys_dir needs auth 'curve'; got auth {self.auth!r}, keys_dir {self.keys_dir!r}"
             )
-        for name in ("max_inflight_per_client", "max_prompt_tokens_per_client"):
+        for name in ("max_inflight_per_client", "max_prompt_tokens_per_client", "max_queued_bytes_per_client"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -76,3 +76,17 @@ def fault_injection() -> str:
     the launcher's workers inherit the variable from the environment it was started in.
     """
     return os.environ.get("ECOSERVE_FAULT", "")
+
+
+def client_queue_bytes() -> int | None:
+    """Bytes of token deltas the coordinator keeps per client that is not reading
+    (``ECOSERVE_CLIENT_QUEUE_BYTES``; CoordinatorConfig.max_queued_bytes_per_client); None: its default.
+
+    No command-line option sets it: tests lower it to reach the bound quickly.
+    """
+    value = os.environ.get("ECOSERVE_CLIENT_QUEUE_BYTES")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"ECOSERVE_CLIENT_QUEUE_BYTES must be a positive integer (bytes), got {value!r}")
+    return int(value)

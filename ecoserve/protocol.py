@@ -142,7 +142,9 @@ class ErrorReply:
     are not allowed; nothing was queued), "version" (handshake mismatch), "unknown_request" (an
     abort for an id the server does not know), "failed" (an accepted request that could not be
     completed; its terminal event), "shutting_down" (the server is draining), "over_limit" (the
-    client already has as many requests or prompt tokens in flight as the server allows it).
+    client already has as many requests or prompt tokens in flight as the server allows it),
+    "client_too_slow" (an accepted request's terminal event: the client read too slowly and more
+    than the server's bound of token deltas waited for it, so the request was aborted).
     """
 
     request_id: str | None

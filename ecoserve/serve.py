@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ecoserve import envs
 from ecoserve.config import CacheConfig, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_option
 from ecoserve.model.commands import add_model_arguments
 
@@ -179,6 +180,7 @@ def _with_security(coord: CoordinatorConfig, args: argparse.Namespace) -> Coordi
     limits = {
         "max_inflight_per_client": args.max_inflight_per_client,
         "max_prompt_tokens_per_client": args.max_prompt_tokens_per_client,
+        "max_queued_bytes_per_client": envs.client_queue_bytes(),  # no option: an environment variable
     }
     coord = dataclasses.replace(coord, auth=args.auth, keys_dir=args.keys, **{k: v for k, v in limits.items() if v is not None})
     if coord.auth == "curve" and coord.keys_dir is not None:  # CoordinatorConfig holds them together

@@ -59,7 +59,7 @@ class Lifecycle:
             "finished": 0, "aborted": 0, "failed": 0, "preemptions": 0, "workers_lost": 0,
             "preemptions_local": 0, "preemptions_swap": 0, "preemptions_recompute": 0, "extensions": 0,
             "predicted": 0, "under_predicted": 0, "over_predicted": 0, "retries": 0, "transfers_failed": 0,
-            "clients_disconnected": 0,
+            "clients_disconnected": 0, "clients_too_slow": 0, "requests_client_too_slow": 0,
         }
         # Decode-side reservations (reserving policies); its tables are shared here by name. It sends
         # and reads the time through this object, so a caller that swaps `to_worker` or `clock` later

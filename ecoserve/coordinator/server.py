@@ -16,7 +16,7 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
@@ -28,6 +28,7 @@ from ecoserve.coordinator.clients import ClientWatch
 from ecoserve.coordinator.frontend import BadRequest, Limits, TextCodec, build_request
 from ecoserve.coordinator.lifecycle import Lifecycle
 from ecoserve.coordinator.limits import ClientLimits
+from ecoserve.coordinator.outbox import Outbox, Sent
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.policy import Policy
 from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry, worker_identity
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 STATS_TIMEOUT_S = 5.0
 RECV_BATCH = 32  # messages read before the policy runs again
 REGISTER_MAX_BYTES = 64 * 1024  # the most read from a peer that is not (yet) a registered worker
+FLUSH_INTERVAL_S = 0.005  # how often frames queued for slow peers are offered again
 
 
 class Coordinator:
@@ -53,6 +55,9 @@ class Coordinator:
         self.ctx = zmq.asyncio.Context()
         self.front = self.ctx.socket(zmq.ROUTER)
         self.front.setsockopt(zmq.LINGER, 0)
+        # A full pipe to a client raises Again, a vanished client EHOSTUNREACH: nothing is dropped
+        # silently (coordinator/outbox.py keeps what a slow client cannot take yet).
+        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # Frames up to 4x the protocol's limit are read and answered with an error naming the
         # limit; ZeroMQ drops the connection of a peer that sends anything larger.
         self.front.setsockopt(zmq.MAXMSGSIZE, 4 * p.MAX_FRAME_BYTES)
@@ -65,6 +70,11 @@ class Coordinator:
             self.front.curve_publickey = self.server_keys.public
         self.back = self.ctx.socket(zmq.ROUTER)
         self.back.setsockopt(zmq.LINGER, 0)
+        # As on the front: a worker that cannot take a frame yet gets it later, in order, and
+        # one whose connection is gone is declared lost instead of silently missing it.
+        self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.worker_outbox = Outbox(self.back, max_queued_bytes=2**62)  # deltas only are bounded: none here
+        self._unreachable: set[int] = set()  # ranks found gone, declared lost right after the current update
         self.client_addr = ""
         self.control_addr = ""
         self.lifecycle = Lifecycle(
@@ -75,6 +85,9 @@ class Coordinator:
         self.strays = 0  # control frames refused: not from a registered worker's own socket
         self._next_stray_log = 0.0
         self.client_watch = ClientWatch(self.front, self._client_gone)  # disconnected clients' requests end
+        self.outbox = Outbox(self.front, config.max_queued_bytes_per_client)
+        self._lost_deltas: dict[bytes, set[str]] = {}  # client -> requests a delta of which was refused
+        self._ending_slow = False  # True while too-slow requests are aborted: their terminal says so
         self._stats_waiters: list[tuple[bytes, set[int], dict[str, float], float]] = []
         self._ready = asyncio.Event()
         self._stopping = False
@@ -96,13 +109,62 @@ class Coordinator:
             raise
 
     def _to_client(self, client: bytes, message: Any) -> None:
+        if isinstance(message, p.RequestFinished) and (
+            self._ending_slow or message.request_id in self._lost_deltas.get(client, ())
+        ):  # the client missed some of its tokens: its one terminal event says why
+            self._lost_deltas.get(client, set()).discard(message.request_id)
+            self.lifecycle.counters["requests_client_too_slow"] += 1
+            message = p.ErrorReply(message.request_id, "client_too_slow", self._too_slow_text())
         if isinstance(message, (p.RequestFinished, p.ErrorReply)) and message.request_id is not None:
             if not self.lifecycle.has_client_request(client, message.request_id):  # its terminal event
                 self.client_limits.release(client, message.request_id)
-        self.front.send_multipart([client, p.encode(message)])
+        delta_of = message.request_id if isinstance(message, p.TokenDelta) else None
+        if self.outbox.send(client, p.encode(message), delta_of) is Sent.OVER:
+            assert delta_of is not None
+            if client not in self._lost_deltas:  # end its requests soon, not inside the caller's update
+                asyncio.get_running_loop().call_soon(self._end_too_slow, client)
+            self._lost_deltas.setdefault(client, set()).add(delta_of)
+
+    def _too_slow_text(self) -> str:
+        return (
+            f"the client did not read its replies: more than {self.config.max_queued_bytes_per_client} bytes of "
+            "tokens waited for it, so its requests in flight were aborted; read streams as they arrive"
+        )
+
+    def _end_too_slow(self, client: bytes) -> None:
+        """`client` let its queue pass the bound: abort all it has in flight (KV freed everywhere);
+        its queued deltas go, and each request's one terminal event is a "client_too_slow" error."""
+        if client not in self._lost_deltas:  # it vanished meanwhile
+            return
+        mine = [crid for c, crid in self.lifecycle.by_client if c == client]
+        self.outbox.drop_deltas(client, set(mine))
+        self._ending_slow = True
+        try:
+            for crid in mine:
+                self.lifecycle.abort_client_request(client, crid)
+        finally:
+            self._ending_slow = False
+        del self._lost_deltas[client]  # every request that lost a delta has had its terminal event
+        self.lifecycle.counters["clients_too_slow"] += 1
+        log.warning("a client stopped reading: %d of its requests ended with client_too_slow", len(mine))
+        self.lifecycle.kick()
 
     def _to_worker(self, rank: int, message: Any) -> None:
-        self.back.send_multipart([worker_identity(rank), p.encode(message)])
+        if self.worker_outbox.send(worker_identity(rank), p.encode(message)) is Sent.GONE:
+            self._worker_unreachable(rank)
+
+    def _worker_unreachable(self, rank: int) -> None:
+        """A frame for `rank` found its control connection gone: what it was sent is lost, so the
+        worker is lost (declared right after the current update, not inside it)."""
+        if self._stopping or rank not in self.registry.views or self.is_lost(rank) or rank in self._unreachable:
+            return
+        self._unreachable.add(rank)
+        asyncio.get_running_loop().call_soon(self._lose_unreachable, rank)
+
+    def _lose_unreachable(self, rank: int) -> None:
+        self._unreachable.discard(rank)
+        if not self._stopping and not self.is_lost(rank):
+            self.worker_lost(rank, "its control connection is gone: a message to it could not be delivered")
 
     # --- main tasks ------------------------------------------------------------------------
 
@@ -122,6 +184,8 @@ class Coordinator:
             asyncio.create_task(self._schedule_loop()),
             asyncio.create_task(self._monitor_loop()),
             asyncio.create_task(self.client_watch.run()),
+            asyncio.create_task(self._flush_loop(self.outbox, lambda client: None)),  # ClientWatch ends their requests
+            asyncio.create_task(self._flush_loop(self.worker_outbox, self._gone_worker)),
         ]
         try:
             while not self._stopping:
@@ -143,9 +207,10 @@ class Coordinator:
         self.lifecycle.fail_all("the server shut down before the request finished")
 
     def stop(self) -> None:
+        self._stopping = True  # first: a worker already gone is not declared lost now
         for rank in self.registry.alive_ranks():
             self._to_worker(rank, p.Shutdown())
-        self._stopping = True
+        self.worker_outbox.flush()  # one more offer: the flush task ends with serve()
 
     def close(self) -> None:
         if self.authenticator is not None:
@@ -204,8 +269,24 @@ class Coordinator:
                 break
         return batch
 
+    @staticmethod
+    async def _flush_loop(outbox: Outbox, on_gone: Callable[[bytes], None]) -> None:
+        """While any peer has frames waiting, offer them again every FLUSH_INTERVAL_S."""
+        while True:
+            await outbox.pending.wait()
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            for peer in outbox.flush():  # a vanished peer's queue is dropped
+                on_gone(peer)
+
+    def _gone_worker(self, sender: bytes) -> None:
+        rank = self.registry.rank_of(sender)
+        if rank is not None:
+            self._worker_unreachable(rank)
+
     def _client_gone(self, client: bytes) -> None:
         """The client's connection closed: abort everything it still had in flight."""
+        self.outbox.forget(client)
+        self._lost_deltas.pop(client, None)
         aborted = self.lifecycle.abort_client_requests(client)
         self.lifecycle.counters["clients_disconnected"] += 1
         if aborted:
@@ -331,7 +412,11 @@ class Coordinator:
     def _register(self, sender: bytes, msg: p.RegisterWorker) -> None:
         reason = self.registry.register(msg, sender)
         # The answer goes to the socket that asked, never to the rank it claims to be.
-        self.back.send_multipart([sender, p.encode(p.RegisterReply(reason is None, reason or ""))])
+        reply = p.encode(p.RegisterReply(reason is None, reason or ""))
+        if reason is None:
+            self.worker_outbox.send(sender, reply)
+        else:  # a refused peer may be a stranger: never queue for it (it could make us hold unbounded memory)
+            self.worker_outbox.offer(sender, reply)
         if reason is not None:  # an error: it may be one of ours, misconfigured
             self._stray(sender, f"a registration as rank {msg.rank}: {reason}", logging.ERROR)
         elif self.registry.complete:
@@ -380,6 +465,8 @@ class Coordinator:
         values = self.lifecycle.stats() | {
             "coordinator_pid": float(os.getpid()), "draining": float(self.draining),
             "control_frames_refused": float(self.strays),
+            "client_queued_frames": float(self.outbox.queued_frames()),
+            "client_queued_bytes": float(self.outbox.queued_bytes()),
         }
         self._stats_waiters.append((client, ranks, values, time.monotonic() + STATS_TIMEOUT_S))
         self._expire_stats(time.monotonic())
