@@ -104,18 +104,22 @@ class CacheConfig:
             )
 
 
-SCHEDULES = ("chunked", "prefill-priority")
+SCHEDULES = ("chunked", "prefill-priority", "slo")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Local batching limits: sequences per step and tokens per step (the chunked-prefill budget),
-    and the schedule: "chunked" (decodes, then prompt chunks filling the budget) or
-    "prefill-priority" (while prompts wait, whole prompts and no decodes: vllm's other mode)."""
+    and the schedule: "chunked" (decodes, then prompt chunks filling the budget),
+    "prefill-priority" (while prompts wait, whole prompts and no decodes: vllm's other mode) or
+    "slo" (EcoServe's iteration, DESIGN §4.1: decodes, then prompt chunks up to the most tokens
+    for which `latency_profile` predicts the step within the smallest `tpot_target_ms` of the
+    requests decoding; `max_num_batched_tokens` prompt tokens when none decodes)."""
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 1024
     schedule: str = "chunked"
+    latency_profile: str | None = None  # "slo": a bundled profile name or a profile file (ecoserve profile)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -124,6 +128,8 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.schedule == "slo" and not self.latency_profile:
+            raise ValueError("the slo schedule needs latency_profile: a bundled profile name or a file from `ecoserve profile`")
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ import msgpack
 from ecoserve.params import SLO, SamplingParams
 
 # 2: HelloReply limits; Preempt/Resume/...; 3: generated_token_ids (retries), PeerLost;
-# 4: AddRequest, RunPrefill and ReceiveKV carry one nested `params` (and AddRequest `slo`).
-PROTOCOL_VERSION = 4
+# 4: AddRequest, RunPrefill and ReceiveKV carry one nested `params` (and AddRequest `slo`);
+# 5: RunPrefill.reserve_tokens, RunPrefill/ReceiveKV.tpot_target_ms (EcoServe on mixed workers).
+PROTOCOL_VERSION = 5
 MAX_FRAME_BYTES = 16 * 2**20  # a 1M-token prompt of ids fits; anything larger is refused
 MAX_INT = 2**63 - 1
 
@@ -289,6 +290,12 @@ class RunPrefill:
     params: SamplingParams
     decode_locally: bool
     generated_token_ids: list[int] = field(default_factory=list)
+    # With decode_locally: KV tokens the request may hold here (prompt + predicted; None = no cap),
+    # as ReceiveKV.reserve_tokens.
+    reserve_tokens: int | None = None
+    # The step time a worker running the "slo" schedule keeps each of its steps within while this
+    # request decodes there (its TPOT SLO less the policy's margin; None = it sets no limit).
+    tpot_target_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -318,6 +325,7 @@ class ReceiveKV:
     params: SamplingParams
     reserve_tokens: int | None = None  # KV tokens the request may hold here (prompt + predicted); None = no cap
     generated_token_ids: list[int] = field(default_factory=list)
+    tpot_target_ms: float | None = None  # as RunPrefill.tpot_target_ms
 
 
 @dataclass(frozen=True)

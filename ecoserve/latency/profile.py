@@ -93,6 +93,31 @@ class LatencyProfile:
         a_decode = (self.decode_large if batch >= self.large_batch_threshold else self.decode_small)[0]
         return prefill + decode - min(self.prefill[0], a_decode)
 
+    def prompt_budget(
+        self, target_ms: float, batch: int, sum_context: float, max_context: int | None = None, cap: int = 1 << 20,
+    ) -> int:
+        """The most prompt tokens (0..`cap`) a step decoding `batch` requests may add and still be
+        predicted (`mixed_ms`, the prompt tokens taken as one chunk: Σl² = Σl², the costliest
+        split) to take at most `target_ms`: EcoServe's SLO-derived prompt budget (DESIGN §4.1).
+        `cap` when nothing decodes; 0 when the decodes alone already take more than `target_ms`."""
+        def ms(n: int) -> float:
+            return self.mixed_ms(n, n * n, batch, sum_context, max_context)
+
+        if batch == 0 or cap <= 0:
+            return max(0, cap)  # nothing decodes: no TPOT to keep
+        if ms(0) > target_ms:
+            return 0
+        if ms(cap) <= target_ms:
+            return cap
+        lo, hi = 0, cap  # ms(lo) within the target (or lo == 0), ms(hi) over it; ms grows with n
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if ms(mid) <= target_ms:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
 
 def profile_names() -> list[str]:
     """Every bundled profile name."""
