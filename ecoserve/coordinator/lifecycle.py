@@ -147,6 +147,8 @@ class Lifecycle:
             self.to_worker(d.rank, p.RunPrefill(
                 request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, params=req.params,
                 decode_locally=d.decode_locally, generated_token_ids=self._replayed(req),
+                reserve_tokens=self.ledger.reservation_tokens(req.request_id) if d.decode_locally else None,
+                tpot_target_ms=d.tpot_target_ms,
             ))
         if decisions.transfers:
             chosen = {t.request_id for t in decisions.transfers}
@@ -163,6 +165,7 @@ class Lifecycle:
                 request_id=req.request_id, src_rank=t.src_rank, seq_no=plan.seq_no, deadline_s=deadline,
                 prompt_token_ids=req.prompt_token_ids, first_token=first, params=req.params,
                 reserve_tokens=self.ledger.reservation_tokens(req.request_id), generated_token_ids=self._replayed(req),
+                tpot_target_ms=t.tpot_target_ms,
             ))
             self.to_worker(t.src_rank, p.SendKV(req.request_id, t.dst_rank, plan.seq_no, deadline))
         self.reservations.apply_orders(decisions, now)

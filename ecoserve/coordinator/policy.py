@@ -93,6 +93,7 @@ class DispatchPrefill:
     rank: int
     decode_locally: bool  # a mixed worker keeps the request through decode
     reserve_blocks: int = 0  # blocks the coordinator keeps for the request until it ends
+    tpot_target_ms: float | None = None  # the step time its decode worker keeps to ("slo" schedule)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class StartTransfer:
     src_rank: int
     dst_rank: int
     num_blocks: int  # blocks the destination allocates for the prompt's KV
+    tpot_target_ms: float | None = None  # as DispatchPrefill's
 
 
 @dataclass(frozen=True)
