@@ -191,9 +191,11 @@ class ClusterShape:
 
     @property
     def label(self) -> str:
-        """`2P TP1 : 2D TP1` (disaggregated) or `4x TP1` (mixed), as tables and JSON print it."""
+        """`2P TP1 : 2D TP1` (disaggregated), `4x TP1` (mixed) or `1P TP1 : 3x TP1` (prefill beside
+        mixed), as tables and JSON print it."""
         if self.mixed:
-            return f"{self.mixed}x TP{self.tp_mixed}"
+            both = self.prefill and not self.decode
+            return (f"{self.prefill}P TP{self.tp_prefill} : " if both else "") + f"{self.mixed}x TP{self.tp_mixed}"
         return f"{self.prefill}P TP{self.tp_prefill} : {self.decode}D TP{self.tp_decode}"
 
 

@@ -63,6 +63,7 @@ class WorkerEvents:
         elif view.role == "mixed":
             req.transition(S.TRANSFERRING, lc.clock())
             req.transition(S.DECODING, lc.clock())
+            lc.reservations.decoding_started(req, view.decode_steps)  # where it holds a reservation
         else:
             req.transition(S.TRANSFERRING, lc.clock())
             lc.kv_waiting.append(req)

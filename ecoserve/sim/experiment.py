@@ -106,11 +106,13 @@ def build_policy(layout: Layout, model: str, slo: SLO, hw: HardwareConfig, optio
     spec = parse_policy(layout.policy)
     opts = {**dict(spec.options), **(options or {})}
     if spec.name == "ecoserve":
-        prof = profile_for(model, layout.shape.tp_decode)
+        role = "mixed" if layout.shape.mixed else "decode"  # where its reservations and decodes are
+        tp = layout.shape.tp(role)
+        prof = profile_for(model, tp)
         opts.setdefault("predictor", "oracle")
         opts.setdefault("slo_tpot_ms", slo.tpot_ms)
         opts.setdefault("costs", CostModel.from_profile(
-            prof, hw.kv_bytes_per_token or kv_bytes_per_token(prof), hw.swap_bytes_per_s * layout.shape.tp_decode,
+            prof, hw.kv_bytes_per_token or kv_bytes_per_token(prof), hw.swap_bytes_per_s * tp,
         ))
     return make_policy(spec.name, **opts)
 

@@ -297,6 +297,7 @@ class Simulator:
         counters = {k: float(v) for k, v in lc.counters.items()}
         counters["unfinished"] = float(n - len(results))
         counters["outputs_clipped"] = float(self.outputs_clipped)
+        counters["mixed_steps"] = float(sum(w.n_mixed_steps for w in self.workers))  # prompt tokens beside decodes
         return SimResult(results, self.end_s, counters, self.kv_samples, self.schedule_calls, self.n_events, busy, stopped)
 
     def cap_for(self, prompt_len: int, output_len: int) -> int:

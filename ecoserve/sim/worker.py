@@ -25,13 +25,14 @@ class _Seq:
 
     __slots__ = (
         "rid", "prompt", "target", "max_tokens", "produced", "joined", "blocks", "cap", "version", "active",
-        "host_blocks", "mode", "worker", "count", "near_for", "req", "rejoined", "cls", "granted",
+        "host_blocks", "mode", "worker", "count", "near_for", "req", "rejoined", "cls", "granted", "tpot",
     )
 
     def __init__(self, worker: SimWorker, rid: str, prompt: int, target: int, max_tokens: int, produced: int,
-                 blocks: int, cap: int | None, req: Request) -> None:
+                 blocks: int, cap: int | None, req: Request, tpot: float | None = None) -> None:
         self.worker, self.rid, self.prompt, self.target, self.max_tokens = worker, rid, prompt, target, max_tokens
         self.produced, self.joined, self.blocks, self.cap, self.req = produced, 0, blocks, cap, req
+        self.tpot = tpot  # the step time its worker keeps to while it decodes ("slo" schedule)
         self.version, self.active, self.host_blocks = 0, False, 0
         self.mode: str | None = None
         self.near_for = -1  # the prediction it was last reported near
@@ -63,8 +64,14 @@ class SimWorker:
         # A mixed worker of a prefill-priority policy (vllm's mode) runs whole prompts, no decodes,
         # while prompts wait: its steps are prefill steps, under the prefill budget.
         self.prefill_first = spec.role == "mixed" and sim.mixed_schedule == "prefill-priority"
-        mixed_budget = spec.role == "mixed" and not self.prefill_first
+        # EcoServe's iteration ("slo"): each step's prompt tokens are the most the profile predicts
+        # within the smallest TPOT target of the requests decoding (`tpots`); a step with nothing
+        # decoding takes up to the prefill budget.
+        self.slo_budget = spec.role == "mixed" and sim.mixed_schedule == "slo"
+        mixed_budget = spec.role == "mixed" and not self.prefill_first and not self.slo_budget
         self.budget = hw.mixed_token_budget if mixed_budget else hw.prefill_token_budget
+        self.tpots: dict[float, int] = {}  # TPOT target -> running requests holding it
+        self.n_mixed_steps = 0  # steps carrying prompt tokens and decodes
         self.num_blocks = self.free = num_blocks
         self.host_total = self.host_free = int(hw.host_blocks_factor * num_blocks)
         self.kv_bytes_per_token = kv_bytes_per_token
@@ -180,7 +187,7 @@ class SimWorker:
             req = self.sim.lifecycle.requests[msg.request_id]
             target = min(self.sim.true_lengths[msg.request_id], msg.params.max_tokens)
             seq = _Seq(self, msg.request_id, len(msg.prompt_token_ids), target, msg.params.max_tokens, len(req.output_token_ids),
-                       n, msg.reserve_tokens, req)
+                       n, msg.reserve_tokens, req, msg.tpot_target_ms)
             self.receiving[msg.request_id] = seq
             self.sim.try_transfer(msg.request_id)
 
@@ -264,6 +271,8 @@ class SimWorker:
         seq.version += 1
         ctx = seq.prompt + seq.produced
         self.sum_ctx += ctx
+        if seq.tpot is not None:
+            self.tpots[seq.tpot] = self.tpots.get(seq.tpot, 0) + 1
         seq.cls = (ctx - self.steps - 1) % self.block_size
         self.classes[seq.cls] += 1
         if self.padded:
@@ -279,6 +288,8 @@ class SimWorker:
         seq.version += 1
         ctx = seq.prompt + seq.produced
         self.sum_ctx -= ctx
+        if seq.tpot is not None:
+            self.tpots[seq.tpot] -= 1
         self.classes[seq.cls] -= 1
         seq.blocks = self.blocks_for(ctx - (self.ungranted and seq.granted != self.steps))
         if self.padded:
@@ -399,7 +410,9 @@ class SimWorker:
         n = len(self.running) if decode else 0
         cross = 0
         if self.role != "decode" and self.prefill_queue and not self.prefill_first:
-            cross = self._take_prefill(prefill_lens, self.budget - n)
+            cross = self._take_prefill(prefill_lens, self._slo_budget(n) if self.slo_budget else self.budget - n)
+        if prefill_lens and n:
+            self.n_mixed_steps += 1
         # One step, prefill chunks and decodes alike: the profile's mixed-step form (fused or
         # additive) prices a step holding both; one holding only one is that side's own step.
         sum_len, sum_sq = sum(prefill_lens), sum(x * x for x in prefill_lens) + cross
@@ -413,6 +426,14 @@ class SimWorker:
         self.extra_s = 0.0
         self.busy_s += seconds
         return seconds
+
+    def _slo_budget(self, n: int) -> int:
+        """Prompt tokens this step may carry beside its `n` decodes (the "slo" schedule)."""
+        tpots = [t for t, k in self.tpots.items() if k]
+        if not n or not tpots:
+            return self.budget if not n else max(0, self.budget - n)  # no TPOT at stake
+        return self.profile.prompt_budget(min(tpots), n, self.sum_ctx, self.max_ctx() if self.padded else None,
+                                          cap=self.budget)
 
     def _take_prefill(self, lens: list[int], budget: int, whole: bool = False) -> int:
         """Queued prompts (or chunks; `whole`: never chunked) into `lens` up to `budget` tokens. Returns Σ n·s over the
@@ -541,7 +562,8 @@ class SimWorker:
                 self.free += blocks
                 return
             max_tokens = msg.params.max_tokens
-            seq = _Seq(self, rid, len(msg.prompt_token_ids), min(true_len, max_tokens), max_tokens, 1, blocks, None, req)
+            seq = _Seq(self, rid, len(msg.prompt_token_ids), min(true_len, max_tokens), max_tokens, 1, blocks,
+                       msg.reserve_tokens, req, msg.tpot_target_ms)
             self.arrived.append(seq)
         else:
             self.held[rid] = blocks

@@ -241,8 +241,9 @@ def test_the_link_bandwidth_reaches_the_simulator() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--policy", "ecoserve", "--mixed", "2"], "policy 'ecoserve' cannot run a layout of 2 mixed instances; it accepts "
-         "prefill+decode instances (--prefill N --decode N)"),
+        (["--policy", "ecoserve", "--decode", "1", "--mixed", "2"], "policy 'ecoserve' cannot run a layout of 1 decode, "
+         "2 mixed instances; it accepts prefill+decode instances (--prefill N --decode N) or mixed instances (--mixed N) "
+         "or prefill+mixed instances (--prefill N --mixed N)"),
         (["--policy", "vllm", "--prefill", "1", "--decode", "1"], "policy 'vllm' cannot run a layout of 1 prefill, 1 decode "
          "instances; it accepts mixed instances (--mixed N)"),
         (["--policy", "distserve", "--decode", "1", "--mixed", "2"], "policy 'distserve' cannot run a layout of 1 decode, "
@@ -273,7 +274,7 @@ def test_layouts_offer_every_kind_a_policy_accepts_and_nothing_it_refuses(policy
         check(x)  # never a layout the policy refuses
     assert [x.shape.gpus for x in found] == sorted(x.shape.gpus for x in found)
     with pytest.raises(ValueError, match="accepts prefill\\+decode instances"):
-        check(Layout("ecoserve", ClusterShape(mixed=2)))
+        check(Layout("ecoserve", ClusterShape(decode=1, mixed=2)))
 
 
 def test_a_failed_layout_prunes_only_smaller_layouts_of_its_own_kind() -> None:

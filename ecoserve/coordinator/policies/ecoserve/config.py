@@ -31,12 +31,18 @@ class EcoServeConfig:
     rl_buckets: bool = True
     ordering: bool = True
     exact_allocation: bool = True
+    # Mixed workers: each step's prompt tokens are the most the worker's latency profile predicts
+    # within the TPOT SLO less `tpot_margin` (the "slo" schedule); off, the fixed chunked budget.
+    slo_budget: bool = True
+    tpot_margin: float = 0.1
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # --policy-option values arrive as JSON or strings
             _check_type(f, getattr(self, f.name))
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+        if not 0 <= self.tpot_margin < 1:
+            raise ValueError(f"tpot_margin must be in [0, 1), got {self.tpot_margin}")
         if self.start_delay < 0:
             raise ValueError(f"start_delay must be >= 0 decode steps, got {self.start_delay}")
         if self.queue_factor <= 0:

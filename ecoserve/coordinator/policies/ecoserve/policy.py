@@ -47,7 +47,9 @@ from ecoserve.predictor.predictors import Predictor, PredictionQuery, make_predi
 
 class EcoServePolicy(BasePolicy):
     name = "ecoserve"
-    needs_roles: tuple[frozenset[str], ...] = (frozenset({"prefill", "decode"}),)
+    needs_roles: tuple[frozenset[str], ...] = (
+        frozenset({"prefill", "decode"}), frozenset({"mixed"}), frozenset({"prefill", "mixed"}),
+    )
 
     def __init__(self, config: EcoServeConfig | None = None, predictor: Predictor | None = None) -> None:
         self.config = config or EcoServeConfig()
@@ -55,6 +57,7 @@ class EcoServePolicy(BasePolicy):
         self.predictor: Predictor | None = predictor or make_predictor(c.predictor, c.buckets, **c.predictor_options)
         self.extend_ahead = c.extend_ahead
         self.start_delay = c.start_delay
+        self.mixed_schedule = "slo" if c.slo_budget else "chunked"
 
     # --- admission hooks -------------------------------------------------------------------------
 
@@ -78,16 +81,23 @@ class EcoServePolicy(BasePolicy):
 
     def schedule(self, state: SchedulerState) -> Decisions:
         out = Decisions()
-        decoders = {w.rank: w for w in state.alive("decode")}
-        prefillers = state.alive("prefill")
-        if not decoders or not prefillers:
+        # Reservations live where requests decode (decode and mixed workers); prompts are
+        # prefilled on prefill workers or, locally, on mixed ones.
+        decoders = {w.rank: w for w in state.workers.values() if w.alive and w.role in ("decode", "mixed")}
+        sites = [w for w in state.workers.values() if w.alive and w.role in ("prefill", "mixed")]
+        if not decoders or not sites:
             return out
         round_ = Round(self.config, state, decoders)
         self._transfers(state, round_, out)
         blocked = self._mispredictions(state, round_, out)
         blocked |= self._resumes(state, round_, out)
-        self._admit(state, prefillers, round_, blocked, out)
+        self._admit(state, sites, round_, blocked, out)
         return out
+
+    def tpot_target_ms(self, req: Request) -> float | None:
+        """The step time a mixed worker keeps to while `req` decodes there: its TPOT SLO less the margin."""
+        slo = req.slo_tpot_ms or self.config.slo_tpot_ms
+        return None if slo is None else slo * (1 - self.config.tpot_margin)
 
     def _transfers(self, state: SchedulerState, r: Round, out: Decisions) -> None:
         queue = list(state.kv_waiting)
@@ -107,7 +117,8 @@ class EcoServePolicy(BasePolicy):
                 if rank not in r.decoders:
                     continue  # its worker is lost: the lifecycle retries the request
             w = r.decoders[rank]
-            out.transfers.append(StartTransfer(req.request_id, req.prefill_rank, rank, w.blocks_for(req.num_prefill_tokens)))
+            out.transfers.append(StartTransfer(req.request_id, req.prefill_rank, rank, w.blocks_for(req.num_prefill_tokens),
+                                               self.tpot_target_ms(req)))
 
     def _mispredictions(self, state: SchedulerState, r: Round, out: Decisions) -> set[int]:
         """Extend requests close to their reservation; preempt victims where that does not fit.
@@ -237,22 +248,20 @@ class EcoServePolicy(BasePolicy):
                 blocked.add(rank)
         return blocked
 
-    def _admit(
-        self, state: SchedulerState, prefillers: list[WorkerView], r: Round, blocked: set[int], out: Decisions
-    ) -> None:
+    def _admit(self, state: SchedulerState, sites: list[WorkerView], r: Round, blocked: set[int], out: Decisions) -> None:
         c = self.config
         queue = state.waiting
         assert isinstance(queue, BucketQueues)
         if not queue.buckets:
             return
-        room = {w.rank: c.queue_factor * w.token_budget - w.queued_prefill_tokens for w in prefillers}
-        idle = {w.rank: w.queued_prefill_tokens == 0 for w in prefillers}
-        avail = {w.rank: w.available_blocks for w in prefillers}
+        room = {w.rank: c.queue_factor * w.token_budget - w.queued_prefill_tokens for w in sites}
+        idle = {w.rank: w.queued_prefill_tokens == 0 for w in sites}
+        avail = {w.rank: w.available_blocks for w in sites}
         cursors: dict[int, Cursor] = {}
         r.blocked = blocked
         while True:
-            pw = max(prefillers, key=lambda w: (room[w.rank] / w.token_budget, -w.rank))
-            if room[pw.rank] <= 0 and not idle[pw.rank]:
+            pw = max(sites, key=lambda w: (room[w.rank] / w.token_budget, -w.rank))  # the most room
+            if room[pw.rank] <= 0 and not any(idle.values()):
                 return
             bucket = self._next_bucket(queue, cursors)
             if bucket is None:
@@ -268,34 +277,60 @@ class EcoServePolicy(BasePolicy):
                 group.append(head)
                 tokens += p
                 head = cur.peek(len(group))
-            if pw.blocks_for(group[0].num_prefill_tokens) > avail[pw.rank]:
-                return  # the prefill worker's pool is full: wait for it to send KV on
-            if group[0].num_prefill_tokens > room[pw.rank] and not idle[pw.rank]:
-                return  # a prompt longer than the room left waits for an idle prefill worker
-            placed = self._reserve(group, bucket, r, out)
-            if placed == 0:
+            placed, site, local = self._place(group, bucket, r, sites, room, idle, avail, out)
+            if site is None:
                 return  # the most urgent cohort fits nowhere: no bypass
             for req in group[:placed]:
                 cur.pop()
-                out.prefills.append(DispatchPrefill(req.request_id, pw.rank, decode_locally=False))
-                room[pw.rank] -= req.num_prefill_tokens
-                avail[pw.rank] -= pw.blocks_for(req.num_prefill_tokens)
-            idle[pw.rank] = False
+                tpot = self.tpot_target_ms(req) if local else None
+                out.prefills.append(DispatchPrefill(req.request_id, site.rank, decode_locally=local, tpot_target_ms=tpot))
+                room[site.rank] -= req.num_prefill_tokens
+                avail[site.rank] -= site.blocks_for(req.num_prefill_tokens)
+            idle[site.rank] = False
 
-    def _reserve(self, group: list[Request], horizon: int, r: Round, out: Decisions) -> int:
-        """Reserve for the longest prefix of `group` that fits on one decode worker (halving)."""
-        if not self.config.exact_allocation:
-            return len(group)  # reserved at transfer time instead
+    def _place(
+        self, group: list[Request], horizon: int, r: Round, sites: list[WorkerView], room: dict[int, float],
+        idle: dict[int, bool], avail: dict[int, int], out: Decisions,
+    ) -> tuple[int, WorkerView | None, bool]:
+        """Where the longest prefix of `group` (halving) is prefilled and reserved: (how many, the
+        worker that prefills them, whether it also decodes them).
+
+        First locally, on a mixed worker whose prompt queue has room (or is empty): no transfer,
+        and the prompt fills the spare budget of that worker's decode iterations. Else on the
+        prefill worker with the most room, with the reservation on any decode or mixed worker,
+        which receives the KV. Without `exact_allocation` nothing is reserved now: a local
+        prompt needs only physical room for itself, a remote one is reserved at transfer time.
+        """
         slo = min((q.slo_tpot_ms for q in group if q.slo_tpot_ms), default=None)
         n = len(group)
         while n >= 1:
             members = [(q.request_id, q.num_prefill_tokens) for q in group[:n]]
-            w = r.place(members, horizon, slo)
-            if w is not None:
-                out.reservations.append(Reserve(w.rank, horizon, tuple(members)))
-                return n
+            tokens = sum(t for _, t in members)
+
+            def queue_ok(w: WorkerView) -> bool:
+                return room[w.rank] >= tokens or idle[w.rank]
+
+            local = [w for w in sites if w.role == "mixed" and queue_ok(w)]
+            if local and self.config.exact_allocation:
+                w = r.place(members, horizon, slo, ranks=[x.rank for x in local])
+                if w is not None:
+                    out.reservations.append(Reserve(w.rank, horizon, tuple(members)))
+                    return n, w, True
+            elif local:
+                fits = [w for w in local if w.blocks_for(tokens) + n <= avail[w.rank] and w.rank not in r.blocked]
+                if fits:
+                    return n, max(fits, key=lambda w: (avail[w.rank], -w.rank)), True
+            remote = [w for w in sites if w.role == "prefill" and queue_ok(w) and w.blocks_for(tokens) + n <= avail[w.rank]]
+            if remote:
+                pw = max(remote, key=lambda w: (room[w.rank] / w.token_budget, -w.rank))
+                if not self.config.exact_allocation:
+                    return n, pw, False  # reserved at transfer time instead
+                w = r.place(members, horizon, slo)
+                if w is not None:
+                    out.reservations.append(Reserve(w.rank, horizon, tuple(members)))
+                    return n, pw, False
             n //= 2
-        return 0
+        return 0, None, False
 
     def _next_bucket(self, queue: BucketQueues, cursors: dict[int, Cursor]) -> int | None:
         best: tuple[float, ...] | None = None

@@ -1,4 +1,4 @@
-"""The `ecoserve` policy's working state for one scheduling round: per decode worker, what is
+"""The `ecoserve` policy's working state for one scheduling round: per decode or mixed worker, what is
 reserved (exact blocks, the plateau bound, members), what is physically free, and the
 predicted-usage timeline when a check needs it; fit checks and commits against them."""
 
@@ -154,11 +154,14 @@ class Round:
         return (self.linear[rank] if self.config.pipelining else self.exact[rank]) / w.num_blocks
 
     def place(
-        self, members: list[tuple[str, int]], horizon: int, slo: float | None, physical: bool = False
+        self, members: list[tuple[str, int]], horizon: int, slo: float | None, physical: bool = False,
+        ranks: list[int] | None = None,
     ) -> WorkerView | None:
-        """The least-loaded decode worker where the cohort fits (first fit in load order); commit it."""
+        """The least-loaded decode worker (of `ranks`, default all) where the cohort fits (first fit
+        in load order); commit it."""
         tokens = sum(t for _, t in members)
-        for rank in sorted((r for r in self.decoders if r not in self.blocked), key=lambda r: (self.load(r), r)):
+        among = self.decoders if ranks is None else ranks
+        for rank in sorted((r for r in among if r not in self.blocked), key=lambda r: (self.load(r), r)):
             w = self.decoders[rank]
             shape = self.pending(rank, len(members), tokens, horizon)
             exact = sum(w.blocks_for(t + horizon) for _, t in members)
