@@ -95,13 +95,16 @@ class LatencyProfile:
 
     def prompt_budget(
         self, target_ms: float, batch: int, sum_context: float, max_context: int | None = None, cap: int = 1 << 20,
+        done: int = 0,
     ) -> int:
         """The most prompt tokens (0..`cap`) a step decoding `batch` requests may add and still be
         predicted (`mixed_ms`, the prompt tokens taken as one chunk: Σl² = Σl², the costliest
-        split) to take at most `target_ms`: EcoServe's SLO-derived prompt budget (DESIGN §4.1).
+        split; `done` tokens of the prompt they continue are already computed, and every new
+        query attends to them too: Σl² gains n·done, an upper bound where later prompts start
+        fresh) to take at most `target_ms`: EcoServe's SLO-derived prompt budget (DESIGN §4.1).
         `cap` when nothing decodes; 0 when the decodes alone already take more than `target_ms`."""
         def ms(n: int) -> float:
-            return self.mixed_ms(n, n * n, batch, sum_context, max_context)
+            return self.mixed_ms(n, n * n + n * done, batch, sum_context, max_context)
 
         if batch == 0 or cap <= 0:
             return max(0, cap)  # nothing decodes: no TPOT to keep

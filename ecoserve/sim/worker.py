@@ -417,7 +417,7 @@ class SimWorker:
         # additive) prices a step holding both; one holding only one is that side's own step.
         sum_len, sum_sq = sum(prefill_lens), sum(x * x for x in prefill_lens) + cross
         ms = self.profile.mixed_ms(sum_len, sum_sq, n, self.sum_ctx, self.max_ctx() if self.padded and n else None)
-        self.step_batch = n
+        self.step_batch, self.step_prompt_tokens = n, sum_len
         if not ms and not self.extra_s:
             if self.pre_preempted:
                 self.sim.to_coordinator(DecodeProgress(self.rank, [], [], self.pre_preempted, []))
@@ -432,8 +432,10 @@ class SimWorker:
         tpots = [t for t, k in self.tpots.items() if k]
         if not n or not tpots:
             return self.budget if not n else max(0, self.budget - n)  # no TPOT at stake
+        head = self.prefill_queue[0]
+        done = len(head[0].prompt_token_ids) - head[1]  # computed by earlier chunks
         return self.profile.prompt_budget(min(tpots), n, self.sum_ctx, self.max_ctx() if self.padded else None,
-                                          cap=self.budget)
+                                          cap=self.budget, done=done)
 
     def _take_prefill(self, lens: list[int], budget: int, whole: bool = False) -> int:
         """Queued prompts (or chunks; `whole`: never chunked) into `lens` up to `budget` tokens. Returns Σ n·s over the
