@@ -1,4 +1,17 @@
-"""The `ecoserve` policy across a prefill and a decode pool (DESIGN §4.1).
+"""The `ecoserve` policy (DESIGN §4.1) on three layouts: a prefill and a decode pool; mixed workers
+alone (the paper's colocated form); prefill workers beside mixed ones (hybrid).
+
+On a mixed worker each iteration carries its running generation tasks (GTs) and prompt tokens
+(PTs) up to a budget derived from the TPOT SLO: the most prompt tokens for which the worker's
+latency profile predicts the step within the smallest TPOT target of the requests decoding
+there (their SLO less `tpot_margin`). The worker computes that budget each step (the "slo"
+schedule: `LatencyProfile.prompt_budget`), since only it knows the batch of that step; the
+policy sets each request's target (`DispatchPrefill.tpot_target_ms`) and decides, as here, what
+is admitted and where, and the KV reserved for it. Admission places a cohort locally first (a
+mixed worker whose prompt queue has room prefills it and keeps it: no transfer), else on the
+prefill worker with the most room, its KV then moving to the decode or mixed worker holding
+the reservation. Prefill workers never decode (a departure from the issue's open question, see
+DESIGN §4.1: their pools would then hold reservations that the transfer path cannot see).
 
 The paper is not public in full; where it is silent these definitions are ours (DESIGN §4.1
 states them), and so are the constants below.
@@ -17,16 +30,18 @@ Each scheduling round, in this order (KVC holders first, so KVC is released earl
    is admitted to its worker.
 4. **Admission.** Requests wait in one queue per RL bucket. The most urgent bucket head (TTFT
    deadline, then shorter prompt; oldest first without `ordering`) picks the bucket; the
-   bucket's oldest requests form a cohort that fits the room left in the prefill worker's queue
+   bucket's oldest requests form a cohort that fits the room left in the roomiest prompt queue
    (`queue_factor` token budgets; a longer prompt goes only to an idle worker), and the
-   whole cohort is reserved on one decode worker in one timeline check (`ledger.Timeline`),
-   then dispatched to prefill together. A cohort that fits nowhere is halved until it fits;
-   when even its head does not, admission stops (no bypass, so no bucket starves).
+   whole cohort is reserved on one decode or mixed worker in one timeline check
+   (`ledger.Timeline`), then dispatched to prefill together (`_place`: locally first). A
+   cohort that fits nowhere is halved until it fits; when even its head does not, admission
+   stops (no bypass, so no bucket starves).
 
 Mechanisms can be switched off for ablations: `pipelining` (admit on the exact sum of
 reservations instead of the timeline), `rl_buckets` (one queue, cohorts of one, the raw
 prediction as horizon), `ordering` (FCFS everywhere), `exact_allocation` (reserve at transfer
-time instead of before prefill). A decode worker's batch is capped so that its predicted step
+time instead of before prefill; a local prompt then reserves nothing and its worker takes blocks
+on demand), `slo_budget` (mixed workers run the fixed chunked budget instead). A decode worker's batch is capped so that its predicted step
 time meets the TPOT SLO when the cost model has a decode fit (`CostModel.has_decode_fit`).
 """
 
@@ -277,7 +292,7 @@ class EcoServePolicy(BasePolicy):
                 group.append(head)
                 tokens += p
                 head = cur.peek(len(group))
-            placed, site, local = self._place(group, bucket, r, sites, room, idle, avail, out)
+            placed, site, local = self._place(group, bucket, r, sites, room, idle, avail, out, state.now)
             if site is None:
                 return  # the most urgent cohort fits nowhere: no bypass
             for req in group[:placed]:
@@ -290,13 +305,15 @@ class EcoServePolicy(BasePolicy):
 
     def _place(
         self, group: list[Request], horizon: int, r: Round, sites: list[WorkerView], room: dict[int, float],
-        idle: dict[int, bool], avail: dict[int, int], out: Decisions,
+        idle: dict[int, bool], avail: dict[int, int], out: Decisions, now: float,
     ) -> tuple[int, WorkerView | None, bool]:
         """Where the longest prefix of `group` (halving) is prefilled and reserved: (how many, the
         worker that prefills them, whether it also decodes them).
 
-        First locally, on a mixed worker whose prompt queue has room (or is empty): no transfer,
-        and the prompt fills the spare budget of that worker's decode iterations. Else on the
+        First locally, on a mixed worker whose prompt queue has room (or is empty) and, where a
+        prefill worker could take it instead, whose iterations' prompt budget is predicted to reach
+        it within its TTFT (`_local_in_time`): no transfer, and the prompt fills the spare budget of
+        that worker's decode iterations. Else on the
         prefill worker with the most room, with the reservation on any decode or mixed worker,
         which receives the KV. Without `exact_allocation` nothing is reserved now: a local
         prompt needs only physical room for itself, a remote one is reserved at transfer time.
@@ -311,6 +328,8 @@ class EcoServePolicy(BasePolicy):
                 return room[w.rank] >= tokens or idle[w.rank]
 
             local = [w for w in sites if w.role == "mixed" and queue_ok(w)]
+            if any(w.role == "prefill" for w in sites):
+                local = [w for w in local if self._local_in_time(w, group[:n], tokens, room, r, now)]
             if local and self.config.exact_allocation:
                 w = r.place(members, horizon, slo, ranks=[x.rank for x in local])
                 if w is not None:
@@ -331,6 +350,27 @@ class EcoServePolicy(BasePolicy):
                     return n, pw, False
             n //= 2
         return 0, None, False
+
+    def _local_in_time(
+        self, w: WorkerView, reqs: list[Request], tokens: int, room: dict[int, float], r: Round, now: float,
+    ) -> bool:
+        """Whether mixed worker `w` is predicted to prefill `reqs` (`tokens` prompt tokens) within
+        their TTFT: the prompt tokens queued there before them, at the prompt budget its
+        iterations have now (its reserved members decoding over the KV it holds), one TPOT
+        target per iteration. True without the fits or the SLOs to tell."""
+        c = self.config
+        targets = [t for t in (self.tpot_target_ms(q) for q in reqs) if t is not None]
+        ttfts = [q.slo_ttft_ms for q in reqs if q.slo_ttft_ms]
+        if not (c.costs.has_decode_fit and targets and ttfts):
+            return True
+        target = min(targets)
+        context = (w.num_blocks - w.available_blocks) * w.block_size
+        per_step = c.costs.profile.prompt_budget(target, r.members[w.rank], context, cap=w.token_budget)
+        if per_step <= 0:
+            return False
+        queued = c.queue_factor * w.token_budget - room[w.rank] + tokens
+        waited_ms = (now - min(q.arrival for q in reqs)) * 1e3
+        return waited_ms + math.ceil(queued / per_step) * target <= min(ttfts)
 
     def _next_bucket(self, queue: BucketQueues, cursors: dict[int, Cursor]) -> int | None:
         best: tuple[float, ...] | None = None
