@@ -331,7 +331,9 @@ class EcoServePolicy(BasePolicy):
             if any(w.role == "prefill" for w in sites):
                 local = [w for w in local if self._local_in_time(w, group[:n], tokens, room, r, now)]
             if local and self.config.exact_allocation:
-                w = r.place(members, horizon, slo, ranks=[x.rank for x in local])
+                # the shortest prompt queue first (the prompt's TTFT), then the least KV load
+                order = sorted(local, key=lambda x: (-room[x.rank] / x.token_budget, r.load(x.rank), x.rank))
+                w = r.place(members, horizon, slo, ranks=[x.rank for x in order])
                 if w is not None:
                     out.reservations.append(Reserve(w.rank, horizon, tuple(members)))
                     return n, w, True

@@ -157,11 +157,11 @@ class Round:
         self, members: list[tuple[str, int]], horizon: int, slo: float | None, physical: bool = False,
         ranks: list[int] | None = None,
     ) -> WorkerView | None:
-        """The least-loaded decode worker (of `ranks`, default all) where the cohort fits (first fit
-        in load order); commit it."""
+        """The first decode worker of `ranks` (default: all, least-loaded first) where the cohort
+        fits; commit it."""
         tokens = sum(t for _, t in members)
-        among = self.decoders if ranks is None else ranks
-        for rank in sorted((r for r in among if r not in self.blocked), key=lambda r: (self.load(r), r)):
+        order = sorted(self.decoders, key=lambda r: (self.load(r), r)) if ranks is None else ranks
+        for rank in (r for r in order if r not in self.blocked):
             w = self.decoders[rank]
             shape = self.pending(rank, len(members), tokens, horizon)
             exact = sum(w.blocks_for(t + horizon) for _, t in members)
