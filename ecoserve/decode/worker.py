@@ -78,7 +78,8 @@ class DecodeWorker(Worker):
             seq.num_computed_tokens = kv_tokens
             seq.reserved_tokens = msg.reserve_tokens
             plan = TransferPlan(msg.request_id, msg.src_rank, self.rank, msg.seq_no, kv_tokens)
-            deadline = local_deadline(msg.deadline_at)  # the sender's, too: maybe past already (then hollow)
+            # The sender's deadline too; maybe past already (then hollow).
+            deadline = local_deadline(msg.deadline_at, self.faults.clock_lag_ms / 1e3)
             self.transfers.recv(plan, list(seq.block_table.blocks), deadline_s=msg.deadline_s, deadline=deadline)
             self.receiving[msg.request_id] = seq
 

@@ -16,7 +16,8 @@ torch.distributed KV transfer between workers. `SimRunner` replaces `ModelRunner
   for chunks of n tokens after s cached ones (a + b·Σl + c·Σl² for whole prompts); decodes
   a + b·Σctx + c·batch; a step holding both (mixed workers) costs the profile's `mixed_ms` (one
   fused pass unless the profile measured otherwise). KV-transfer time is
-  not modelled: the transfers are real, and small. The engine's own scheduling and sampling
+  not modelled: the transfers are real, and small, and a worker moves them on (`while_waiting`)
+  while a step waits out its modelled time, as a GPU engine's CPU is free while the GPU computes. The engine's own scheduling and sampling
   (about 1.3 ms of CPU a step at batch 100) come on top, as a real engine's CPU work would.
 - Tokens: the token at position i of a request is a pure function of (its prompt, i): a 64-bit
   key mixed from a blake2b digest of the prompt ids and i picks the target token among ids

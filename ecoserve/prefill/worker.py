@@ -60,7 +60,7 @@ class PrefillWorker(Worker):
         plan = TransferPlan(msg.request_id, self.rank, msg.dst_rank, msg.seq_no, num_tokens)
         blocks = seq.block_table.blocks[: self.pool.blocks_for_tokens(num_tokens)]
         self.sending[msg.request_id] = seq
-        deadline = local_deadline(msg.deadline_at)  # the receiver keeps the same one
+        deadline = local_deadline(msg.deadline_at, self.faults.clock_lag_ms / 1e3)  # the receiver keeps the same one
         delay = self.faults.send_delay_s(self.num_sends)
         if delay > 0:
             self.held_back[msg.request_id] = _HeldSend(plan, blocks, msg.deadline_s, deadline, time.monotonic() + delay)

@@ -72,10 +72,11 @@ class ControlChannel:
         self.sock.close()
 
 
-def local_deadline(deadline_at: float) -> float:
+def local_deadline(deadline_at: float, clock_lag_s: float = 0.0) -> float:
     """A transfer's deadline (wall-clock seconds, the coordinator's choice) on this process's
-    time.monotonic() clock, which the transfer engine keeps."""
-    return time.monotonic() + (deadline_at - time.time())
+    time.monotonic() clock, which the transfer engine keeps; `clock_lag_s`: how far this host's
+    wall clock is behind (tests inject it)."""
+    return time.monotonic() + (deadline_at - (time.time() - clock_lag_s))
 
 
 class Worker:
@@ -188,6 +189,8 @@ class Worker:
                 "pid": float(os.getpid()),
                 "transfers_in_flight": float(self.transfers.num_in_flight),
                 "quarantined_requests": float(len(self.quarantine)),
+                "loop_turns": float(self.num_turns),
+                "empty_steps": float(self.num_empty_steps),
             }
             values.update({k: float(v) for k, v in self.stats().items()})
             self.channel.send(p.WorkerStats(rank=self.rank, values=values))
