@@ -26,7 +26,9 @@ from ecoserve.params import SLO, SamplingParams
 
 # 2: HelloReply limits; Preempt/Resume/...; 3: generated_token_ids (retries), PeerLost;
 # 4: AddRequest, RunPrefill and ReceiveKV carry one nested `params` (and AddRequest `slo`);
-# 5: RunPrefill.reserve_tokens, RunPrefill/ReceiveKV.tpot_target_ms (EcoServe on mixed workers).
+# 5: RunPrefill.reserve_tokens, RunPrefill/ReceiveKV.tpot_target_ms (EcoServe on mixed workers);
+# SendKV and ReceiveKV carry the transfer's one deadline (`deadline_at`), PrefillDone and
+# TransferStatus the sender's free blocks.
 PROTOCOL_VERSION = 5
 MAX_FRAME_BYTES = 16 * 2**20  # a 1M-token prompt of ids fits; anything larger is refused
 MAX_INT = 2**63 - 1
@@ -206,6 +208,10 @@ class PrefillDone:
     request_id: str
     first_token: int
     finish_reason: str | None
+    # The worker's free blocks after the step (the held KV counted as used), so the coordinator
+    # never dispatches prompts into KV it still holds; None: not told (the simulator sets its
+    # views itself).
+    free_blocks: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,6 +248,7 @@ class TransferStatus:
     request_id: str
     state: str
     message: str
+    free_blocks: int | None = None  # this side's free blocks once it let go of the transfer's; None: not told
 
 
 @dataclass(frozen=True)
@@ -300,12 +307,18 @@ class RunPrefill:
 
 @dataclass(frozen=True)
 class SendKV:
-    """To a prefill worker: send the request's held KV to `dst_rank` as that pair's `seq_no`."""
+    """To a prefill worker: send the request's held KV to `dst_rank` as that pair's `seq_no`.
+
+    `deadline_at` is the transfer's one deadline, the same in its ReceiveKV: wall-clock seconds
+    (time.time()) the coordinator chose, `deadline_s` after it planned the transfer. Neither side
+    times its own.
+    """
 
     request_id: str
     dst_rank: int
     seq_no: int
     deadline_s: float
+    deadline_at: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -320,6 +333,7 @@ class ReceiveKV:
     src_rank: int
     seq_no: int
     deadline_s: float
+    deadline_at: float  # the transfer's one deadline, as in its SendKV
     prompt_token_ids: list[int]
     first_token: int
     params: SamplingParams

@@ -4,8 +4,9 @@
 
 Starts `ecoserve serve` (2 prefill + 3 decode by default), measures its capacity with a short
 closed-loop burst (or takes `--rate`), then sends requests at 80% of it as a Poisson process
-for `--duration` seconds. Every `--kill-every` seconds one worker is SIGKILLed, never the last
-of its role. Checks that every request ends exactly once (a completion or an error reply, with
+for `--duration` seconds. A third of the way in, `--burst` more requests (1,000 by default, far
+more than the prefill pools hold) arrive at once on top of that load; 0 turns the burst off.
+Every `--kill-every` seconds one worker is SIGKILLed, never the last of its role. Checks that every request ends exactly once (a completion or an error reply, with
 no duplicate or gap in its deltas), that nothing is left unanswered `--grace` seconds after the
 load stops ("lost"), that the block accounting returns to zero once idle ("leaked"), and samples
 each process's RSS at the start and the end. Exits 1 when anything was lost or leaked.
@@ -35,6 +36,7 @@ from ecoserve.params import SamplingParams
 LOAD_FRACTION = 0.8
 CAPACITY_PROBE_S = 8.0
 LEAK_KEYS = ("kv_used_blocks", "reserved_blocks", "requests_releasing")
+DEFAULT_BURST = 1000
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,12 @@ class SoakConfig:
     max_retries: int = 6
     sim_time_scale: float = 0.2
     seed: int = 0
+    burst: int = 0  # requests sent at once a third of the way in; 0: none (the command's default: DEFAULT_BURST)
+
+    @property
+    def burst_at_s(self) -> float:
+        """When the burst goes out, from the start of the load."""
+        return self.duration_s / 3
 
     def __post_init__(self) -> None:
         if not self.duration_s > 0:
@@ -65,6 +73,8 @@ class SoakConfig:
             raise ValueError(f"a soak needs at least 1 prefill and 1 decode worker, got {self.prefill} + {self.decode}")
         if self.rate is not None and not self.rate > 0:
             raise ValueError(f"--rate must be > 0 requests/s, got {self.rate}")
+        if self.burst < 0:
+            raise ValueError(f"--burst must be >= 0 requests (0: no burst), got {self.burst}")
 
     @property
     def shape(self) -> ClusterShape:
@@ -85,6 +95,7 @@ class Tally:
     served: int = 0
     errored: int = 0
     broken: int = 0  # a duplicate or gap in the deltas, or more than one terminal event
+    burst_sent: int = 0  # of `sent`, those sent in the burst
     errors: dict[str, int] = field(default_factory=dict)
     open_ids: set[int] = field(default_factory=set)  # sent, no terminal event yet
 
@@ -204,6 +215,15 @@ async def drive(client: AsyncClient, cfg: SoakConfig, rate: float, tally: Tally,
     stop_at = t0 + cfg.duration_s
     kills = asyncio.ensure_future(killer(client, cfg, stop_at, killed)) if cfg.kill_every_s > 0 else None
     tasks: list[asyncio.Future[None]] = []
+    burst_rng = random.Random(cfg.seed + 2)
+
+    async def burst() -> None:
+        await asyncio.sleep(max(0.0, t0 + cfg.burst_at_s - time.monotonic()))
+        for _ in range(cfg.burst):  # no await between them: they go out together
+            tasks.append(asyncio.ensure_future(one(client, len(tasks), *job(burst_rng, vocab, cfg), tally)))
+        tally.burst_sent += cfg.burst
+
+    bursts = asyncio.ensure_future(burst()) if cfg.burst else None
     next_at = t0
     while True:
         next_at += rng.expovariate(rate)
@@ -211,6 +231,8 @@ async def drive(client: AsyncClient, cfg: SoakConfig, rate: float, tally: Tally,
             break
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         tasks.append(asyncio.ensure_future(one(client, len(tasks), *job(rng, vocab, cfg), tally)))
+    if bursts is not None:
+        await bursts
     if kills is not None:
         await kills
     if tasks:
@@ -236,7 +258,9 @@ async def soak(addr: str, cfg: SoakConfig) -> dict[str, Any]:
     memory = {name: memory_row(pid, rss_start[name], rss_end[name]) for name, pid in pids.items()}
     leaked = int(sum(end.get(k, 0) for k in LEAK_KEYS))
     summary = {"served": tally.served, "errored": tally.errored, "lost": lost, "leaked_blocks": leaked,
-               "broken_streams": tally.broken, "sent": tally.sent, "rate_rps": rate, "elapsed_s": elapsed,
+               "broken_streams": tally.broken, "sent": tally.sent, "burst_sent": tally.burst_sent, "rate_rps": rate,
+               "elapsed_s": elapsed, "transfers_done": end.get("transfers_done", 0.0) - start.get("transfers_done", 0.0),
+               "transfers_failed": end.get("transfers_failed", 0.0) - start.get("transfers_failed", 0.0),
                "workers_killed": len(killed), "workers_lost": end.get("workers_lost", 0.0),
                "retries": end.get("retries", 0.0), "server_ended": ended(end) - ended(start),
                "max_rss_growth_mb": max((m["growth_mb"] for m in memory.values() if m["growth_mb"] is not None), default=None)}
@@ -259,9 +283,10 @@ def run_soak(cfg: SoakConfig, log_dir: Path | None = None) -> dict[str, Any]:
 
 def print_report(report: dict[str, Any]) -> None:
     s = report["summary"]
-    print(f"{'served':>8} {'errored':>8} {'lost':>6} {'leaked':>7} {'broken':>7} {'killed':>7} {'rate/s':>7} {'elapsed':>8}")
+    print(f"{'served':>8} {'errored':>8} {'lost':>6} {'leaked':>7} {'broken':>7} {'killed':>7} {'burst':>6} {'rate/s':>7} "
+          f"{'elapsed':>8}")
     print(f"{s['served']:>8} {s['errored']:>8} {s['lost']:>6} {s['leaked_blocks']:>7} {s['broken_streams']:>7} "
-          f"{s['workers_killed']:>7} {s['rate_rps']:>7.2f} {s['elapsed_s']:>7.0f}s")
+          f"{s['workers_killed']:>7} {s['burst_sent']:>6} {s['rate_rps']:>7.2f} {s['elapsed_s']:>7.0f}s")
     print(f"\n{'process':<16} {'pid':>8} {'rss start MB':>13} {'rss end MB':>11} {'growth MB':>10}")
     for name, m in report["memory"].items():
         fmt = lambda v: "killed" if v is None else f"{v:.1f}"  # noqa: E731
@@ -284,6 +309,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-timeout", type=float, default=3.0)
     p.add_argument("--max-retries", type=int, default=6)
     p.add_argument("--sim-time-scale", type=float, default=0.2)
+    p.add_argument("--burst", type=int, default=DEFAULT_BURST,
+                   help="requests sent at once a third of the way into the load, on top of it (0: no burst)")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
 
 
@@ -293,7 +320,7 @@ def run_soak_benchmark(args: argparse.Namespace) -> int:
             duration_s=args.duration, engine=args.engine, model=args.model, prefill=args.prefill, decode=args.decode,
             kill_every_s=args.kill_every, rate=args.rate, max_prompt=args.max_prompt, max_tokens=args.max_tokens,
             grace_s=args.grace, heartbeat_timeout_s=args.heartbeat_timeout, max_retries=args.max_retries,
-            sim_time_scale=args.sim_time_scale,
+            sim_time_scale=args.sim_time_scale, burst=args.burst,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -58,7 +58,7 @@ class Lifecycle:
         self.counters = {
             "finished": 0, "aborted": 0, "failed": 0, "preemptions": 0, "workers_lost": 0,
             "preemptions_local": 0, "preemptions_swap": 0, "preemptions_recompute": 0, "extensions": 0,
-            "predicted": 0, "under_predicted": 0, "over_predicted": 0, "retries": 0, "transfers_failed": 0,
+            "predicted": 0, "under_predicted": 0, "over_predicted": 0, "retries": 0, "transfers_failed": 0, "transfers_done": 0,
             "clients_disconnected": 0, "clients_too_slow": 0, "requests_client_too_slow": 0,
         }
         # Decode-side reservations (reserving policies); its tables are shared here by name. It sends
@@ -159,15 +159,18 @@ class Lifecycle:
             req.decode_rank = t.dst_rank
             self.registry.views[t.dst_rank].committed_blocks += t.num_blocks
             self.transfer_blocks[req.request_id] = t.num_blocks
+            # One deadline for both sides, on the wall clock (the workers may share no other).
             deadline = self.config.transfer_deadline_s
+            deadline_at = time.time() + deadline
             first = req.output_token_ids[req.num_replayed]
             self.to_worker(t.dst_rank, p.ReceiveKV(
                 request_id=req.request_id, src_rank=t.src_rank, seq_no=plan.seq_no, deadline_s=deadline,
+                deadline_at=deadline_at,
                 prompt_token_ids=req.prompt_token_ids, first_token=first, params=req.params,
                 reserve_tokens=self.ledger.reservation_tokens(req.request_id), generated_token_ids=self._replayed(req),
                 tpot_target_ms=t.tpot_target_ms,
             ))
-            self.to_worker(t.src_rank, p.SendKV(req.request_id, t.dst_rank, plan.seq_no, deadline))
+            self.to_worker(t.src_rank, p.SendKV(req.request_id, t.dst_rank, plan.seq_no, deadline, deadline_at))
         self.reservations.apply_orders(decisions, now)
 
     @staticmethod

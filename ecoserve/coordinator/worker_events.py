@@ -29,6 +29,8 @@ class WorkerEvents:
         if isinstance(msg, p.Heartbeat):
             view.free_blocks, view.num_running = msg.free_blocks, msg.num_running
         elif isinstance(msg, p.PrefillDone):
+            if msg.free_blocks is not None:  # before the prompt's commitment goes: its KV is held there
+                view.free_blocks = msg.free_blocks
             self._on_prefill_done(msg)
         elif isinstance(msg, p.TokenEvents):
             view.free_blocks = msg.free_blocks
@@ -38,6 +40,8 @@ class WorkerEvents:
             view.free_blocks = msg.free_blocks
             lc.reservations.acknowledged(msg)
         elif isinstance(msg, p.TransferStatus):
+            if msg.free_blocks is not None:  # a sender's blocks come back as its transfers end
+                view.free_blocks = msg.free_blocks
             self._on_transfer(msg)
         elif isinstance(msg, p.Released):
             lc.recovery.released(msg.request_id, msg.rank)
@@ -94,6 +98,7 @@ class WorkerEvents:
             lc.retry(req, reason, lc.config.retry_backoff_s)
             return
         if msg.rank == req.decode_rank:  # the receiver has the KV: decoding starts there
+            lc.counters["transfers_done"] += 1
             lc.planner.finish(req.request_id)
             view = lc.registry.views[msg.rank]
             view.committed_blocks -= lc.transfer_blocks.pop(req.request_id)

@@ -19,7 +19,7 @@ from typing import Any
 
 from ecoserve import protocol as p
 from ecoserve.engine.sequence import Sequence
-from ecoserve.runtime.rank import Worker
+from ecoserve.runtime.rank import Worker, local_deadline
 from ecoserve.kv_transfer.types import TransferPlan, TransferState
 
 
@@ -78,7 +78,9 @@ class DecodeWorker(Worker):
             seq.num_computed_tokens = kv_tokens
             seq.reserved_tokens = msg.reserve_tokens
             plan = TransferPlan(msg.request_id, msg.src_rank, self.rank, msg.seq_no, kv_tokens)
-            self.transfers.recv(plan, list(seq.block_table.blocks), deadline_s=msg.deadline_s)
+            # The sender's deadline too; maybe past already (then hollow).
+            deadline = local_deadline(msg.deadline_at, self.faults.clock_lag_ms / 1e3)
+            self.transfers.recv(plan, list(seq.block_table.blocks), deadline_s=msg.deadline_s, deadline=deadline)
             self.receiving[msg.request_id] = seq
 
     def has_work(self) -> bool:
@@ -170,7 +172,10 @@ class DecodeWorker(Worker):
                 # A local request's first token (after a retry's replayed ones): its prefill is done.
                 self.prefilling.discard(out.request_id)
                 self.channel.send(
-                    p.PrefillDone(rank=self.rank, request_id=out.request_id, first_token=out.new_token_id, finish_reason=reason)
+                    p.PrefillDone(
+                        rank=self.rank, request_id=out.request_id, first_token=out.new_token_id,
+                        finish_reason=reason, free_blocks=self.pool.num_free,
+                    )
                 )
                 continue
             ids.append(out.request_id)

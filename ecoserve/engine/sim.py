@@ -16,7 +16,8 @@ torch.distributed KV transfer between workers. `SimRunner` replaces `ModelRunner
   for chunks of n tokens after s cached ones (a + b·Σl + c·Σl² for whole prompts); decodes
   a + b·Σctx + c·batch; a step holding both (mixed workers) costs the profile's `mixed_ms` (one
   fused pass unless the profile measured otherwise). KV-transfer time is
-  not modelled: the transfers are real, and small. The engine's own scheduling and sampling
+  not modelled: the transfers are real, and small, and a worker moves them on (`while_waiting`)
+  while a step waits out its modelled time, as a GPU engine's CPU is free while the GPU computes. The engine's own scheduling and sampling
   (about 1.3 ms of CPU a step at batch 100) come on top, as a real engine's CPU work would.
 - Tokens: the token at position i of a request is a pure function of (its prompt, i): a 64-bit
   key mixed from a blake2b digest of the prompt ids and i picks the target token among ids
@@ -44,6 +45,7 @@ import array
 import hashlib
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -58,6 +60,7 @@ SIM_NUM_LAYERS = 2
 SIM_NUM_KV_HEADS = 1
 SIM_HEAD_DIM = 8
 SIM_LOGITS_WIDTH = 1024  # logits cover token ids [0, width); the targets are ids [width/2, width)
+WAIT_SLICE_S = 0.0005  # while_waiting's period during a step's modelled time
 NOISE_ROWS = 251  # distinct noise rows (a prime, so key % rows and key // rows mix well)
 _MASK64 = 2**64 - 1
 _DIGEST_CACHE_MAX = 8192
@@ -139,6 +142,9 @@ class SimRunner:
         self._digests: dict[str, tuple[list[int], int]] = {}  # request id -> (its prompt list, digest)
         self._step_start = 0.0
         self.last_step_ms = 0.0  # the last step's modelled time, before time_scale
+        # Called about every WAIT_SLICE_S while a step waits out its modelled time, when set (a
+        # worker moves its KV transfers on): a GPU engine's CPU is free while the GPU computes.
+        self.while_waiting: Callable[[], None] | None = None
 
     def prepare(self, prefills: list[ScheduledChunk], decodes: list[ScheduledChunk]) -> StepInputs:
         """The real runner's bookkeeping (token ids, positions, KV slots, sampled chunks), no
@@ -180,9 +186,13 @@ class SimRunner:
         self.kv_slots[:, 0, slots] = inputs.input_ids.float()[:, None, None]  # K = token id
         self.kv_slots[:, 1, slots] = inputs.positions.float()[:, None, None]  # V = position
         self.last_step_ms = step_time_ms(self.profile, prefills, decodes)
-        wait = self._step_start + self.last_step_ms * self.time_scale / 1e3 - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
+        end = self._step_start + self.last_step_ms * self.time_scale / 1e3
+        while (wait := end - time.perf_counter()) > 0:
+            if self.while_waiting is None:
+                time.sleep(wait)
+                break
+            self.while_waiting()
+            time.sleep(min(wait, WAIT_SLICE_S))
         return self.logits(inputs.sampled)
 
     def logits(self, sampled: list[ScheduledChunk]) -> torch.Tensor:

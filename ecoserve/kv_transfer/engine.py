@@ -8,8 +8,9 @@ while still queued is posted anyway when its turn comes, "hollow" (the sender se
 receiver drops what arrives), so the pair stays in step. A transfer counts against the bound
 from posting until every op of it has finished in the backend, even after it timed out.
 
-Messages. A transfer moves as one message per (layer, K or V, group of ``group_blocks``
-consecutive logical blocks): ``[k, block_size, num_kv_heads, head_dim]`` each. The structure
+Messages. A transfer opens with a one-element int64 header (see Deadlines), then moves as one
+message per (layer, K or V, group of ``group_blocks`` consecutive logical blocks):
+``[k, block_size, num_kv_heads, head_dim]`` each. The structure
 depends only on the plan and ``group_blocks``, so both sides agree on it whatever their block
 ids. Each side then chooses per message, on its own: when its blocks for the group are
 consecutive ids, the message is a view of the cache itself (``kv_cache[l, kv, b0:b0 + k]``) —
@@ -18,14 +19,19 @@ buffer (the sender packs it with ``index_select``, the receiver scatters it on a
 pool hands out blocks lowest-id first, so a request's blocks are mostly consecutive and most
 messages are copy-free; copies cost a 2-core machine as much as the transfer itself
 (``ecoserve bench kv-transfer`` measures both cases). The tag of message m of transfer s is
-``(s * MAX_CHUNKS + m) % 2**31`` (gloo tags are non-negative int32). Both sides must use the
-same ``group_blocks`` (a mismatch fails the transfer with a size error).
+``(s * MAX_CHUNKS + m) % 2**31`` (gloo tags are non-negative int32), the header being m = 0.
+Both sides must use the same ``group_blocks`` (a mismatch fails the transfer with a size error).
 
 Lost peers. ``abort_peer`` fails every unfinished transfer with a rank that is gone for good
 (the coordinator declared it lost); its queued ones are never posted. Posted ops still count
 until the backend ends them (gloo fails them as soon as the peer's connection closes).
 
-Deadlines. A transfer not DONE by its deadline becomes TIMED_OUT. A copy-free op still posted
+Deadlines. A transfer not DONE by its deadline becomes TIMED_OUT. Both sides are given the same
+absolute deadline (the coordinator's, in SendKV and ReceiveKV), so neither gives up on a transfer
+the other still counts on. A sender whose transfer timed out before it was posted sends it hollow,
+and its header says so (0 instead of 1): the receiver refuses it (TIMED_OUT, never DONE, nothing
+scattered) even if its own clock has not reached the deadline yet, so zeros are never taken for
+KV, whatever the two clocks say. A copy-free op still posted
 may go on reading or writing the paged blocks, so the caller must keep the transfer's blocks
 until ``ops_outstanding(request_id)`` is False, then free them; pooled buffers stay referenced
 until their ops finish, and a timed-out receive never scatters.
@@ -68,7 +74,7 @@ class _Transfer:
     plan: TransferPlan
     is_sender: bool
     block_ids: Tensor  # int64 [n]
-    deadline_s: float  # relative, for messages
+    deadline_s: float  # the budget it was given, for messages
     deadline: float  # absolute, on the worker's clock
     state: TransferState = TransferState.QUEUED
     chunks: list[_Chunk] = field(default_factory=list)
@@ -136,7 +142,7 @@ class KVTransferWorker:
                 "kv_cache must be a contiguous [num_layers, 2, num_blocks, block_size, "
                 f"num_kv_heads, head_dim] tensor, got shape {tuple(kv_cache.shape)}"
             )
-        if 2 * kv_cache.shape[0] > MAX_CHUNKS:
+        if 2 * kv_cache.shape[0] + 1 > MAX_CHUNKS:
             raise ValueError(f"kv_cache has {kv_cache.shape[0]} layers; at most {MAX_CHUNKS // 2}")
         if max_in_flight_per_pair < 1:
             raise ValueError(f"max_in_flight_per_pair must be >= 1, got {max_in_flight_per_pair}")
@@ -151,7 +157,7 @@ class KVTransferWorker:
         self._transfers: dict[str, _Transfer] = {}  # by request_id, until forget()
         self._pairs: dict[tuple[int, int], _Pair] = {}  # by (src_rank, dst_rank)
         self._pool = _BufferPool(kv_cache.dtype, kv_cache.device)
-        self._aborted: list[TransferUpdate] = []  # from abort_peer, reported by the next poll
+        self._unreported: list[TransferUpdate] = []  # from abort_peer and pump, reported by the next poll
 
     @property
     def block_size(self) -> int:
@@ -164,28 +170,34 @@ class KVTransferWorker:
         return CompatRecord(model_id, dtype, num_layers, num_kv_heads, head_dim, block_size)
 
     def num_messages(self, num_blocks: int) -> int:
-        """Messages a transfer of ``num_blocks`` blocks moves in."""
-        return 2 * int(self.kv_cache.shape[0]) * -(-num_blocks // self.group_blocks)
+        """Messages a transfer of ``num_blocks`` blocks moves in (the header included)."""
+        return 1 + 2 * int(self.kv_cache.shape[0]) * -(-num_blocks // self.group_blocks)
 
     def send(
-        self, plan: TransferPlan, block_ids: list[int], deadline_s: float | None = None
+        self, plan: TransferPlan, block_ids: list[int], deadline_s: float | None = None,
+        deadline: float | None = None,
     ) -> None:
         """Enqueue sending ``plan``'s KV from ``block_ids`` (this rank is the plan's source).
 
         The blocks are packed when the transfer is posted, in a later ``poll``; free them once
-        the transfer is in a terminal state. ``deadline_s`` counts from now.
+        the transfer is in a terminal state. ``deadline`` is absolute, on this worker's clock,
+        and may have passed already (the transfer then times out and is posted hollow in its
+        turn); without it the deadline is ``deadline_s`` from now. ``deadline_s`` names the
+        budget in messages.
         """
-        self._enqueue(plan, block_ids, deadline_s, is_sender=True)
+        self._enqueue(plan, block_ids, deadline_s, deadline, is_sender=True)
 
     def recv(
-        self, plan: TransferPlan, block_ids: list[int], deadline_s: float | None = None
+        self, plan: TransferPlan, block_ids: list[int], deadline_s: float | None = None,
+        deadline: float | None = None,
     ) -> None:
-        """Enqueue receiving ``plan``'s KV into the caller-allocated ``block_ids``."""
-        self._enqueue(plan, block_ids, deadline_s, is_sender=False)
+        """Enqueue receiving ``plan``'s KV into the caller-allocated ``block_ids`` (deadlines as
+        in ``send``: give both sides the same ``deadline``)."""
+        self._enqueue(plan, block_ids, deadline_s, deadline, is_sender=False)
 
     def poll(self) -> list[TransferUpdate]:
         """Make progress without waiting; return the state changes since the last poll."""
-        updates, self._aborted = self._aborted, []
+        updates, self._unreported = self._unreported, []
         for pair in self._pairs.values():
             self._progress(pair, updates)
         now = self.clock()
@@ -205,6 +217,12 @@ class KVTransferWorker:
                 self._post(t, updates)
         return updates
 
+    def pump(self) -> None:
+        """Make progress as ``poll`` does, keeping the updates for the next ``poll``: for a caller
+        that cannot act on them now, e.g. in the middle of an engine step (the blocks a transfer
+        touches are never the step's)."""
+        self._unreported = self.poll()
+
     def abort_peer(self, peer: int, message: str) -> None:
         """Fail every unfinished transfer with rank ``peer`` (lost for good); the next ``poll``
         reports them. Queued ones are dropped unposted; free a transfer's blocks, as always,
@@ -212,7 +230,7 @@ class KVTransferWorker:
         for (src, dst), pair in self._pairs.items():
             if peer in (src, dst):
                 for t in [*pair.queued.values(), *pair.posted]:
-                    self._set(t, TransferState.FAILED, self._aborted, message)
+                    self._set(t, TransferState.FAILED, self._unreported, message)
                 pair.queued.clear()
 
     def state(self, request_id: str) -> TransferState:
@@ -252,7 +270,8 @@ class KVTransferWorker:
         return self._transfers[request_id]
 
     def _enqueue(
-        self, plan: TransferPlan, block_ids: list[int], deadline_s: float | None, is_sender: bool
+        self, plan: TransferPlan, block_ids: list[int], deadline_s: float | None, deadline: float | None,
+        is_sender: bool,
     ) -> None:
         role, mine = ("send", plan.src_rank) if is_sender else ("recv", plan.dst_rank)
         if mine != self.rank:
@@ -285,7 +304,7 @@ class KVTransferWorker:
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0 seconds, got {deadline_s}")
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.kv_cache.device)  # [n]
-        t = _Transfer(plan, is_sender, ids, deadline_s, self.clock() + deadline_s)
+        t = _Transfer(plan, is_sender, ids, deadline_s, self.clock() + deadline_s if deadline is None else deadline)
         pair.queued[plan.seq_no] = t
         self._transfers[plan.request_id] = t
 
@@ -296,6 +315,10 @@ class KVTransferWorker:
         ids = t.block_ids.tolist()
         n, g = len(ids), self.group_blocks
         tail = tuple(self.kv_cache.shape[3:])  # (block_size, num_kv_heads, head_dim)
+        # The header, message 0: the sender's 1 (real KV follows) or 0 (hollow); -1 until received.
+        header = torch.full((1,), -1 if not t.is_sender else 0 if hollow else 1, dtype=torch.int64,
+                            device=self.kv_cache.device)
+        t.chunks.append(_Chunk(-1, -1, 0, 0, header, None))
         for layer in range(int(self.kv_cache.shape[0])):
             for kv in (0, 1):
                 for g0 in range(0, n, g):
@@ -311,7 +334,7 @@ class KVTransferWorker:
             tag = (t.plan.seq_no * MAX_CHUNKS + m) % TAG_SPACE
             try:
                 if t.is_sender:
-                    if hollow:
+                    if hollow and m > 0:
                         chunk.buffer.zero_()
                     elif chunk.flat is not None:
                         torch.index_select(
@@ -343,6 +366,8 @@ class KVTransferWorker:
                         t.scan_from += 1
                         continue
                     chunk.finished = True
+                    if not t.is_sender and t.scan_from == 0 and t.state is TransferState.IN_FLIGHT:
+                        self._check_header(t, chunk, updates)
                     if not t.is_sender and chunk.flat is not None and t.state is TransferState.IN_FLIGHT:
                         dst = self.kv_cache[chunk.layer, chunk.kv]  # [num_blocks, block_size, H, D]
                         dst.index_copy_(0, t.block_ids[chunk.g0 : chunk.g1], chunk.buffer)
@@ -355,6 +380,14 @@ class KVTransferWorker:
                 t.chunks.clear()
                 if t.state is TransferState.IN_FLIGHT:
                     self._set(t, TransferState.DONE, updates)
+
+    def _check_header(self, t: _Transfer, header: _Chunk, updates: list[TransferUpdate]) -> None:
+        """Refuse a transfer its sender posted hollow: it gave up on it before sending any KV."""
+        flag = int(header.buffer.item())
+        if flag != 1:
+            why = "posted it hollow, its deadline having passed before its turn" if flag == 0 else f"sent header {flag}"
+            self._set(t, TransferState.TIMED_OUT, updates,
+                      f"refused: sender rank {t.peer} {why}; nothing of it is taken for KV")
 
     def _set(
         self, t: _Transfer, state: TransferState, updates: list[TransferUpdate], message: str = ""

@@ -9,7 +9,7 @@ from typing import Any
 
 from ecoserve import protocol as p
 from ecoserve.engine.sequence import Sequence
-from ecoserve.runtime.rank import Worker
+from ecoserve.runtime.rank import Worker, local_deadline
 from ecoserve.kv_transfer.types import TransferPlan
 
 
@@ -20,6 +20,7 @@ class _HeldSend:
     plan: TransferPlan
     blocks: list[int]
     deadline_s: float
+    deadline: float  # the transfer's one deadline, on time.monotonic()
     due: float  # time.monotonic(); inf: until aborted
 
 
@@ -59,15 +60,16 @@ class PrefillWorker(Worker):
         plan = TransferPlan(msg.request_id, self.rank, msg.dst_rank, msg.seq_no, num_tokens)
         blocks = seq.block_table.blocks[: self.pool.blocks_for_tokens(num_tokens)]
         self.sending[msg.request_id] = seq
+        deadline = local_deadline(msg.deadline_at, self.faults.clock_lag_ms / 1e3)  # the receiver keeps the same one
         delay = self.faults.send_delay_s(self.num_sends)
         if delay > 0:
-            self.held_back[msg.request_id] = _HeldSend(plan, blocks, msg.deadline_s, time.monotonic() + delay)
+            self.held_back[msg.request_id] = _HeldSend(plan, blocks, msg.deadline_s, deadline, time.monotonic() + delay)
             return
-        self.transfers.send(plan, blocks, deadline_s=msg.deadline_s)
+        self.transfers.send(plan, blocks, deadline_s=msg.deadline_s, deadline=deadline)
 
     def _start_held_back(self, rid: str) -> None:
         held = self.held_back.pop(rid)
-        self.transfers.send(held.plan, held.blocks, deadline_s=held.deadline_s)
+        self.transfers.send(held.plan, held.blocks, deadline_s=held.deadline_s, deadline=held.deadline)
 
     def step(self) -> None:
         eng = self.engine
@@ -82,7 +84,10 @@ class PrefillWorker(Worker):
                 self.held[out.request_id] = seq
                 reason = None
             self.channel.send(
-                p.PrefillDone(rank=self.rank, request_id=out.request_id, first_token=out.new_token_id, finish_reason=reason)
+                p.PrefillDone(
+                    rank=self.rank, request_id=out.request_id, first_token=out.new_token_id, finish_reason=reason,
+                    free_blocks=self.pool.num_free,  # the KV held for its transfer counted as used
+                )
             )
 
     def poll_transfers(self) -> None:

@@ -13,6 +13,8 @@ Faults, each `RANK:NAME=VALUE`:
   receiver misses its deadline.
 - `delay_send_ms=MS` (prefill): every transfer starts MS milliseconds late; with
   `delay_sends=N`, only its first N.
+- `clock_lag_ms=MS` (any): its wall clock reads MS milliseconds behind the coordinator's, so it
+  keeps each transfer's deadline that much longer than its peer (two hosts' clocks disagree).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Faults:
     drop_send: int | None = None
     delay_send_ms: float = 0.0
     delay_sends: int | None = None  # None: every send
+    clock_lag_ms: float = 0.0
 
     @classmethod
     def parse(cls, spec: str, rank: int) -> Faults:

@@ -4,6 +4,11 @@ KV-transfer worker half, the control channel to the coordinator, heartbeats and 
 A worker is single-threaded. Each turn of its loop reads every waiting control message, moves
 KV transfers forward, runs one engine step if it has work, and sends a heartbeat when one is
 due. The prefill and decode workers subclass it with what they do on each message and step.
+
+A worker never spins: a step that scheduled nothing (every queued prompt waiting for blocks,
+every request held at its reservation) stalls the engine until something it waits for may have
+changed (a message, a transfer's end, blocks freed); meanwhile the loop blocks on its control
+socket (1 ms while transfers are in flight), leaving the CPU and the GIL to the transfer lanes.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ecoserve.config import WorkerConfig
 from ecoserve.engine.llm_engine import LLMEngine
 from ecoserve.runtime.faults import Faults
 from ecoserve.engine.sequence import Sequence
+from ecoserve.engine.sim import SimRunner
 from ecoserve.envs import set_offline_hub
 from ecoserve.kv_transfer.backend import TorchDistBackend
 from ecoserve.kv_transfer.engine import KVTransferWorker
@@ -66,6 +72,13 @@ class ControlChannel:
         self.sock.close()
 
 
+def local_deadline(deadline_at: float, clock_lag_s: float = 0.0) -> float:
+    """A transfer's deadline (wall-clock seconds, the coordinator's choice) on this process's
+    time.monotonic() clock, which the transfer engine keeps; `clock_lag_s`: how far this host's
+    wall clock is behind (tests inject it)."""
+    return time.monotonic() + (deadline_at - (time.time() - clock_lag_s))
+
+
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         set_offline_hub()
@@ -86,12 +99,19 @@ class Worker:
             self.backend, self.engine.runner.kv_cache, self.rank,
             max_in_flight_per_pair=config.max_transfers_in_flight_per_pair,
         )
+        if isinstance(self.engine.runner, SimRunner):  # its steps wait out a modelled time: move KV meanwhile
+            self.engine.runner.while_waiting = self.transfers.pump
         self.channel = ControlChannel(config.control_addr, self.rank)
         self.quarantine: dict[str, Sequence] = {}  # timed-out transfers whose ops may still run
         self.stopping = False
         self.faults = Faults.for_rank(self.rank)  # tests only (ECOSERVE_FAULT); inert unless set
         self._next_heartbeat = 0.0
         self._parent = os.getppid()
+        # Set when a step scheduled nothing: what the engine then had (free blocks, running,
+        # waiting). Until a message comes or that changes, stepping again would only spin.
+        self._stalled_on: tuple[int, int, int] | None = None
+        self.num_turns = 0  # loop turns (tests count them: an idle or stalled worker blocks)
+        self.num_empty_steps = 0  # steps that scheduled nothing (each one stalls the engine)
 
     # --- registration and loop -----------------------------------------------------------
 
@@ -129,16 +149,37 @@ class Worker:
 
     def run(self) -> None:
         while not self.stopping:
-            busy = self.has_work()
-            timeout = 0 if busy else (TRANSFER_POLL_MS if self.transfers.num_in_flight else IDLE_POLL_MS)
-            for msg in self.channel.recv_all(timeout):
-                self.handle(msg)
-            self.poll_transfers()
-            if self.quarantine:
-                self.drain_quarantine()
-            if not self.stopping and self.has_work():
-                self.step()
-            self._heartbeat()
+            self.turn()
+
+    def turn(self) -> None:
+        """One turn of the loop: messages, transfers, at most one step, a heartbeat if due."""
+        self.num_turns += 1
+        busy = self.runnable()
+        timeout = 0 if busy else (TRANSFER_POLL_MS if self.transfers.num_in_flight else IDLE_POLL_MS)
+        for msg in self.channel.recv_all(timeout):
+            self._stalled_on = None
+            self.handle(msg)
+        self.poll_transfers()
+        if self.quarantine:
+            self.drain_quarantine()
+        if not self.stopping and self.runnable():
+            before = self._engine_state()  # what the step's schedule saw (its own epilogue may change it)
+            self.step()
+            if self.engine.last_num_scheduled_tokens == 0 and not self.engine.last_preempted:
+                self.num_empty_steps += 1
+                self._stalled_on = before
+        self._heartbeat()
+
+    def runnable(self) -> bool:
+        """Whether a step now could compute anything: work queued, and not stalled on a state
+        that has not changed since a step found nothing to schedule."""
+        if self._stalled_on is not None and self._stalled_on != self._engine_state():
+            self._stalled_on = None
+        return self._stalled_on is None and self.has_work()
+
+    def _engine_state(self) -> tuple[int, int, int]:
+        sched = self.engine.scheduler
+        return self.pool.num_free, len(sched.running), len(sched.waiting)
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, p.QueryStats):
@@ -148,6 +189,8 @@ class Worker:
                 "pid": float(os.getpid()),
                 "transfers_in_flight": float(self.transfers.num_in_flight),
                 "quarantined_requests": float(len(self.quarantine)),
+                "loop_turns": float(self.num_turns),
+                "empty_steps": float(self.num_empty_steps),
             }
             values.update({k: float(v) for k, v in self.stats().items()})
             self.channel.send(p.WorkerStats(rank=self.rank, values=values))
@@ -179,7 +222,10 @@ class Worker:
         """Tell the coordinator how this side of a transfer ended."""
         state = {TransferState.DONE: "done", TransferState.TIMED_OUT: "timed_out"}.get(update.state, "failed")
         self.channel.send(
-            p.TransferStatus(rank=self.rank, request_id=update.request_id, state=state, message=update.message)
+            p.TransferStatus(
+                rank=self.rank, request_id=update.request_id, state=state, message=update.message,
+                free_blocks=self.pool.num_free,
+            )
         )
 
     def release(self, request_id: str) -> None:

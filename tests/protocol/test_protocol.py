@@ -50,10 +50,12 @@ SAMPLES = [
     ),
     p.Heartbeat(rank=0, free_blocks=10, num_running=2, num_waiting=0),
     p.PrefillDone(rank=0, request_id="c1:r1", first_token=7, finish_reason=None),
+    p.PrefillDone(rank=0, request_id="c1:r2", first_token=7, finish_reason=None, free_blocks=12),
     p.TokenEvents(
         rank=1, request_ids=["a", "b"], token_ids=[3, 4], finish_reasons=[None, "length"], preempted=["c"], free_blocks=9
     ),
     p.TransferStatus(rank=1, request_id="a", state="done", message=""),
+    p.TransferStatus(rank=0, request_id="a", state="timed_out", message="refused", free_blocks=30),
     p.Released(rank=0, request_id="a"),
     p.WorkerStats(rank=0, values={"used_blocks": 0.0}),
     p.WorkerFailed(rank=0, request_id=None, message="out of memory"),
@@ -68,14 +70,15 @@ SAMPLES = [
         params=SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, seed=None, ignore_eos=True),
         decode_locally=True, generated_token_ids=[9, 8],
     ),
-    p.SendKV(request_id="a", dst_rank=1, seq_no=0, deadline_s=30.0),
+    p.SendKV(request_id="a", dst_rank=1, seq_no=0, deadline_s=30.0, deadline_at=1.7e9),
     p.ReceiveKV(
-        request_id="a", src_rank=0, seq_no=0, deadline_s=30.0, prompt_token_ids=[1, 2], first_token=5,
+        request_id="a", src_rank=0, seq_no=0, deadline_s=30.0, deadline_at=1.7e9, prompt_token_ids=[1, 2], first_token=5,
         params=SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, seed=1, stop_token_ids=(2,)),
         reserve_tokens=40,
     ),
     p.ReceiveKV(
-        request_id="retry1:a", src_rank=0, seq_no=3, deadline_s=30.0, prompt_token_ids=[1, 2], first_token=5,
+        request_id="retry1:a", src_rank=0, seq_no=3, deadline_s=30.0, deadline_at=1.7e9, prompt_token_ids=[1, 2],
+        first_token=5,
         params=SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, top_k=-1, seed=1, stop_token_ids=(2,)),
         reserve_tokens=None, generated_token_ids=[7],
     ),

@@ -24,3 +24,12 @@ def test_soak_refuses_a_cluster_without_both_roles(tmp_path: Path, capsys) -> No
     assert main(["bench", "soak", "--duration", "5", "--decode", "0", "--out", str(tmp_path / "x.json")]) == 2
     assert "a soak needs at least 1 prefill and 1 decode worker, got 2 + 0" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_burst_soak_loses_no_request_and_leaks_no_block(tmp_path: Path) -> None:
+    """400 requests at once (the prefill pools hold a few dozen prompts) on top of 5 requests/s."""
+    report = run_soak(SoakConfig(duration_s=12, engine="sim", rate=5.0, burst=400, grace_s=60), log_dir=tmp_path)
+    s = report["summary"]
+    assert s["burst_sent"] == 400 and s["sent"] > 400, s
+    assert s["lost"] == 0 and s["leaked_blocks"] == 0 and s["broken_streams"] == 0 and s["errored"] == 0, s
+    assert s["served"] == s["sent"] == s["server_ended"] and s["transfers_failed"] == 0, s
