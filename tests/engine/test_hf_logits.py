@@ -149,4 +149,4 @@ def test_tiny_mistral_logits_match_transformers_within_its_window(tiny_mistral: 
 
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers() -> None:
-    compare("smollm2-135m", 1280, [(1024, 16), (1254, 24), (60, 24), (9, 32)], budget=320)
+    compare("smollm2-135m", 1280, [(1024, 8), (1266, 14), (40, 16)], budget=384)
