@@ -225,7 +225,7 @@ async def _watch(coord: Coordinator, procs: list[subprocess.Popen[bytes]], stop:
             elif rank not in reported and coord.is_lost(rank):
                 since = fenced.setdefault(rank, time.monotonic())
                 if time.monotonic() - since > FENCE_GRACE_S:
-                    print(f"rank {rank} was declared lost and did not stop within {FENCE_GRACE_S:.0f} s: killing it",
+                    print(f"rank {rank} was declared lost and did not stop within {FENCE_GRACE_S:g} s: killing it",
                           file=sys.stderr, flush=True)
                     proc.kill()
                     fenced[rank] = float("inf")

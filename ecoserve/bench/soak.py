@@ -184,9 +184,13 @@ def processes(stats: dict[str, float], cfg: SoakConfig) -> dict[str, int]:
 
 
 async def killer(client: AsyncClient, cfg: SoakConfig, stop_at: float, killed: list[dict[str, Any]]) -> None:
-    """Every kill_every_s: SIGKILL one worker of the role with the most alive, while it has more than one."""
-    while time.monotonic() + cfg.kill_every_s < stop_at:
-        await asyncio.sleep(cfg.kill_every_s)
+    """At every multiple of kill_every_s before the end: SIGKILL one worker of the role with the
+    most alive, while it has more than one. The times are fixed from the start, so how many kills
+    are due depends on the settings alone, never on how long a stats call took."""
+    start, due = stop_at - cfg.duration_s, 1
+    while start + due * cfg.kill_every_s < stop_at:
+        await asyncio.sleep(max(0.0, start + due * cfg.kill_every_s - time.monotonic()))
+        due += 1
         alive = processes(await client.stats(), cfg)
         roles = {role: [n for n in alive if n.endswith(role)] for role in ("prefill", "decode")}
         role = max(roles, key=lambda r: len(roles[r]))

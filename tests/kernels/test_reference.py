@@ -147,12 +147,25 @@ def test_scatter_blocks_ref_matches_naive_loop_and_inverts_gather() -> None:
     assert torch.equal(target[:, :, block_ids], source[:, :, block_ids])
 
 
-def test_auto_backend_on_cpu_runs_the_reference() -> None:
+def test_auto_backend_on_cpu_runs_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU tensors "auto" calls the pure-torch reference and never the Triton module (whose
+    interpreter would give the same numbers, so equal outputs alone would not show which ran)."""
+
+    def no_triton() -> None:
+        raise AssertionError("the auto backend reached the Triton kernels on CPU tensors")
+
+    calls: list[str] = []
+    for name in ("gather_blocks_ref", "scatter_blocks_ref"):
+        real = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    monkeypatch.setattr(ops, "_triton_kernels", no_triton)
     kv_cache = make_kv_cache()
     block_ids = torch.tensor([2, 3], dtype=torch.int64)
-    assert torch.equal(
-        ops.gather_blocks(kv_cache, block_ids), reference.gather_blocks_ref(kv_cache, block_ids)
-    )
+    expected = kv_cache[:, :, block_ids].clone()
+    packed = ops.gather_blocks(kv_cache, block_ids)
+    ops.scatter_blocks(packed, kv_cache, torch.tensor([0, 1]))
+    assert torch.equal(packed, expected) and torch.equal(kv_cache[:, :, :2], expected)
+    assert calls == ["gather_blocks_ref", "scatter_blocks_ref"]
 
 
 def test_importing_ecoserve_kernels_does_not_import_triton() -> None:

@@ -358,4 +358,4 @@ def test_a_lost_worker_that_ignores_its_shutdown_is_killed(monkeypatch: pytest.M
 
     asyncio.run(watch())
     assert proc.poll() == -signal.SIGKILL and Coord.lost == [0]
-    assert "rank 0 was declared lost and did not stop within 0 s: killing it" in capsys.readouterr().err
+    assert "rank 0 was declared lost and did not stop within 0.3 s: killing it" in capsys.readouterr().err

@@ -19,10 +19,17 @@ from typing import Any
 
 import pytest
 
+from ecoserve import SamplingParams
 from ecoserve.local_cluster import child_pids
+from tests.runtime.test_sim_engine import offline_tokens
 from tests.runtime.test_two_hosts import _launch, _tail, needs_netns, two_hosts  # noqa: F401
 
 HEARTBEAT_S = 3.0
+PARAMS = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+
+
+def prompt(i: int) -> list[int]:
+    return [5 + i] * (20 + i)  # as CLIENT sends them
 SIM = ("--engine", "sim", "--sim-time-scale", "0.5", "--heartbeat-timeout", str(HEARTBEAT_S), "--max-retries", "4")
 
 # Runs in node 0's namespace: streams 8 requests, says "cut" once node 1's rank decodes some,
@@ -34,15 +41,15 @@ CLIENT = textwrap.dedent("""
 
     async def one(client, i, out, started):
         at, s = 0, client.stream([5 + i] * (20 + i), SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
-        rec = out[i] = {"ends": 0, "gaps": 0, "error": None, "tokens": 0}
+        rec = out[i] = {"ends": 0, "gaps": 0, "error": None, "code": None, "token_ids": []}
         try:
             async for d in s:
                 rec["gaps"] += d.index != at
                 at = d.index + len(d.token_ids)
                 started[i].set()
-            rec["tokens"] = len(s.completion.token_ids)
+            rec["token_ids"] = list(s.completion.token_ids)
         except RequestError as exc:
-            rec["error"] = str(exc)
+            rec["error"], rec["code"] = str(exc), exc.code
         rec["ends"] += 1
         rec["t"] = time.monotonic()
 
@@ -109,17 +116,27 @@ def test_a_partitioned_decode_host_is_lost_and_its_requests_end_once(two_hosts, 
         line = client.stdout.readline()
         assert client.wait(90) == 0 and line, "the client failed:\n" + _tail(logs[0])
         result = json.loads(line)
-        print({k: v for k, v in result.items() if k != "stats"})
+        print({k: v for k, v in result.items() if k not in ("stats", "out")}, {k: result["stats"][k] for k in ("retries", "finished", "failed")},
+              [(len(r["token_ids"]), r["code"]) for r in result["out"].values()])
         # 1. Node 1's worker held requests when the link went down; it is declared lost within
         #    the heartbeat timeout (plus the monitor's period).
         assert result["on_node1"] > 0 and result["detected"] < HEARTBEAT_S + 2, result["detected"]
-        # 2. Every request ended exactly once, with no gap or duplicate, soon after the loss.
-        for rec in result["out"].values():
+        # 2. Every request ended exactly once, with no gap or duplicate, soon after the loss:
+        #    with the reference tokens (an offline sim run of the same prompts), or with a named
+        #    error; and node 1's requests were resumed on node 0 (at least one retry).
+        reference = offline_tokens([(prompt(i), PARAMS) for i in range(8)])
+        stats = result["stats"]
+        for i, rec in result["out"].items():
             assert rec["ends"] == 1 and rec["gaps"] == 0, rec
-            assert rec["tokens"] == 300 or rec["error"], rec
+            if rec["error"] is None:
+                assert rec["token_ids"] == reference[int(i)], f"request {i} ended with other tokens than the reference"
+            else:
+                assert rec["code"] == "failed" and "lost" in rec["error"], rec
+        failed = sum(rec["error"] is not None for rec in result["out"].values())
+        assert stats["retries"] >= 1, "no request of node 1's was resumed"
+        assert stats["finished"] == 8 - failed + 1 and stats["failed"] == failed, stats
         assert result["ended"] < 30, result["ended"]
         # 3. Node 0 still serves and its accounting returns to zero.
-        stats = result["stats"]
         assert result["after"] == 16 and stats["workers_lost"] == 1 and stats["workers_alive"] == 2
         assert stats["kv_used_blocks"] == 0 and stats["reserved_blocks"] == 0 and stats["requests_releasing"] == 0
         node0.send_signal(signal.SIGTERM)

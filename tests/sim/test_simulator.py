@@ -296,10 +296,6 @@ def test_policy_specs_parse_into_a_name_and_make_policy_options() -> None:
 
 
 def test_vllm_prefill_priority_is_a_row_of_its_own(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    try:
-        make_policy("vllm", mode="prefill-priority")
-    except (ValueError, TypeError) as exc:
-        pytest.skip(f"needs the vllm policy's `mode` option (prefill-priority mode, another branch): {exc}")
     assert main(["bench", "compare-vllm", "--policies", "vllm,vllm:prefill-priority", "--gpus", "1", "--points", "2",
                  "--num-requests", "60", "--min-duration-s", "5", "--seeds", "1", "--rel-tol", "0.2", "--quiet",
                  "--out", str(tmp_path)]) == 0
