@@ -9,8 +9,11 @@
    minute) and token lengths (prompts of the trace's lengths, outputs forced to its lengths
    with `ignore_eos`), capped to what a 2-core CPU serves in a couple of minutes — the caps
    are printed. A progress bar counts finished requests.
-4. Ends with the table of `ecoserve bench serve`: TTFT, TPOT, ITL, E2E (p50/p90/p99), SLO
+4. Prints the table of `ecoserve bench serve`: TTFT, TPOT, ITL, E2E (p50/p90/p99), SLO
    attainment, throughput, KV-cache utilisation, preemptions.
+5. Ends with the head-to-head the project exists for, from the simulator in seconds: the GPUs
+   EcoServe and DistServe need for DistServe's OPT-13B chatbot setting at two target rates,
+   with their layouts (`demo/headline.py`).
 
 `ecoserve demo --offline` runs the earlier single-process demo (the offline engine).
 """
@@ -42,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=8000.0, help="TTFT SLO for the attainment figure")
     p.add_argument("--slo-tpot-ms", type=float, default=400.0, help="TPOT SLO for the attainment figure")
     p.add_argument("--num-blocks", type=int, default=512, help="KV blocks per worker (16 tokens each)")
+    p.add_argument("--headline-rates", type=_rates, default=(4.0, 16.0),
+                   help="target rates (req/s, comma-separated) of the closing simulated GPU-count head-to-head")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.add_argument("--offline", action="store_true", help="the single-process offline demo instead")
 
@@ -64,8 +69,22 @@ def run_cluster_demo(args: argparse.Namespace) -> int:
         write_result(args.out, result, {"workload": spec.name, "num_requests": spec.num_requests,
                                         "policy": args.policy, "model": args.model})
         print(f"wrote {args.out}")
+    print()
+    from ecoserve.demo.headline import head_to_head, render
+
+    print(render(head_to_head(args.headline_rates)), flush=True)
     s = summarize(result)
     return 0 if s["lost"] == 0 and s["failed"] == 0 else 1
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        rates = ()
+    if not rates or not all(0 < r < float("inf") for r in rates):
+        raise argparse.ArgumentTypeError(f"give target rates > 0 in requests/s, comma-separated (e.g. 4,16), got {text!r}")
+    return rates
 
 
 async def _chat(addr: str) -> None:
