@@ -55,6 +55,13 @@ def _add_policy_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--predictor-option", action="append", metavar="KEY=VALUE", help="e.g. quantile=0.9, length=64, path=DIR")
     p.add_argument(
+        "--latency-profile", default=None, metavar="NAME|FILE",
+        help="--policy ecoserve: the workers' step-time profile (a bundled name, e.g. cpu-smollm2-135m, or a file "
+        "from `ecoserve profile`): its mixed workers budget each step's prompt tokens by it (the slo schedule) and "
+        "the policy's cost model reads it. Default: the --sim-profile with --engine sim; cpu-smollm2-135m for "
+        "smollm2-135m on the CPU; otherwise required with mixed workers",
+    )
+    p.add_argument(
         "--policy-option", action="append", metavar="KEY=VALUE",
         help="ecoserve knobs, e.g. margin=0.1, pipelining=false, rl_buckets=false, ordering=false, "
         "exact_allocation=false, preempt_mode=swap, buckets=[32,64,128]",
@@ -143,6 +150,11 @@ def engine_and_coordinator(args: argparse.Namespace) -> tuple[EngineConfig, Coor
     schedule = make_policy(args.policy, **options).mixed_schedule  # bad options refused here, before anything starts
     if args.model is None:  # the sim engine reads only a vocabulary and a tokenizer: the tiny model's
         args.model = "tiny-llama" if args.engine == "sim" else "smollm2-135m"
+    if schedule == "slo" and not args.mixed:
+        schedule = "chunked"  # the policy's mixed-worker schedule; with none here, no worker runs it
+    profile = latency_profile(args, schedule)
+    if profile is not None and args.policy == "ecoserve" and "costs" not in options:  # the policy's cost model reads what the workers do
+        options["costs"] = cost_model(profile)
     engine = EngineConfig(
         model=ModelConfig(
             model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
@@ -153,7 +165,7 @@ def engine_and_coordinator(args: argparse.Namespace) -> tuple[EngineConfig, Coor
             kv_cache_gib=args.kv_cache_gib, num_host_blocks=args.num_host_blocks,
         ),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  schedule=schedule),
+                                  schedule=schedule, latency_profile=profile if schedule == "slo" else None),
     )
     coord = CoordinatorConfig(
         host=args.host, port=args.port, policy=args.policy, policy_options=options,
@@ -161,6 +173,50 @@ def engine_and_coordinator(args: argparse.Namespace) -> tuple[EngineConfig, Coor
         transfer_deadline_s=args.transfer_deadline, drain_timeout_s=args.drain_timeout, max_retries=args.max_retries,
     )
     return engine, _with_security(coord, args)
+
+
+def latency_profile(args: argparse.Namespace, schedule: str) -> str | None:
+    """The step-time profile of the workers (`--latency-profile`), checked: what the slo schedule
+    budgets by and the ecoserve policy's cost model reads; None where nothing reads one. Without
+    the option, a profile that describes what will run: with --engine sim, the --sim-profile its
+    workers model their steps by (exact); for smollm2-135m on the CPU, the bundled fit of that
+    model (`cpu-smollm2-135m`, measured on a 2-core machine). Any other model has no fit to
+    default to: the slo schedule then needs the option (ValueError, one line)."""
+    from ecoserve.latency.profile import FITTED_PROFILES, load_profile
+
+    if args.latency_profile is not None:
+        if args.policy != "ecoserve":
+            raise ValueError(f"--latency-profile is read by --policy ecoserve only; --policy {args.policy} takes none")
+        load_profile(args.latency_profile)  # ValueError naming the bundled profiles
+        return str(args.latency_profile)
+    if schedule != "slo":
+        return None
+    if args.engine == "sim":
+        return str(args.sim_profile)
+    if args.model == "smollm2-135m" and _on_cpu(args.device):
+        return "cpu-smollm2-135m"
+    raise ValueError(
+        f"--policy {args.policy} runs the slo schedule on mixed workers, which needs --latency-profile NAME|FILE: "
+        f"there is no bundled fit of {args.model} on {args.device} (bundled: {', '.join(FITTED_PROFILES)} for "
+        f"smollm2-135m on the CPU); fit one with `ecoserve profile --model {args.model}`"
+    )
+
+
+def _on_cpu(device: str) -> bool:
+    if device == "auto":
+        import torch  # only here: serve's parser and coordinator need no torch
+
+        return not torch.cuda.is_available()
+    return device == "cpu"
+
+
+def cost_model(profile: str) -> Any:
+    """The ecoserve policy's cost model for workers with `profile` (CostModel.from_profile)."""
+    from ecoserve.latency.cost import CostModel
+    from ecoserve.latency.profile import load_profile
+
+    prof, default = load_profile(profile), CostModel()
+    return CostModel.from_profile(prof, prof.kv_bytes_per_token or default.kv_bytes_per_token, default.swap_bytes_per_s)
 
 
 def policy_options(args: argparse.Namespace) -> dict[str, Any]:
