@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ecoserve import envs
 from ecoserve.config import CacheConfig, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_option
 from ecoserve.model.commands import add_model_arguments
+
+if TYPE_CHECKING:
+    from ecoserve.launcher import ClusterSpec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,10 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sim-time-scale", type=float, default=1.0, help="--engine sim: multiply modelled step times (0: no waiting)"
     )
-    # Counts default to None: `serve` reads None as 1 prefill + 1 decode, `launch` as none on this node.
-    p.add_argument("--prefill", type=int, default=None, help="prefill workers (serve: default 1; 0 with --decode 0 for mixed only)")
-    p.add_argument("--decode", type=int, default=None, help="decode workers (serve: default 1)")
-    p.add_argument("--mixed", type=int, default=None, help="mixed workers (prefill and decode in one, colocated)")
+    # Counts default to None: `serve` reads None as 1 prefill + 1 decode (none with --mixed K),
+    # `launch` as none on this node.
+    p.add_argument("--prefill", type=int, default=None, help="prefill workers (serve: default 1, or 0 with --mixed K)")
+    p.add_argument("--decode", type=int, default=None, help="decode workers (serve: default 1, or 0 with --mixed K)")
+    p.add_argument(
+        "--mixed", type=int, default=None,
+        help="mixed workers (prefill and decode in one, colocated); with --prefill P, prefill workers send them KV",
+    )
     _add_policy_arguments(p)
     _add_front_door_arguments(p)
     _add_worker_arguments(p)
@@ -112,15 +119,23 @@ def _add_worker_arguments(p: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from ecoserve.coordinator.policies import make_policy
     from ecoserve.coordinator.policy import check_cluster
-    from ecoserve.launcher import ClusterSpec, run_async, run_cluster
+    from ecoserve.launcher import run_async, run_cluster
     from ecoserve.model.registry import resolve_model
 
-    spec = ClusterSpec(_count(args.prefill, 1), _count(args.decode, 1), _count(args.mixed, 0))
+    spec = cluster_spec(args)
     engine, coord = engine_and_coordinator(args)
     check_cluster(make_policy(args.policy, **coord.policy_options), set(spec.roles()))
     folder = resolve_model(args.model)  # prepares a built-in model once, before any worker starts
     ready = Path(args.ready_file) if args.ready_file else None
     return run_async(run_cluster(spec, engine, coord, folder, args.threads_per_worker, ready))
+
+
+def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
+    """`serve`'s workers: 1 prefill + 1 decode by default; with --mixed K, the counts not given are 0."""
+    from ecoserve.launcher import ClusterSpec
+
+    default = 0 if args.mixed else 1
+    return ClusterSpec(_count(args.prefill, default), _count(args.decode, default), _count(args.mixed, 0))
 
 
 def run_launch(args: argparse.Namespace) -> int:

@@ -77,3 +77,25 @@ def test_explicit_costs_win_and_bad_profiles_are_refused() -> None:
     add_arguments(p)
     with pytest.raises(ValueError, match="--latency-profile is read by --policy ecoserve only; --policy vllm takes none"):
         engine_and_coordinator(p.parse_args(["--policy", "vllm", "--mixed", "1", "--latency-profile", "opt-13b-tp1"]))
+
+
+@pytest.mark.parametrize(("argv", "counts"), [
+    ([], (1, 1, 0)), (["--mixed", "2"], (0, 0, 2)), (["--prefill", "1", "--mixed", "1"], (1, 0, 1)),
+    (["--prefill", "2", "--decode", "1", "--mixed", "1"], (2, 1, 1)),
+])
+def test_serve_s_worker_counts_default_to_none_beside_mixed_workers(argv: list[str], counts: tuple[int, int, int]) -> None:
+    from ecoserve.serve import add_arguments, cluster_spec
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    spec = cluster_spec(p.parse_args(argv))
+    assert (spec.num_prefill, spec.num_decode, spec.num_mixed) == counts
+
+
+def test_decode_workers_need_prefill_workers_and_prefill_workers_a_kv_destination() -> None:
+    from ecoserve.launcher import ClusterSpec
+
+    assert ClusterSpec(1, 0, 1).roles() == ["prefill", "mixed"]
+    for counts in ((0, 1, 1), (1, 0, 0), (0, 2, 0)):
+        with pytest.raises(ValueError, match="prefill and decode workers come together, or prefill with mixed workers"):
+            ClusterSpec(*counts)

@@ -1,13 +1,17 @@
 """`--policy ecoserve` on mixed workers (EcoServe's iteration, issue 17), through `ecoserve serve`.
 
-With 2 mixed workers and with 1 prefill + 1 mixed, SmolLM2-135M (its bundled CPU fit the
-latency profile, by default): every request carries a TPOT SLO tight enough that the slo
-schedule's budget binds, and still greedy tokens equal LLM.generate's and transformers'
-(test_serve_equivalence's sixteen requests and reference), prompts join decode iterations
-(mixed steps on the mixed workers), and every device block, host swap block and reservation is
-released at the end. A forced under-prediction run on the tiny model (as
-test_serve_equivalence's, on one mixed worker) preempts by swap and by recompute on the mixed
-worker for real and still returns exactly the reference tokens.
+With 2 mixed workers and with 1 prefill + 1 mixed: every request carries a TPOT SLO tight enough
+that the slo schedule's budget binds, and still greedy tokens equal LLM.generate's and
+transformers' (test_serve_equivalence's sixteen requests and reference), prompts join decode
+iterations (mixed steps on the mixed workers), and every device block, host swap block and
+reservation is released at the end. A forced under-prediction run (as test_serve_equivalence's,
+on one mixed worker) preempts by swap and by recompute on the mixed worker for real and still
+returns exactly the reference tokens.
+
+The tiny model, as test_serve_equivalence's forced runs use it: SmolLM2-135M through the same
+layouts took about 16 minutes on the 2-core machine (the 2-mixed run passed), past the suite's
+timeout. The tiny model has no latency fit of its own: SmolLM2's CPU fit, which over-predicts its
+steps, stands in (`--latency-profile`; a smaller budget than needed, never a broken target).
 
 The policy half of issue 17 (the ecoserve policy on `mixed` and `prefill+mixed` layouts) is
 another change; until it is in, these are skipped with that reason.
@@ -30,8 +34,9 @@ pytestmark = pytest.mark.skipif(
     or _POLICY.mixed_schedule != "slo",
     reason="the ecoserve policy does not run mixed workers with the slo schedule yet (issue 17's policy half)",
 )
-# SmolLM2's CPU fit predicts about 190 ms for 8 decodes alone and 3 ms more per prompt token
-# in the same step: a 400 ms target admits tens of prompt tokens, not the whole 256-token budget.
+# SmolLM2's CPU fit (the profile here) predicts about 190 ms for 8 decodes alone and 3 ms more
+# per prompt token in the same step: a 400 ms target admits tens of prompt tokens, not the
+# whole 256-token budget.
 TIGHT = SLO(tpot_ms=400.0)
 
 
@@ -67,15 +72,15 @@ def check(addr: str, model: str, slo: SLO | None, first: tuple[int, ...] = ()) -
 
 @pytest.mark.parametrize(
     ("layout", "extra"),
-    [((0, 0, 2), ("--num-blocks", "96")), ((1, 0, 1), ("--num-blocks", "96"))],
+    [((0, 0, 2), ("--num-blocks", "40")), ((1, 0, 1), ("--num-blocks", "40"))],
     ids=["2mixed", "1p1mixed"],
 )
-def test_ecoserve_on_mixed_workers_matches_offline_and_transformers_on_smollm2(  # type: ignore[no-untyped-def]
+def test_ecoserve_on_mixed_workers_matches_offline_and_transformers(  # type: ignore[no-untyped-def]
     cluster, layout: tuple[int, int, int], extra: tuple[str, ...]
 ) -> None:
-    model = "smollm2-135m"
+    model = "tiny-llama"
     reference(model)  # before the cluster starts: the CPU is not shared with it then
-    options = ("--policy", "ecoserve", "--max-num-batched-tokens", "256", *extra)
+    options = ("--policy", "ecoserve", "--latency-profile", "cpu-smollm2-135m", "--max-num-batched-tokens", "256", *extra)
     with cluster(model, *layout, *options) as addr:
         stats = check(addr, model, TIGHT)
     print({k: v for k, v in stats.items() if "mixed_steps" in k or "preempt" in k})
