@@ -233,4 +233,5 @@ class DecodeWorker(Worker):
             "swap_free_blocks": self.engine.swap_space.num_free if self.engine.swap_space else 0,
             "swap_used_blocks": self.engine.swap_space.pool.num_used if self.engine.swap_space else 0,
             "mixed_steps": self.engine.num_mixed_steps,  # steps carrying prompt tokens and decodes
+            "receives": self.num_receives,  # requests whose KV came from a prefill worker
         }
