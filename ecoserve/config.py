@@ -130,6 +130,10 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.schedule == "slo" and not self.latency_profile:
             raise ValueError("the slo schedule needs latency_profile: a bundled profile name or a file from `ecoserve profile`")
+        if self.latency_profile:
+            from ecoserve.latency.profile import load_profile
+
+            load_profile(self.latency_profile)  # ValueError naming the profiles there are
 
 
 @dataclass(frozen=True)

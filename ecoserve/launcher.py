@@ -54,8 +54,9 @@ USER_ERRORS = (ValueError, KeyError, OSError, MemoryError)
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """`ecoserve serve`'s workers: the counts its flags gave, held to serve's rules (prefill and
-    decode together, at least one worker); no tensor parallelism."""
+    """`ecoserve serve`'s workers: the counts its flags gave, held to serve's rules (decode
+    workers with prefill workers, prefill workers with decode or mixed ones, at least one
+    worker); no tensor parallelism."""
 
     num_prefill: int
     num_decode: int
@@ -64,10 +65,13 @@ class ClusterSpec:
     def __post_init__(self) -> None:
         if min(self.num_prefill, self.num_decode, self.num_mixed) < 0:
             raise ValueError("worker counts must be >= 0")
-        if (self.num_prefill == 0) != (self.num_decode == 0):
+        # A prefill worker sends its KV on to a decode or a mixed worker; a decode worker takes it
+        # from a prefill worker.
+        if (self.num_decode and not self.num_prefill) or (self.num_prefill and not (self.num_decode or self.num_mixed)):
             raise ValueError(
-                f"prefill and decode workers come together (got --prefill {self.num_prefill} --decode "
-                f"{self.num_decode}); for colocated serving use --mixed K alone"
+                f"prefill and decode workers come together, or prefill with mixed workers (got --prefill "
+                f"{self.num_prefill} --decode {self.num_decode} --mixed {self.num_mixed}); for colocated serving "
+                "use --mixed K alone"
             )
         if self.world_size == 0:
             raise ValueError("no workers: give --prefill P --decode D (both >= 1) and/or --mixed K")

@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ecoserve import envs
 from ecoserve.config import CacheConfig, CoordinatorConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_option
 from ecoserve.model.commands import add_model_arguments
+
+if TYPE_CHECKING:
+    from ecoserve.launcher import ClusterSpec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,10 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sim-time-scale", type=float, default=1.0, help="--engine sim: multiply modelled step times (0: no waiting)"
     )
-    # Counts default to None: `serve` reads None as 1 prefill + 1 decode, `launch` as none on this node.
-    p.add_argument("--prefill", type=int, default=None, help="prefill workers (serve: default 1; 0 with --decode 0 for mixed only)")
-    p.add_argument("--decode", type=int, default=None, help="decode workers (serve: default 1)")
-    p.add_argument("--mixed", type=int, default=None, help="mixed workers (prefill and decode in one, colocated)")
+    # Counts default to None: `serve` reads None as 1 prefill + 1 decode (none with --mixed K),
+    # `launch` as none on this node.
+    p.add_argument("--prefill", type=int, default=None, help="prefill workers (serve: default 1, or 0 with --mixed K)")
+    p.add_argument("--decode", type=int, default=None, help="decode workers (serve: default 1, or 0 with --mixed K)")
+    p.add_argument(
+        "--mixed", type=int, default=None,
+        help="mixed workers (prefill and decode in one, colocated); with --prefill P, prefill workers send them KV",
+    )
     _add_policy_arguments(p)
     _add_front_door_arguments(p)
     _add_worker_arguments(p)
@@ -54,6 +61,13 @@ def _add_policy_arguments(p: argparse.ArgumentParser) -> None:
         "ShareGPT; docs/predictor.md); oracle and oracle-noisy know true lengths only for ignore_eos requests",
     )
     p.add_argument("--predictor-option", action="append", metavar="KEY=VALUE", help="e.g. quantile=0.9, length=64, path=DIR")
+    p.add_argument(
+        "--latency-profile", default=None, metavar="NAME|FILE",
+        help="--policy ecoserve: the workers' step-time profile (a bundled name, e.g. cpu-smollm2-135m, or a file "
+        "from `ecoserve profile`): its mixed workers budget each step's prompt tokens by it (the slo schedule) and "
+        "the policy's cost model reads it. Default: the --sim-profile with --engine sim; cpu-smollm2-135m for "
+        "smollm2-135m on the CPU; otherwise required with mixed workers",
+    )
     p.add_argument(
         "--policy-option", action="append", metavar="KEY=VALUE",
         help="ecoserve knobs, e.g. margin=0.1, pipelining=false, rl_buckets=false, ordering=false, "
@@ -105,15 +119,23 @@ def _add_worker_arguments(p: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from ecoserve.coordinator.policies import make_policy
     from ecoserve.coordinator.policy import check_cluster
-    from ecoserve.launcher import ClusterSpec, run_async, run_cluster
+    from ecoserve.launcher import run_async, run_cluster
     from ecoserve.model.registry import resolve_model
 
-    spec = ClusterSpec(_count(args.prefill, 1), _count(args.decode, 1), _count(args.mixed, 0))
+    spec = cluster_spec(args)
     engine, coord = engine_and_coordinator(args)
     check_cluster(make_policy(args.policy, **coord.policy_options), set(spec.roles()))
     folder = resolve_model(args.model)  # prepares a built-in model once, before any worker starts
     ready = Path(args.ready_file) if args.ready_file else None
     return run_async(run_cluster(spec, engine, coord, folder, args.threads_per_worker, ready))
+
+
+def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
+    """`serve`'s workers: 1 prefill + 1 decode by default; with --mixed K, the counts not given are 0."""
+    from ecoserve.launcher import ClusterSpec
+
+    default = 0 if args.mixed else 1
+    return ClusterSpec(_count(args.prefill, default), _count(args.decode, default), _count(args.mixed, 0))
 
 
 def run_launch(args: argparse.Namespace) -> int:
@@ -143,6 +165,11 @@ def engine_and_coordinator(args: argparse.Namespace) -> tuple[EngineConfig, Coor
     schedule = make_policy(args.policy, **options).mixed_schedule  # bad options refused here, before anything starts
     if args.model is None:  # the sim engine reads only a vocabulary and a tokenizer: the tiny model's
         args.model = "tiny-llama" if args.engine == "sim" else "smollm2-135m"
+    if schedule == "slo" and not args.mixed:
+        schedule = "chunked"  # the policy's mixed-worker schedule; with none here, no worker runs it
+    profile = latency_profile(args, schedule)
+    if profile is not None and args.policy == "ecoserve" and "costs" not in options:  # the policy's cost model reads what the workers do
+        options["costs"] = cost_model(profile)
     engine = EngineConfig(
         model=ModelConfig(
             model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
@@ -153,7 +180,7 @@ def engine_and_coordinator(args: argparse.Namespace) -> tuple[EngineConfig, Coor
             kv_cache_gib=args.kv_cache_gib, num_host_blocks=args.num_host_blocks,
         ),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  schedule=schedule),
+                                  schedule=schedule, latency_profile=profile if schedule == "slo" else None),
     )
     coord = CoordinatorConfig(
         host=args.host, port=args.port, policy=args.policy, policy_options=options,
@@ -161,6 +188,50 @@ def engine_and_coordinator(args: argparse.Namespace) -> tuple[EngineConfig, Coor
         transfer_deadline_s=args.transfer_deadline, drain_timeout_s=args.drain_timeout, max_retries=args.max_retries,
     )
     return engine, _with_security(coord, args)
+
+
+def latency_profile(args: argparse.Namespace, schedule: str) -> str | None:
+    """The step-time profile of the workers (`--latency-profile`), checked: what the slo schedule
+    budgets by and the ecoserve policy's cost model reads; None where nothing reads one. Without
+    the option, a profile that describes what will run: with --engine sim, the --sim-profile its
+    workers model their steps by (exact); for smollm2-135m on the CPU, the bundled fit of that
+    model (`cpu-smollm2-135m`, measured on a 2-core machine). Any other model has no fit to
+    default to: the slo schedule then needs the option (ValueError, one line)."""
+    from ecoserve.latency.profile import FITTED_PROFILES, load_profile
+
+    if args.latency_profile is not None:
+        if args.policy != "ecoserve":
+            raise ValueError(f"--latency-profile is read by --policy ecoserve only; --policy {args.policy} takes none")
+        load_profile(args.latency_profile)  # ValueError naming the bundled profiles
+        return str(args.latency_profile)
+    if schedule != "slo":
+        return None
+    if args.engine == "sim":
+        return str(args.sim_profile)
+    if args.model == "smollm2-135m" and _on_cpu(args.device):
+        return "cpu-smollm2-135m"
+    raise ValueError(
+        f"--policy {args.policy} runs the slo schedule on mixed workers, which needs --latency-profile NAME|FILE: "
+        f"there is no bundled fit of {args.model} on {args.device} (bundled: {', '.join(FITTED_PROFILES)} for "
+        f"smollm2-135m on the CPU); fit one with `ecoserve profile --model {args.model}`"
+    )
+
+
+def _on_cpu(device: str) -> bool:
+    if device == "auto":
+        import torch  # only here: serve's parser and coordinator need no torch
+
+        return not torch.cuda.is_available()
+    return device == "cpu"
+
+
+def cost_model(profile: str) -> Any:
+    """The ecoserve policy's cost model for workers with `profile` (CostModel.from_profile)."""
+    from ecoserve.latency.cost import CostModel
+    from ecoserve.latency.profile import load_profile
+
+    prof, default = load_profile(profile), CostModel()
+    return CostModel.from_profile(prof, prof.kv_bytes_per_token or default.kv_bytes_per_token, default.swap_bytes_per_s)
 
 
 def policy_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -67,7 +67,9 @@ class WorkerEvents:
         elif view.role == "mixed":
             req.transition(S.TRANSFERRING, lc.clock())
             req.transition(S.DECODING, lc.clock())
-            lc.reservations.decoding_started(req, view.decode_steps)  # where it holds a reservation
+            # Its KV is where it decodes: a reservation made for it there starts now, as a
+            # transferred request's does when its KV lands (extensions and victims read it).
+            lc.reservations.decoding_started(req, view.decode_steps)
         else:
             req.transition(S.TRANSFERRING, lc.clock())
             lc.kv_waiting.append(req)

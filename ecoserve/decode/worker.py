@@ -2,7 +2,10 @@
 with continuous batching and streams one TokenEvents message per step.
 
 The `mixed` role is this worker also taking whole requests (RunPrefill with decode_locally):
-prefill and decode share one pool and one batch, as in colocated (vLLM-style) serving.
+prefill and decode share one pool and one batch, as in colocated (vLLM-style) serving. A mixed
+worker takes ReceiveKV too (a prefill worker's prompt moved to it, P:mixed layouts). Under the
+"slo" schedule (EcoServe's iteration) each step's prompt tokens are budgeted by the smallest
+`tpot_target_ms` (RunPrefill/ReceiveKV) of the requests decoding in it.
 When the pool runs dry the local scheduler preempts the newest request by recompute; it
 resumes on this worker by re-prefilling its prompt and the tokens it already produced.
 
@@ -46,6 +49,8 @@ class DecodeWorker(Worker):
         elif isinstance(msg, p.RunPrefill) and msg.decode_locally and self.config.role == "mixed":
             seq = self.engine.new_sequence(msg.request_id, msg.prompt_token_ids, msg.params)
             seq.output_token_ids.extend(msg.generated_token_ids)  # a retry: prefilled after the prompt
+            seq.reserved_tokens = msg.reserve_tokens  # as a received request's (ReceiveKV.reserve_tokens)
+            seq.tpot_target_ms = msg.tpot_target_ms
             self.engine.scheduler.add(seq)
             self.prefilling.add(msg.request_id)
         elif isinstance(msg, (p.ExtendReservation, p.Preempt, p.Resume)):
@@ -77,6 +82,7 @@ class DecodeWorker(Worker):
             seq.output_token_ids.append(msg.first_token)
             seq.num_computed_tokens = kv_tokens
             seq.reserved_tokens = msg.reserve_tokens
+            seq.tpot_target_ms = msg.tpot_target_ms
             plan = TransferPlan(msg.request_id, msg.src_rank, self.rank, msg.seq_no, kv_tokens)
             # The sender's deadline too; maybe past already (then hollow).
             deadline = local_deadline(msg.deadline_at, self.faults.clock_lag_ms / 1e3)
@@ -230,4 +236,7 @@ class DecodeWorker(Worker):
             "parked": len(self.engine.scheduler.parked),
             "reserved_tokens": sum(s.reserved_tokens or 0 for s in self.engine.sequences.values()),
             "swap_free_blocks": self.engine.swap_space.num_free if self.engine.swap_space else 0,
+            "swap_used_blocks": self.engine.swap_space.pool.num_used if self.engine.swap_space else 0,
+            "mixed_steps": self.engine.num_mixed_steps,  # steps carrying prompt tokens and decodes
+            "receives": self.num_receives,  # requests whose KV came from a prefill worker
         }

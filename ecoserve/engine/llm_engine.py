@@ -8,6 +8,8 @@ state, freeing its device and host blocks.
 
 With `ModelConfig.engine == "sim"` the runner is engine.sim.SimRunner (a load-test tool: no
 weights, modelled step times, deterministic tokens); everything else here is unchanged.
+With `SchedulerConfig.schedule == "slo"` the batcher budgets prompt tokens by the
+`latency_profile` and each decoding sequence's `tpot_target_ms` (engine/prompt_budget.py).
 """
 
 from __future__ import annotations
@@ -91,8 +93,11 @@ class LLMEngine:
         host_blocks = config.cache.num_host_blocks
         self.swap_space = HostSwapSpace(self.runner.kv_cache, host_blocks) if host_blocks else None
         sched = config.scheduler
+        # The "slo" schedule budgets each step's prompt tokens by this profile (prompt_budget.py).
+        self.slo_profile = load_profile(sched.latency_profile) if sched.schedule == "slo" and sched.latency_profile else None
         self.scheduler = FCFSScheduler(self.pool, sched.max_num_seqs, sched.max_num_batched_tokens,
-                                       prefill_priority=sched.schedule == "prefill-priority")
+                                       prefill_priority=sched.schedule == "prefill-priority", slo_profile=self.slo_profile)
+        self.num_mixed_steps = 0  # steps that carried both prompt tokens and decodes
         self.sequences: dict[str, Sequence] = {}
         self.last_preempted: list[Sequence] = []
         # Tokens the last step computed; 0 when it scheduled nothing (every queued request held
@@ -160,6 +165,7 @@ class LLMEngine:
         self.last_preempted = list(self.scheduler.preempted_log)
         self.scheduler.preempted_log.clear()
         self.last_num_scheduled_tokens = sum(c.num_new_tokens for c in out.prefills + out.decodes)
+        self.num_mixed_steps += bool(out.prefills and out.decodes)
         if out.empty:
             return []
         inputs = self.runner.prepare(out.prefills, out.decodes)

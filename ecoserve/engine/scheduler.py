@@ -9,6 +9,13 @@ only that: unfinished prompts of running sequences, then whole waiting prompts, 
 the budget (a prompt longer than the budget starts alone and goes on in budget-sized chunks),
 and no decodes. Decodes run only in steps where no prompt work fits.
 
+With `slo_profile` (the "slo" schedule, EcoServe's iteration, DESIGN §4.1) every step first
+takes every running decode, oldest first, then prompt work (unfinished prompts and recomputes
+of the running, then waiting prompts, FCFS, whole or in chunks) up to the budget the latency
+profile gives for the smallest `tpot_target_ms` among this step's decodes (engine/prompt_budget.py):
+the step is predicted to keep that target while prompts wait. Prompt work never preempts a
+sequence already scheduled in the step.
+
 Two controls belong to the coordinator rather than to this batcher:
 
 - Reservations. A sequence with `reserved_tokens` set never holds more than
@@ -28,10 +35,13 @@ Two controls belong to the coordinator rather than to this batcher:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
+from ecoserve.engine.prompt_budget import PromptBudget
 from ecoserve.engine.sequence import Sequence, SequenceStatus
 from ecoserve.kv_cache import BlockPool
+from ecoserve.latency.profile import LatencyProfile
 
 
 @dataclass(frozen=True)
@@ -53,9 +63,13 @@ class SchedulerOutput:
 
 class FCFSScheduler:
     def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_priority: bool = False) -> None:
+                 prefill_priority: bool = False, slo_profile: LatencyProfile | None = None) -> None:
+        if prefill_priority and slo_profile is not None:
+            raise ValueError("a scheduler runs one schedule: prefill_priority or slo_profile, not both")
         self.pool = pool
         self.prefill_priority = prefill_priority
+        self.slo_profile = slo_profile
+        self.last_budget: PromptBudget | None = None  # the "slo" schedule's last step's budget
         self.preempted_log: list[Sequence] = []  # every preemption, for the worker to report
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -166,6 +180,8 @@ class FCFSScheduler:
             out = self._prompts_first()
             if out is not None:
                 return out
+        if self.slo_profile is not None:
+            return self._slo_step(self.slo_profile)
         budget = self.max_num_batched_tokens
         decodes: list[ScheduledChunk] = []
         prefills: list[ScheduledChunk] = []
@@ -201,6 +217,50 @@ class FCFSScheduler:
                 break
             prefills.append(self._start(seq, n))
             budget -= n
+        return SchedulerOutput(prefills, decodes, preempted)
+
+    def _slo_step(self, profile: LatencyProfile) -> SchedulerOutput:
+        """EcoServe's iteration: every decode, then prompt work up to the SLO-derived budget."""
+        decodes: list[ScheduledChunk] = []
+        prefills: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        scheduled: set[Sequence] = set()
+        self.held = []
+        # 1. Every running decode, oldest first (one token each, within the step's token limit).
+        for seq in list(self.running):
+            if seq not in self.running or not _decoding(seq):
+                continue
+            if self._room(seq) == 0:
+                self.held.append(seq.request_id)
+            elif len(decodes) < self.max_num_batched_tokens and self._reserve(seq, 1, preempted, scheduled):
+                decodes.append(ScheduledChunk(seq, 1))
+                scheduled.add(seq)
+        budget = PromptBudget(profile, [c.seq for c in decodes], self.max_num_batched_tokens - len(decodes))
+        self.last_budget = budget
+        # 2. Unfinished prompts and recomputes of the running, oldest first.
+        for seq in list(self.running):
+            if seq not in self.running or seq in scheduled or _decoding(seq):
+                continue
+            room = self._room(seq)
+            if room == 0:
+                self.held.append(seq.request_id)
+                continue
+            n = budget.take(seq.num_computed_tokens, room)
+            if n > 0 and self._reserve(seq, n, preempted, scheduled):
+                budget.spend(seq.num_computed_tokens, n)
+                prefills.append(ScheduledChunk(seq, n))
+                scheduled.add(seq)
+        # 3. Waiting prompts, FCFS, while budget, slots and blocks last; no preemption for these.
+        while self.waiting and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            room = self._room(seq)
+            n = budget.take(seq.num_computed_tokens, room)
+            if room == 0:
+                self.held.append(seq.request_id)
+            if n == 0 or seq.block_table.blocks_needed(seq.num_computed_tokens + n) > self.pool.num_free:
+                break
+            budget.spend(seq.num_computed_tokens, n)
+            prefills.append(self._start(seq, n))
         return SchedulerOutput(prefills, decodes, preempted)
 
     def _start(self, seq: Sequence, n: int) -> ScheduledChunk:
@@ -244,11 +304,12 @@ class FCFSScheduler:
             return None  # (victims of a failed _reserve are in preempted_log and back in waiting)
         return SchedulerOutput(prefills, [], preempted)
 
-    def _reserve(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
-        """Blocks for `n` more tokens of `seq`, preempting the newest others if needed."""
+    def _reserve(self, seq: Sequence, n: int, preempted: list[Sequence], scheduled: AbstractSet[Sequence] = frozenset()) -> bool:
+        """Blocks for `n` more tokens of `seq`, preempting the newest others (never one in
+        `scheduled`, already in this step; `seq` is not) if needed."""
         target = seq.num_computed_tokens + n
         while seq.block_table.blocks_needed(target) > self.pool.num_free:
-            victim = self.running[-1]
+            victim = next(s for s in reversed(self.running) if s not in scheduled)  # `seq` at the latest
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-
 from ecoserve.params import SamplingParams
 from ecoserve.kv_cache import BlockTable
 
@@ -36,6 +35,9 @@ class Sequence:
     `blocks_for_tokens(reserved_tokens)` blocks (None: no cap); the scheduler holds it back
     rather than grow past that (FCFSScheduler.held). While it is parked with `preempt_mode`
     "swap", its computed KV waits in the host swap space blocks `host_blocks`, in order.
+    `tpot_target_ms` is the step time a worker running the "slo" schedule keeps each step within
+    while this sequence decodes there (its coordinator's RunPrefill/ReceiveKV.tpot_target_ms;
+    None: it sets no limit).
     """
 
     request_id: str
@@ -51,6 +53,7 @@ class Sequence:
     reserved_tokens: int | None = None
     host_blocks: list[int] = field(default_factory=list)
     preempt_mode: str | None = None  # "swap" or "recompute" while PARKED, else None
+    tpot_target_ms: float | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -45,6 +45,10 @@ DECODE_CONTEXTS = ("sum", "padded")
 MIXED_FORMS = ("fused", "additive")
 _FITS = {"": "distserve-profiler-a100-80g.distserve.json", "vllm-": "distserve-profiler-a100-80g.vllm.json"}
 _CAPACITY_FILE = "distserve-max_num_tokens.csv"
+# Profiles we fitted from our own engine with `ecoserve profile`, bundled as files, by name.
+# They are named without "-tp<N>", so the DistServe names (`profile_names`) stay what the
+# simulator's model/TP lookup parses.
+FITTED_PROFILES = {"cpu-smollm2-135m": "cpu-smollm2-135m.json"}
 
 
 @dataclass(frozen=True)
@@ -123,15 +127,19 @@ class LatencyProfile:
 
 
 def profile_names() -> list[str]:
-    """Every bundled profile name."""
+    """Every bundled DistServe profile name (`<model>-tp<N>`, `vllm-<model>-tp<N>`); our own
+    fits are `FITTED_PROFILES`."""
     return sorted(_bundled())
 
 
 def load_profile(name_or_path: str) -> LatencyProfile:
-    """A bundled profile by name, or a profile JSON file; ValueError naming what is allowed."""
+    """A bundled profile by name (DistServe's, or one of `FITTED_PROFILES`), or a profile JSON
+    file; ValueError naming what is allowed."""
     bundled = _bundled()
     if name_or_path in bundled:
         return bundled[name_or_path]
+    if name_or_path in FITTED_PROFILES:
+        return _fitted(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".json" and path.is_file():
         try:
@@ -140,7 +148,7 @@ def load_profile(name_or_path: str) -> LatencyProfile:
             raise ValueError(f"latency profile {path} is not valid JSON: {exc}") from None
         return _profile(path.stem, raw, raw.get("max_num_tokens") if isinstance(raw, dict) else None, str(path))
     raise ValueError(
-        f"unknown latency profile {name_or_path!r}: give one of {', '.join(profile_names())} "
+        f"unknown latency profile {name_or_path!r}: give one of {', '.join(profile_names() + sorted(FITTED_PROFILES))} "
         "or the path of a .json file with prefill, decoding_smallbs, decoding_largebs and "
         "decoding_large_small_bs_threshold"
     )
@@ -161,6 +169,13 @@ def _bundled() -> dict[str, LatencyProfile]:
                 name = f"{prefix}{model.rsplit('/', 1)[-1]}-tp{tp}"
                 out[name] = _profile(name, raw, capacity.get((model, int(tp))), f"{filename} [{model}][{tp}]")
     return out
+
+
+@lru_cache(maxsize=None)
+def _fitted(name: str) -> LatencyProfile:
+    text = resources.files("ecoserve.data").joinpath("profiles", FITTED_PROFILES[name]).read_text(encoding="utf-8")
+    raw = json.loads(text)
+    return _profile(name, raw, raw.get("max_num_tokens"), FITTED_PROFILES[name])
 
 
 def _profile(name: str, raw: Any, max_num_tokens: Any, source: str) -> LatencyProfile:
