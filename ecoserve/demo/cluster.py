@@ -38,7 +38,9 @@ QUESTION = "What is the capital of France, and what is it famous for? Answer in 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=24, help="requests of the trace slice to replay")
-    p.add_argument("--policy", default="ecoserve", help="ecoserve (default) or distserve")
+    p.add_argument("--policy", default="ecoserve", help="ecoserve (default), distserve, vllm or orca")
+    p.add_argument("--layout", type=_layout, default=(1, 1, 0), metavar="P,D,M",
+                   help="prefill, decode and mixed workers (default 1,1,0; the README says why)")
     p.add_argument("--arrive-within", type=float, default=60.0, help="seconds over which the slice arrives")
     p.add_argument("--max-prompt-len", type=int, default=768, help="cap on the trace's prompt lengths (tokens)")
     p.add_argument("--max-output-len", type=int, default=96, help="cap on the trace's output lengths (tokens)")
@@ -54,10 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_cluster_demo(args: argparse.Namespace) -> int:
     if args.num_requests < 1 or not args.arrive_within > 0:
         raise ValueError(f"need --num-requests >= 1 and --arrive-within > 0, got {args.num_requests}, {args.arrive_within}")
-    print(f"starting a local cluster: {args.model}, 1 prefill + 1 decode worker, policy {args.policy} ...", flush=True)
+    prefill, decode, mixed = args.layout
+    shown = ", ".join(f"{n} {role}" for n, role in zip(args.layout, ("prefill", "decode", "mixed")) if n)
+    print(f"starting a local cluster: {args.model}, workers {shown}, policy {args.policy} ...", flush=True)
     start = time.perf_counter()
     with local_cluster(
-        args.model, 1, 1, 0, "--policy", args.policy, "--num-blocks", str(args.num_blocks),
+        args.model, prefill, decode, mixed, "--policy", args.policy, "--num-blocks", str(args.num_blocks),
         "--threads-per-worker", "1", dtype=args.dtype, device=args.device,
     ) as addr:
         print(f"cluster up at {addr} in {time.perf_counter() - start:.0f} s\n", flush=True)
@@ -67,7 +71,7 @@ def run_cluster_demo(args: argparse.Namespace) -> int:
     print_report(result, title=f"EcoServe demo: {len(workload.requests)} Azure conversation requests")
     if args.out:
         write_result(args.out, result, {"workload": spec.name, "num_requests": spec.num_requests,
-                                        "policy": args.policy, "model": args.model})
+                                        "policy": args.policy, "model": args.model, "layout": list(args.layout)})
         print(f"wrote {args.out}")
     print()
     from ecoserve.demo.headline import head_to_head, render
@@ -75,6 +79,17 @@ def run_cluster_demo(args: argparse.Namespace) -> int:
     print(render(head_to_head(args.headline_rates)), flush=True)
     s = summarize(result)
     return 0 if s["lost"] == 0 and s["failed"] == 0 else 1
+
+
+def _layout(text: str) -> tuple[int, int, int]:
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        counts = ()
+    if len(counts) != 3 or min(counts) < 0 or not any(counts):
+        raise argparse.ArgumentTypeError(
+            f"give prefill,decode,mixed worker counts >= 0, not all 0 (e.g. 1,1,0 or 0,0,2), got {text!r}")
+    return counts  # type: ignore[return-value]
 
 
 def _rates(text: str) -> tuple[float, ...]:
