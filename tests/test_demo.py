@@ -51,3 +51,13 @@ def test_bad_headline_rates_are_one_line(capsys) -> None:  # type: ignore[no-unt
         main(["demo", "--headline-rates", "4,x"])
     assert exc.value.code == 2
     assert "give target rates > 0 in requests/s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["1,1", "0,0,0", "1,-1,0", "a,b,c"])
+def test_a_bad_demo_layout_is_one_line(layout: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    from ecoserve.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--layout", layout])
+    assert exc.value.code == 2
+    assert "give prefill,decode,mixed worker counts >= 0, not all 0" in capsys.readouterr().err
