@@ -64,9 +64,11 @@ def test_bench_engine_writes_json(tmp_path: Path) -> None:
         (("--policy-option", "margin=1"), "margin must be in [0, 1), got 1"),
         (("--predictor", "psychic"), "unknown predictor 'psychic'; choose one of ['fixed', 'histogram', 'learned', 'oracle', 'oracle-noisy']"),
         (("--policy-option", "pipelinin=false"), "unknown ecoserve option(s) ['pipelinin']"),
-        (("--prefill", "0", "--decode", "0", "--mixed", "1"), "policy 'ecoserve' needs decode+prefill workers"),
+        (("--prefill", "0", "--decode", "0", "--mixed", "1"),
+         "--policy ecoserve runs the slo schedule on mixed workers, which needs --latency-profile NAME|FILE"),
+        (("--mixed", "1", "--latency-profile", "nonexistent"), "unknown latency profile 'nonexistent'"),
     ],
-    ids=["buckets", "margin", "predictor", "option", "roles"],
+    ids=["buckets", "margin", "predictor", "option", "mixed-without-a-profile", "unknown-profile"],
 )
 def test_bad_ecoserve_configuration_is_refused_at_start(args: tuple[str, ...], message: str) -> None:
     """Checked before any worker starts: exit status 2 and a message naming what is allowed."""
