@@ -178,7 +178,7 @@ async def serve_until_stopped(
         code = await _startup(coord, procs, stop, error_files)
         if code == 0 and http is not None:
             try:
-                http_proc, url = await start_http(http, coord.client_addr)
+                http_proc, url = await start_http(http, coord.client_addr, len(procs))
                 layout += f"; OpenAI API at {url}/v1"
             except HttpStartFailed as failed:
                 print(f"error: {failed}", file=sys.stderr, flush=True)

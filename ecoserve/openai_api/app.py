@@ -35,12 +35,14 @@ STATUS = {"bad_request": 400, "over_limit": 429, "shutting_down": 503, "server_u
 @dataclass(frozen=True)
 class Settings:
     """What the HTTP process serves: the coordinator's client address, the model's folder (its
-    tokenizer's chat template), an optional API key and the largest body accepted."""
+    tokenizer's chat template), an optional API key, the largest body accepted, and the number
+    of worker ranks the cluster has (/health is 503 while fewer are alive; 0: those registered)."""
 
     address: str
     model_folder: str | None = None
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    num_ranks: int = 0
 
 
 def create_app(settings: Settings, on_ready: Callable[[], object] | None = None) -> FastAPI:
@@ -81,9 +83,12 @@ def create_app(settings: Settings, on_ready: Callable[[], object] | None = None)
             stats = await client().stats(timeout=5)
         except (RequestError, ConnectionError, TimeoutError) as exc:
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
-        if stats.get("workers_alive", 0) < 1:
-            return JSONResponse({"status": "unavailable", "reason": "no worker is alive"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        ranks = settings.num_ranks or sum(1 for key in stats if key.startswith("rank") and key.endswith(".pid"))
+        alive = int(stats.get("workers_alive", 0))
+        if ranks == 0 or alive < ranks:  # a lost rank's role may be one the cluster cannot serve without
+            reason = f"{alive} of {ranks} worker ranks are alive"
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ok", "workers_alive": alive})
 
     @app.get("/version")
     async def version() -> dict[str, str]:

@@ -35,8 +35,9 @@ class HttpStartFailed(RuntimeError):
         self.code = code
 
 
-async def start_http(spec: HttpSpec, address: str) -> tuple[subprocess.Popen[bytes], str]:
-    """Start the HTTP process for the coordinator at `address` and wait until it serves; its URL."""
+async def start_http(spec: HttpSpec, address: str, num_ranks: int) -> tuple[subprocess.Popen[bytes], str]:
+    """Start the HTTP process for the coordinator at `address` (with `num_ranks` worker ranks)
+    and wait until it serves; its URL."""
     env = dict(os.environ, ECOSERVE_LAUNCHER_PID=str(os.getpid()))
     env.pop("ECOSERVE_HTTP_API_KEY", None)
     if spec.api_key is not None:
@@ -44,7 +45,7 @@ async def start_http(spec: HttpSpec, address: str) -> tuple[subprocess.Popen[byt
     with tempfile.TemporaryDirectory(prefix="ecoserve-http-") as folder:
         ready = Path(folder) / "ready"
         cmd = [sys.executable, "-m", "ecoserve.openai_api.server", "--address", address, "--host", spec.host,
-               "--port", str(spec.port), "--ready-file", str(ready)]
+               "--port", str(spec.port), "--ranks", str(num_ranks), "--ready-file", str(ready)]
         if spec.model_folder is not None:
             cmd += ["--model-folder", spec.model_folder]
         proc = subprocess.Popen(cmd, env=env)

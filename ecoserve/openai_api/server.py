@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model-folder", default=None, help="the model's folder (its tokenizer's chat template)")
+    p.add_argument("--ranks", type=int, default=0, help="the cluster's worker ranks (/health: 503 while fewer are alive)")
     p.add_argument("--ready-file", default=None, help="written with the URL once serving")
     args = p.parse_args(argv)
     parent = envs.launcher_pid()
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
-    settings = Settings(args.address, args.model_folder, envs.http_api_key(), envs.http_max_body_bytes())
+    settings = Settings(args.address, args.model_folder, envs.http_api_key(), envs.http_max_body_bytes(), args.ranks)
     ready = Path(args.ready_file) if args.ready_file else None
     app = create_app(settings, on_ready=(lambda: ready.write_text(f"http://{host}:{port}")) if ready else None)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, lifespan="on")
