@@ -79,7 +79,7 @@ COMMANDS = (
     Command("bench sim-fidelity", "the simulator's TTFT/TPOT against the real cluster on the same requests",
             ("ecoserve.bench.fidelity.run:add_arguments",), "ecoserve.bench.fidelity.run:run_fidelity"),
     Command("serve", "serve with a coordinator and prefill/decode (or mixed) workers on this machine",
-            ("ecoserve.serve:add_arguments",), "ecoserve.serve:run_serve"),
+            ("ecoserve.serve:add_arguments", "ecoserve.serve:add_http_arguments"), "ecoserve.serve:run_serve"),
     Command("launch", "run this node's part of a cluster spread over several machines (start it once per node)",
             ("ecoserve.serve:add_arguments", "ecoserve.multinode:add_arguments"), "ecoserve.serve:run_launch"),
     Command("demo", "the main job: a local 1 prefill + 1 decode cluster serving a slice of a real trace",

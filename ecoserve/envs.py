@@ -90,3 +90,25 @@ def client_queue_bytes() -> int | None:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"ECOSERVE_CLIENT_QUEUE_BYTES must be a positive integer (bytes), got {value!r}")
     return int(value)
+
+
+def http_api_key() -> str | None:
+    """The key the HTTP front door requires as a bearer token (``ECOSERVE_HTTP_API_KEY``, set by
+    the launcher from `serve --api-key`); None: no key required."""
+    return os.environ.get("ECOSERVE_HTTP_API_KEY") or None
+
+
+def http_max_body_bytes() -> int:
+    """The largest request body the HTTP front door reads (``ECOSERVE_HTTP_MAX_BODY_BYTES``;
+    default 4 MiB); a larger one gets 413."""
+    value = os.environ.get("ECOSERVE_HTTP_MAX_BODY_BYTES")
+    if value is None:
+        return 4 * 1024 * 1024
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"ECOSERVE_HTTP_MAX_BODY_BYTES must be a positive integer (bytes), got {value!r}")
+    return int(value)
+
+
+def api_key() -> str | None:
+    """`serve --api-key`'s default (``ECOSERVE_API_KEY``): a key kept off the command line."""
+    return os.environ.get("ECOSERVE_API_KEY") or None

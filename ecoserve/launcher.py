@@ -42,6 +42,7 @@ from ecoserve.config import (
 
 if TYPE_CHECKING:
     from ecoserve.coordinator.server import Coordinator
+    from ecoserve.openai_api.process import HttpSpec
 
 STARTUP_TIMEOUT_S = 300.0
 EXIT_GRACE_S = 10.0
@@ -124,7 +125,7 @@ def start_worker(config: WorkerConfig, threads: int, error_file: Path | None = N
 
 async def run_cluster(
     spec: ClusterSpec, engine: EngineConfig, coord_config: CoordinatorConfig, model_folder: Path,
-    threads_per_worker: int | None = None, ready_file: Path | None = None,
+    threads_per_worker: int | None = None, ready_file: Path | None = None, http: HttpSpec | None = None,
 ) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
     from ecoserve.coordinator.server import Coordinator
@@ -152,15 +153,19 @@ async def run_cluster(
             for rank, role in enumerate(roles)
         ]
         layout = "ranks: " + ", ".join(f"{r}={role}" for r, role in enumerate(roles))
-        return await serve_until_stopped(coord, procs, coord_config, layout, ready_file, error_files=error_files)
+        return await serve_until_stopped(coord, procs, coord_config, layout, ready_file, error_files=error_files, http=http)
 
 
 async def serve_until_stopped(
     coord: Coordinator, procs: list[subprocess.Popen[bytes]], coord_config: CoordinatorConfig, layout: str,
     ready_file: Path | None, linger_s: float = 0.2, error_files: list[Path] | None = None,
+    http: HttpSpec | None = None,
 ) -> int:
     """Run the coordinator until SIGINT/SIGTERM with this machine's worker processes `procs`
-    (ranks 0 .. len(procs)-1): wait for every rank to register, announce, watch, drain, stop."""
+    (ranks 0 .. len(procs)-1): wait for every rank to register, announce, watch, drain, stop.
+    With `http`, the HTTP front door's process starts once the ranks are in and stops first."""
+    from ecoserve.openai_api.process import HttpStartFailed, start_http, stop_http
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -168,13 +173,23 @@ async def serve_until_stopped(
     serve_task = asyncio.create_task(coord.serve())
     serve_task.add_done_callback(lambda _: stop.set())  # a coordinator that crashed stops the cluster
     code = 0
+    http_proc: subprocess.Popen[bytes] | None = None
     try:
         code = await _startup(coord, procs, stop, error_files)
+        if code == 0 and http is not None:
+            try:
+                http_proc, url = await start_http(http, coord.client_addr, len(procs))
+                layout += f"; OpenAI API at {url}/v1"
+            except HttpStartFailed as failed:
+                print(f"error: {failed}", file=sys.stderr, flush=True)
+                code = failed.code
         if code == 0:
             print(f"EcoServe ready at {coord.client_addr}  (policy {coord_config.policy}; {layout})", flush=True)
             if ready_file is not None:
                 ready_file.write_text(coord.client_addr)
             await _watch(coord, procs, stop)
+            if http_proc is not None:
+                await asyncio.to_thread(stop_http, http_proc)  # no new HTTP requests during the drain
             if not serve_task.done():
                 await coord.drain(coord_config.drain_timeout_s)
         exc = serve_task.exception() if serve_task.done() and not serve_task.cancelled() else None
@@ -183,6 +198,9 @@ async def serve_until_stopped(
             print(f"error: the coordinator stopped: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             code = 1
     finally:
+        if http_proc is not None and http_proc.poll() is None:
+            http_proc.kill()
+            http_proc.wait()
         coord.stop()
         await asyncio.sleep(linger_s)  # let Shutdown frames leave
         serve_task.cancel()

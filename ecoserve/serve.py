@@ -18,6 +18,7 @@ from ecoserve.model.commands import add_model_arguments
 
 if TYPE_CHECKING:
     from ecoserve.launcher import ClusterSpec
+    from ecoserve.openai_api.process import HttpSpec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,6 +94,20 @@ def _add_front_door_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_http_arguments(p: argparse.ArgumentParser) -> None:
+    """`serve` only: the OpenAI-compatible HTTP front door, in its own process (DESIGN §10)."""
+    p.add_argument(
+        "--http-port", type=int, default=None, metavar="PORT",
+        help="also serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) over HTTP on "
+        "--host:PORT, from a process of its own that stops with the cluster; 0 picks a free port",
+    )
+    p.add_argument(
+        "--api-key", default=None, metavar="KEY",
+        help="--http-port: require 'Authorization: Bearer KEY' on /v1 (default: the ECOSERVE_API_KEY "
+        "environment variable, else no key)",
+    )
+
+
 def _add_worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: from --kv-cache-gib)")
@@ -125,9 +140,32 @@ def run_serve(args: argparse.Namespace) -> int:
     spec = cluster_spec(args)
     engine, coord = engine_and_coordinator(args)
     check_cluster(make_policy(args.policy, **coord.policy_options), set(spec.roles()))
+    http = http_spec(args)
     folder = resolve_model(args.model)  # prepares a built-in model once, before any worker starts
+    if http is not None:
+        http = dataclasses.replace(http, model_folder=str(folder))
     ready = Path(args.ready_file) if args.ready_file else None
-    return run_async(run_cluster(spec, engine, coord, folder, args.threads_per_worker, ready))
+    return run_async(run_cluster(spec, engine, coord, folder, args.threads_per_worker, ready, http))
+
+
+def http_spec(args: argparse.Namespace) -> HttpSpec | None:
+    """The HTTP front door `serve --http-port` asks for, its port checked free before anything
+    starts (ValueError, one line, exit 2, when it is not)."""
+    from ecoserve.openai_api.process import HttpSpec
+    from ecoserve.openai_api.server import bind
+
+    if args.http_port is None:
+        if args.api_key is not None:
+            raise ValueError("--api-key protects the HTTP front door: give --http-port PORT with it")
+        return None
+    if not 0 <= args.http_port <= 65535:
+        raise ValueError(f"--http-port must be a port number in [0, 65535] (0 picks a free one), got {args.http_port}")
+    if args.http_port:
+        try:
+            bind(args.host, args.http_port).close()  # the HTTP process binds it again once the cluster is up
+        except OSError as exc:
+            raise ValueError(str(exc)) from None
+    return HttpSpec(args.host, args.http_port, api_key=args.api_key or envs.api_key())
 
 
 def cluster_spec(args: argparse.Namespace) -> ClusterSpec:

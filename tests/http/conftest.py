@@ -1,0 +1,41 @@
+"""Real clusters started with `ecoserve serve --http-port`, spoken to over HTTP with the official
+`openai` package (and plain `requests` where a raw status or body matters)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ecoserve.launcher import free_port
+from ecoserve.local_cluster import local_cluster
+
+API_KEY = "test-key-0123456789"
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running cluster: its ZeroMQ address and its OpenAI API's base URL."""
+
+    address: str
+    base_url: str  # http://127.0.0.1:PORT/v1
+    api_key: str | None
+
+
+@contextlib.contextmanager
+def http_cluster(log_dir: Path, model: str, *extra: str, api_key: str | None = None) -> Iterator[Server]:
+    port = free_port()
+    key = ("--api-key", api_key) if api_key else ()
+    with local_cluster(model, 1, 1, 0, "--threads-per-worker", "1", "--http-port", str(port), *key, *extra,
+                       log_dir=log_dir) as address:
+        yield Server(address, f"http://127.0.0.1:{port}/v1", api_key)
+
+
+@pytest.fixture(scope="module")
+def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The sim engine (tokens are deterministic, not a model's) with an API key."""
+    with http_cluster(tmp_path_factory.mktemp("sim"), "tiny-llama", "--engine", "sim", api_key=API_KEY) as server:
+        yield server
