@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +64,21 @@ class RankLedger:
     plateau_tokens: int = 0  # sum over members of KV at start + horizon
     members: int = 0
     max_delay_seen: int = 0
+    version: int = 0  # bumped by every change to the cohorts: keys `raw`'s cache
+    _raw: tuple[int, np.ndarray] | None = None
+
+    def raw(self) -> np.ndarray:
+        """Per cohort (n, P, first start, pending, last start, horizon), NaN for a start not yet
+        seen; rebuilt only after the cohorts changed, as scheduling rounds read it far more often."""
+        if self._raw is None or self._raw[0] != self.version:
+            nan = math.nan
+            rows = np.array(
+                [(len(c.members), c.prompt_tokens, nan if c.first_start is None else c.first_start, 1.0 if c.pending else 0.0,
+                  nan if c.last_start is None else c.last_start, c.horizon) for c in self.cohorts.values()],
+                dtype=np.float64,
+            ).reshape(-1, 6)
+            self._raw = (self.version, rows)
+        return self._raw[1]
 
     @property
     def linear_blocks(self) -> float:
@@ -109,6 +125,7 @@ class ReservationLedger:
             self.where[rid] = cohort
         led.members += len(members)
         led.cohorts[cohort.cohort_id] = cohort
+        led.version += 1
         return cohort
 
     def started(self, rid: str, step: int) -> None:
@@ -121,6 +138,7 @@ class ReservationLedger:
         cohort.last_start = step if cohort.last_start is None else max(cohort.last_start, step)
         led = self.ranks[cohort.rank]
         led.max_delay_seen = max(led.max_delay_seen, step - cohort.admitted_step)
+        led.version += 1
 
     def remove(self, rid: str) -> Cohort | None:
         """Drop the member's reservation (it ended, was preempted, or moves to a new cohort)."""
@@ -134,6 +152,7 @@ class ReservationLedger:
         led.reserved_blocks -= -(-(tokens + cohort.horizon) // led.block_size)
         led.plateau_tokens -= tokens + cohort.horizon
         led.members -= 1
+        led.version += 1
         if not cohort.members:
             del led.cohorts[cohort.cohort_id]
         return cohort
@@ -163,9 +182,10 @@ class ReservationLedger:
     def timeline(self, rank: int, block_size: int, now: int, capacity: float, extra: list[Shape] = ()) -> Timeline:  # type: ignore[assignment]
         led = self.rank(rank, block_size)
         delay = self.delay(rank)
-        shapes = [c.shape(now, delay) for c in led.cohorts.values()]
-        shapes.extend(extra)
-        return Timeline(block_size, now, capacity, delay, shapes)
+        rows = cohort_shapes(led.raw(), now, delay)
+        if extra:
+            rows = np.concatenate([rows, np.array(extra, dtype=np.float64).reshape(-1, 5)])
+        return Timeline(block_size, now, capacity, delay, rows)
 
     def assert_empty(self) -> None:
         left = {r: led.members for r, led in self.ranks.items() if led.members or led.reserved_blocks}
@@ -187,14 +207,52 @@ def shape_max(shape: Shape, block_size: int) -> float:
     return n + (p + n * h) / block_size
 
 
+def cohort_shapes(raw: np.ndarray, now: int, delay: int) -> np.ndarray:
+    """`Cohort.shape(now, delay)` of every cohort of `RankLedger.raw()`, as rows of an array."""
+    n, p, first, pending, last, h = raw.T
+    a = np.where(np.isnan(first), now, first)
+    base = np.where(pending > 0, now + delay, np.where(np.isnan(last), now, last))
+    return np.stack([n, p, a, h, np.maximum(base + h, now + 1)], axis=1)
+
+
 def _values(shapes: np.ndarray, t: np.ndarray, block_size: int) -> np.ndarray:
-    """U contributed by `shapes` (rows of n, P, a, horizon, end) at each time in `t`."""
+    """U contributed by `shapes` (rows of n, P, a, horizon, end) at each time in `t`: O(rows x times)."""
     if not len(shapes):
         return np.zeros(len(t))
     n, p, a, h, end = (shapes[:, i : i + 1] for i in range(5))
     tt = t[None, :]
     vals = n + (p + n * np.minimum(tt - a, h)) / block_size
     return np.where(tt < end, vals, 0.0).sum(axis=0)  # type: ignore[no-any-return]
+
+
+def _values_swept(shapes: np.ndarray, t: np.ndarray, block_size: int) -> np.ndarray:
+    """`_values` in O((rows + times) log rows), for shapes whose ramp ends by their end (a + h <= end,
+    true of every shape the ledger makes). A shape adds its plateau w = n + (P + n h) / bs while
+    t < end, less n (a + h - t) / bs while its ramp runs (t < a + h), so U(t) is two suffix sums
+    over the shapes sorted by end and by a + h. Every term is a multiple of 1/bs, so with a
+    power-of-two block size the sums are exact and equal `_values` bit for bit."""
+    n, p, a, h, end = shapes.T
+    ramp_end = a + h
+    if len(shapes) < 8 or bool(np.any(ramp_end > end)):
+        return _values(shapes, t, block_size)
+    plateau = n + (p + n * h) / block_size
+    by_end = np.argsort(end, kind="stable")
+    w = np.concatenate([np.cumsum(plateau[by_end][::-1])[::-1], [0.0]])
+    by_ramp = np.argsort(ramp_end, kind="stable")
+    n_r, r = n[by_ramp], ramp_end[by_ramp]
+    nr = np.concatenate([np.cumsum((n_r * r)[::-1])[::-1], [0.0]])
+    nn = np.concatenate([np.cumsum(n_r[::-1])[::-1], [0.0]])
+    i = np.searchsorted(end[by_end], t, side="right")  # the first shape still present at t
+    j = np.searchsorted(r, t, side="right")  # the first shape still ramping at t
+    return w[i] - (nr[j] - t * nn[j]) / block_size  # type: ignore[no-any-return]
+
+
+def _values_one(shape: Shape | np.ndarray, t: np.ndarray, block_size: int) -> np.ndarray:
+    """U of one shape at each time in `t`."""
+    n, p, a, h, end = (float(x) for x in shape)
+    vals = n + (p + n * np.minimum(t - a, h)) / block_size
+    vals[t >= end] = 0.0
+    return vals  # type: ignore[no-any-return]
 
 
 class Timeline:
@@ -207,15 +265,15 @@ class Timeline:
     in O(cohorts).
     """
 
-    def __init__(self, block_size: int, now: int, capacity: float, delay: int, shapes: list[Shape]) -> None:
+    def __init__(self, block_size: int, now: int, capacity: float, delay: int, shapes: list[Shape] | np.ndarray) -> None:
         self.block_size = block_size
         self.now = now
         self.capacity = capacity
         self.delay = delay
         self.shapes = np.array(shapes, dtype=np.float64).reshape(-1, 5)
-        points = np.maximum(now, self.shapes[:, 4] - 1) if len(shapes) else np.array([float(now)])
+        points = np.maximum(now, self.shapes[:, 4] - 1) if len(self.shapes) else np.array([float(now)])
         self.points = np.sort(points)
-        self.usage = _values(self.shapes, self.points, block_size)
+        self.usage = _values_swept(self.shapes, self.points, block_size)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -247,6 +305,14 @@ class Timeline:
     def peak_with(self, add: list[Shape], remove: list[Shape] | None = None) -> float:
         """Peak of U with `add` admitted and `remove` gone, exactly: O(cohorts) per shape."""
         bs = self.block_size
+        if len(add) == 1 and not remove:  # the usual check, without the general case's arrays
+            shape = add[0]
+            own1 = max(self.now, shape[4] - 1)  # its own breakpoint
+            n, p, a, h, _ = shape
+            own_val = float(_values(self.shapes, np.array([own1], dtype=np.float64), bs)[0])
+            if own1 < shape[4]:
+                own_val += n + (p + n * min(own1 - a, h)) / bs
+            return max(float((self.usage + _values_one(shape, self.points, bs)).max()), own_val)
         added = np.array(add, dtype=np.float64).reshape(-1, 5)
         usage = self.usage + _values(added, self.points, bs)
         own = np.maximum(self.now, added[:, 4] - 1)  # each added shape's own breakpoint

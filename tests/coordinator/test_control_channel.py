@@ -11,11 +11,11 @@ import time
 
 import zmq
 
-from ecoserve import envs
 from ecoserve import protocol as p
 from ecoserve.config import CoordinatorConfig
 from ecoserve.coordinator.server import Coordinator
 from ecoserve.coordinator.workers import ExpectedRank, worker_identity
+from ecoserve.model.registry import prepare_model
 
 
 def register(rank: int) -> p.RegisterWorker:
@@ -29,7 +29,7 @@ def register(rank: int) -> p.RegisterWorker:
 def test_a_frame_to_a_vanished_worker_declares_it_lost() -> None:
     async def run() -> str:
         coord = Coordinator(
-            CoordinatorConfig(port=0, heartbeat_timeout_s=600.0), envs.models_dir() / "tiny-llama", [ExpectedRank(0, "mixed")]
+            CoordinatorConfig(port=0, heartbeat_timeout_s=600.0), prepare_model("tiny-llama"), [ExpectedRank(0, "mixed")]
         )
         coord.bind()
         serving = asyncio.create_task(coord.serve())

@@ -7,11 +7,12 @@ import math
 import random
 from collections import deque
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from ecoserve.config import ClusterShape
-from ecoserve.coordinator.ledger import ReservationLedger, Timeline
+from ecoserve.coordinator.ledger import ReservationLedger, Timeline, _values
 from ecoserve.coordinator.policies import make_policy
 from ecoserve.coordinator.policies.ecoserve import BucketQueues, EcoServeConfig, EcoServePolicy
 from ecoserve.coordinator.policy import SchedulerState, WorkerView
@@ -85,6 +86,47 @@ def test_cohort_check_equals_members_checked_alone() -> None:
     cohort = tl.pending(4, 4 * 100, 64)
     singles = [tl.pending(1, 100, 64)] * 4
     assert tl.peak_with([cohort]) == pytest.approx(tl.peak_with(singles))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    now=st.integers(0, 500),
+    delay=st.integers(0, 64),
+    cohorts=st.lists(
+        st.tuples(st.integers(1, 6), st.integers(0, 4000), st.one_of(st.none(), st.integers(0, 400)),
+                  st.integers(0, 300), st.integers(1, 1500), st.booleans()),
+        max_size=40,
+    ),
+    extra=st.lists(st.tuples(st.integers(-3, 5), st.integers(-900, 900), st.integers(1, 900)), max_size=3),
+)
+def test_the_fast_timeline_equals_the_cohort_by_cohort_reference_exactly(
+    now: int, delay: int, cohorts: list, extra: list
+) -> None:
+    """The ledger's vectorised shapes and the swept usage equal `Cohort.shape` and the O(n^2)
+    evaluation bit for bit (every term is a multiple of 1/16), and so does a one-shape check."""
+    ledger = ReservationLedger(start_delay=delay)
+    for i, (n, kv, first, later, horizon, pending) in enumerate(cohorts):
+        members = [(f"r{i}.{j}", kv + j) for j in range(n)]
+        ledger.add(1, BS, horizon, members, step=0)
+        if first is not None:
+            for j, (rid, _) in enumerate(members):
+                if pending and j == n - 1 and n > 1:
+                    break  # the last member has not started
+                ledger.started(rid, min(first + later * j // n, now))
+    led = ledger.rank(1, BS)
+    d = ledger.delay(1)
+    slow = [c.shape(now, d) for c in led.cohorts.values()]
+    adds = [(n, kv, now, h, now + d + h) for n, kv, h in extra if n]
+    fast = ledger.timeline(1, BS, now, 1e9, adds)
+    assert fast.shapes.tolist() == [list(map(float, x)) for x in slow + adds]
+    ref = np.array(slow + adds, dtype=np.float64).reshape(-1, 5)
+    assert fast.usage.tolist() == _values(ref, fast.points, BS).tolist()
+    for n, kv, h in extra:
+        shape = (max(n, 1), abs(kv), now, h, now + d + h)
+        both = np.concatenate([ref, np.array([shape], dtype=np.float64)])
+        own = np.array([max(now, shape[4] - 1)], dtype=np.float64)
+        want = max(float(_values(both, fast.points, BS).max()), float(_values(both, own, BS)[0]))
+        assert fast.peak_with([shape]) == want
 
 
 def test_bad_policy_configuration_is_refused_with_what_is_allowed() -> None:

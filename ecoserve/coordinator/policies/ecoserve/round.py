@@ -109,9 +109,14 @@ class Round:
                 peak = bound  # fits whatever the timeline says
             else:
                 tl = self.timeline(rank)
-                if not tl.fits(add, remove):
+                if self._tpot_capped(new_members, slo):
+                    peak = tl.peak_with(add, remove)  # exact: the capacity and the TPOT checks both read it
+                    if peak > tl.capacity:
+                        return False
+                elif not tl.fits(add, remove):
                     return False
-                peak = tl.peak_with(add, remove) if self._tpot_capped(new_members, slo) else 0.0
+                else:
+                    peak = 0.0
         else:
             if self.exact[rank] + exact > w.num_blocks:
                 return False
