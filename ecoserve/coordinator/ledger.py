@@ -27,6 +27,7 @@ workers enforce physical capacity, and the policy's extension/preemption path re
 from __future__ import annotations
 
 import bisect
+import copy
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class RankLedger:
     max_delay_seen: int = 0
     version: int = 0  # bumped by every change to the cohorts: keys `raw`'s cache
     _raw: tuple[int, np.ndarray] | None = None
+    _timeline: tuple[tuple[float, ...], Timeline] | None = None
 
     def raw(self) -> np.ndarray:
         """Per cohort (n, P, first start, pending, last start, horizon), NaN for a start not yet
@@ -182,10 +184,19 @@ class ReservationLedger:
     def timeline(self, rank: int, block_size: int, now: int, capacity: float, extra: list[Shape] = ()) -> Timeline:  # type: ignore[assignment]
         led = self.rank(rank, block_size)
         delay = self.delay(rank)
+        key = (led.version, now, delay, capacity, block_size)
+        if not extra and led._timeline is not None and led._timeline[0] == key:
+            # Rounds read a worker's timeline far more often than its cohorts or its step change.
+            # A Timeline's methods rebind its arrays and never write into them, so a shallow copy
+            # leaves the cached one as built.
+            return copy.copy(led._timeline[1])
         rows = cohort_shapes(led.raw(), now, delay)
         if extra:
             rows = np.concatenate([rows, np.array(extra, dtype=np.float64).reshape(-1, 5)])
-        return Timeline(block_size, now, capacity, delay, rows)
+        tl = Timeline(block_size, now, capacity, delay, rows)
+        if not extra:
+            led._timeline = (key, copy.copy(tl))
+        return tl
 
     def assert_empty(self) -> None:
         left = {r: led.members for r, led in self.ranks.items() if led.members or led.reserved_blocks}
@@ -225,26 +236,47 @@ def _values(shapes: np.ndarray, t: np.ndarray, block_size: int) -> np.ndarray:
     return np.where(tt < end, vals, 0.0).sum(axis=0)  # type: ignore[no-any-return]
 
 
-def _values_swept(shapes: np.ndarray, t: np.ndarray, block_size: int) -> np.ndarray:
-    """`_values` in O((rows + times) log rows), for shapes whose ramp ends by their end (a + h <= end,
-    true of every shape the ledger makes). A shape adds its plateau w = n + (P + n h) / bs while
-    t < end, less n (a + h - t) / bs while its ramp runs (t < a + h), so U(t) is two suffix sums
-    over the shapes sorted by end and by a + h. Every term is a multiple of 1/bs, so with a
-    power-of-two block size the sums are exact and equal `_values` bit for bit."""
-    n, p, a, h, end = shapes.T
-    ramp_end = a + h
-    if len(shapes) < 8 or bool(np.any(ramp_end > end)):
-        return _values(shapes, t, block_size)
-    plateau = n + (p + n * h) / block_size
-    by_end = np.argsort(end, kind="stable")
-    w = np.concatenate([np.cumsum(plateau[by_end][::-1])[::-1], [0.0]])
-    by_ramp = np.argsort(ramp_end, kind="stable")
-    n_r, r = n[by_ramp], ramp_end[by_ramp]
-    nr = np.concatenate([np.cumsum((n_r * r)[::-1])[::-1], [0.0]])
-    nn = np.concatenate([np.cumsum(n_r[::-1])[::-1], [0.0]])
-    i = np.searchsorted(end[by_end], t, side="right")  # the first shape still present at t
-    j = np.searchsorted(r, t, side="right")  # the first shape still ramping at t
-    return w[i] - (nr[j] - t * nn[j]) / block_size  # type: ignore[no-any-return]
+class _Sweep:
+    """U(t) of fixed shapes in O(log rows) per time, for shapes whose ramp ends by their end
+    (a + h <= end, true of every shape the ledger makes). A shape adds its plateau
+    w = n + (P + n h) / bs while t < end, less n (a + h - t) / bs while its ramp runs
+    (t < a + h), so U(t) is two suffix sums over the shapes sorted by end and by a + h. Every
+    term is a multiple of 1/bs, so with a power-of-two block size the sums are exact and equal
+    `_values` bit for bit."""
+
+    def __init__(self, shapes: np.ndarray, block_size: int) -> None:
+        n, p, a, h, end = shapes.T
+        plateau = n + (p + n * h) / block_size
+        by_end = np.argsort(end, kind="stable")
+        self.ends = end[by_end]
+        self.w = np.concatenate([np.cumsum(plateau[by_end][::-1])[::-1], [0.0]])
+        ramp_end = a + h
+        by_ramp = np.argsort(ramp_end, kind="stable")
+        n_r = n[by_ramp]
+        self.ramps = ramp_end[by_ramp]
+        self.nr = np.concatenate([np.cumsum((n_r * self.ramps)[::-1])[::-1], [0.0]])
+        self.nn = np.concatenate([np.cumsum(n_r[::-1])[::-1], [0.0]])
+        self.block_size = block_size
+        self._lists: tuple[list[float], ...] | None = None
+
+    @staticmethod
+    def of(shapes: np.ndarray, block_size: int) -> _Sweep | None:
+        if len(shapes) < 8 or bool(np.any(shapes[:, 2] + shapes[:, 3] > shapes[:, 4])):
+            return None  # few rows: the direct evaluation is as quick
+        return _Sweep(shapes, block_size)
+
+    def at(self, t: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(self.ends, t, side="right")  # the first shape still present at t
+        j = np.searchsorted(self.ramps, t, side="right")  # the first shape still ramping at t
+        return self.w[i] - (self.nr[j] - t * self.nn[j]) / self.block_size  # type: ignore[no-any-return]
+
+    def at_one(self, t: float) -> float:
+        if self._lists is None:
+            self._lists = tuple(x.tolist() for x in (self.ends, self.w, self.ramps, self.nr, self.nn))
+        ends, w, ramps, nr, nn = self._lists
+        i = bisect.bisect_right(ends, t)
+        j = bisect.bisect_right(ramps, t)
+        return w[i] - (nr[j] - t * nn[j]) / self.block_size
 
 
 def _values_one(shape: Shape | np.ndarray, t: np.ndarray, block_size: int) -> np.ndarray:
@@ -273,8 +305,14 @@ class Timeline:
         self.shapes = np.array(shapes, dtype=np.float64).reshape(-1, 5)
         points = np.maximum(now, self.shapes[:, 4] - 1) if len(self.shapes) else np.array([float(now)])
         self.points = np.sort(points)
-        self.usage = _values_swept(self.shapes, self.points, block_size)
+        self._sweep = _Sweep.of(self.shapes, block_size)  # valid until a shape is admitted or dropped
+        self.usage = self._sweep.at(self.points) if self._sweep else _values(self.shapes, self.points, block_size)
         self._refresh()
+
+    def _usage_at(self, t: float) -> float:
+        if self._sweep is not None:
+            return self._sweep.at_one(t)
+        return float(_values(self.shapes, np.array([t], dtype=np.float64), self.block_size)[0])
 
     def _refresh(self) -> None:
         self._pts: list[float] = self.points.tolist()
@@ -309,7 +347,7 @@ class Timeline:
             shape = add[0]
             own1 = max(self.now, shape[4] - 1)  # its own breakpoint
             n, p, a, h, _ = shape
-            own_val = float(_values(self.shapes, np.array([own1], dtype=np.float64), bs)[0])
+            own_val = self._usage_at(own1)
             if own1 < shape[4]:
                 own_val += n + (p + n * min(own1 - a, h)) / bs
             return max(float((self.usage + _values_one(shape, self.points, bs)).max()), own_val)
@@ -345,6 +383,7 @@ class Timeline:
         self.points = np.insert(self.points, i, own[0])
         self.usage = np.insert(usage, i, own_usage[0])
         self.shapes = np.concatenate(rows)
+        self._sweep = None
         self._refresh()
 
     def drop(self, shape: Shape) -> None:
@@ -352,6 +391,7 @@ class Timeline:
         row = np.array([shape], dtype=np.float64) * _NEGATE
         self.usage = self.usage + _values(row, self.points, self.block_size)
         self.shapes = np.concatenate([self.shapes, row])
+        self._sweep = None
         self._refresh()
 
 
