@@ -212,6 +212,12 @@ def pending_shape(now: int, delay: int, n: int, kv_tokens: int, horizon: int) ->
     return (n, kv_tokens, now, horizon, now + delay + horizon)
 
 
+def negated(shape: Shape) -> Shape:
+    """The shape that cancels `shape` (U is linear in n and P): how a removal joins a sum of shapes."""
+    n, p, a, h, end = shape
+    return (-n, -p, a, h, end)
+
+
 def shape_max(shape: Shape, block_size: int) -> float:
     """The most blocks the shape's bound ever reaches (its plateau)."""
     n, p, _, h, _ = shape

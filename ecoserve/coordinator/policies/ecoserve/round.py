@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from ecoserve.coordinator.ledger import Shape, Timeline, pending_shape, shape_max
+from ecoserve.coordinator.ledger import Shape, Timeline, negated, pending_shape, shape_max
 from ecoserve.coordinator.policies.ecoserve.config import EcoServeConfig
 from ecoserve.coordinator.policy import SchedulerState, WorkerView
 from ecoserve.coordinator.request import Request
@@ -137,12 +137,10 @@ class Round:
 
     def commit(self, rank: int, shape: Shape, exact: int, physical: int = 0, remove: Shape | None = None) -> None:
         self.linear[rank] = self._plateau(rank, [shape], [remove] if remove else [])
-        if remove is not None:
-            self.timeline(rank).admit(shape, remove=remove)
-        elif rank in self.timelines:
-            self.timelines[rank].admit(shape)
-        else:
-            self.added.setdefault(rank, []).append(shape)
+        if rank in self.timelines:
+            self.timelines[rank].admit(shape, remove=remove)
+        else:  # folded in when a check first needs this worker's timeline (a removal as a negated shape)
+            self.added.setdefault(rank, []).extend([shape] if remove is None else [shape, negated(remove)])
         self.exact[rank] += exact
         self.members[rank] += shape[0] - (remove[0] if remove else 0)
         self.physical[rank] -= physical
@@ -150,7 +148,10 @@ class Round:
     def drop(self, rank: int, shape: Shape, exact: int) -> None:
         """A victim's reservation leaves the worker."""
         self.linear[rank] = self._plateau(rank, [], [shape])
-        self.timeline(rank).drop(shape)
+        if rank in self.timelines:
+            self.timelines[rank].drop(shape)
+        else:
+            self.added.setdefault(rank, []).append(negated(shape))
         self.exact[rank] -= exact
         self.members[rank] -= shape[0]
 
@@ -165,7 +166,11 @@ class Round:
         """The first decode worker of `ranks` (default: all, least-loaded first) where the cohort
         fits; commit it."""
         tokens = sum(t for _, t in members)
-        order = sorted(self.decoders, key=lambda r: (self.load(r), r)) if ranks is None else ranks
+        if ranks is None:  # least-loaded first (`load`, read once per worker)
+            held = self.linear if self.config.pipelining else self.exact
+            order = sorted(self.decoders, key=lambda r: (held[r] / self.decoders[r].num_blocks, r))
+        else:
+            order = ranks
         for rank in (r for r in order if r not in self.blocked):
             w = self.decoders[rank]
             shape = self.pending(rank, len(members), tokens, horizon)
