@@ -133,7 +133,9 @@ def create_app(settings: Settings, on_ready: Callable[[], object] | None = None,
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         _authorize(request, settings.api_key)
-        card = {"id": model_id(), "object": "model", "created": 0, "owned_by": "ecoserve"}
+        info = client().server_info
+        card = {"id": model_id(), "object": "model", "created": 0, "owned_by": "ecoserve",
+                "max_model_len": info.max_model_len if info is not None else 0}  # vLLM's field: clients size prompts by it
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", response_model=None)
