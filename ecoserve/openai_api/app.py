@@ -59,10 +59,9 @@ class Settings:
     metrics_port: int | None = None
 
 
-def create_app(settings: Settings, on_ready: Callable[[], object] | None = None,
-               metrics: FrontDoorMetrics | None = None) -> FastAPI:
+def create_app(settings: Settings, on_ready: Callable[[], object] | None = None) -> FastAPI:
     state: dict[str, Any] = {}
-    metrics = metrics or FrontDoorMetrics()
+    metrics = FrontDoorMetrics()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
