@@ -110,5 +110,6 @@ def http_max_body_bytes() -> int:
 
 
 def api_key() -> str | None:
-    """`serve --api-key`'s default (``ECOSERVE_API_KEY``): a key kept off the command line."""
+    """`serve --api-key`'s default (``ECOSERVE_API_KEY``): a key kept off the command line; also
+    the key `bench serve --backend openai` sends when given no --api-key."""
     return os.environ.get("ECOSERVE_API_KEY") or None

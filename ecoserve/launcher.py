@@ -159,11 +159,12 @@ async def run_cluster(
 async def serve_until_stopped(
     coord: Coordinator, procs: list[subprocess.Popen[bytes]], coord_config: CoordinatorConfig, layout: str,
     ready_file: Path | None, linger_s: float = 0.2, error_files: list[Path] | None = None,
-    http: HttpSpec | None = None,
+    http: HttpSpec | None = None, world_size: int | None = None,
 ) -> int:
     """Run the coordinator until SIGINT/SIGTERM with this machine's worker processes `procs`
     (ranks 0 .. len(procs)-1): wait for every rank to register, announce, watch, drain, stop.
-    With `http`, the HTTP front door's process starts once the ranks are in and stops first."""
+    With `http`, the HTTP front door's process (OpenAI API and/or /metrics) starts once the
+    ranks are in and stops first; its /health counts `world_size` ranks (default: `procs`)."""
     from ecoserve.openai_api.process import HttpStartFailed, start_http, stop_http
 
     stop = asyncio.Event()
@@ -178,8 +179,8 @@ async def serve_until_stopped(
         code = await _startup(coord, procs, stop, error_files)
         if code == 0 and http is not None:
             try:
-                http_proc, url = await start_http(http, coord.client_addr, len(procs))
-                layout += f"; OpenAI API at {url}/v1"
+                http_proc, urls = await start_http(http, coord.client_addr, world_size or len(procs))
+                layout += f"; {urls.describe()}"
             except HttpStartFailed as failed:
                 print(f"error: {failed}", file=sys.stderr, flush=True)
                 code = failed.code

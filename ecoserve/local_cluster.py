@@ -66,7 +66,8 @@ def local_cluster(
                     raise ClusterError(f"ecoserve serve did not come up (exit {proc.poll()}):\n{_tail(log)}")
                 time.sleep(0.1)
             workers = child_pids(proc.pid)
-            if len(workers) != prefill + decode + mixed + ("--http-port" in extra):  # + the HTTP front door
+            front_door = "--http-port" in extra or "--metrics-port" in extra  # one process serves both
+            if len(workers) != prefill + decode + mixed + front_door:
                 raise ClusterError(f"expected one process per rank, found {workers}")
             yield ready.read_text()
             proc.send_signal(signal.SIGTERM)

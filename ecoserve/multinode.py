@@ -17,7 +17,8 @@ node 0 at `--master-addr:--master-port`; no home-made protocol:
    `torch.distributed` world (gloo/NCCL over TCP on the interface `--iface` names, set as
    GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME) and register with the coordinator.
 
-Node 0 serves clients (`--host/--port`, 127.0.0.1 by default) and drains on SIGTERM; its
+Node 0 serves clients (`--host/--port`, 127.0.0.1 by default; with `--http-port` and/or
+`--metrics-port` also the OpenAI API and /metrics, as `serve` does) and drains on SIGTERM; its
 Shutdown reaches every worker, and the other nodes exit when their workers have. The secret
 travels through the store, so the store's port must be reachable only from the cluster's own
 network (as for torch's rendezvous itself).
@@ -37,10 +38,13 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ecoserve.config import CoordinatorConfig, EngineConfig, WorkerConfig
 from ecoserve.launcher import ClusterSpec, free_port, run_async, start_worker
+
+if TYPE_CHECKING:
+    from ecoserve.openai_api.process import HttpSpec
 
 ROLES = ("prefill", "decode", "mixed")
 
@@ -94,7 +98,9 @@ def plan_ranks(nodes: list[dict[str, int]]) -> tuple[list[str], list[list[int]]]
     return roles, ranks
 
 
-def run_launch(args: argparse.Namespace, engine: EngineConfig, coord: CoordinatorConfig) -> int:
+def run_launch(args: argparse.Namespace, engine: EngineConfig, coord: CoordinatorConfig,
+               http: HttpSpec | None = None) -> int:
+    """This node's part; `http` (node 0 only): the HTTP front door and/or /metrics to serve."""
     node = NodeArgs(
         args.nnodes, args.node_rank, args.master_addr, args.master_port, args.iface, args.join_timeout,
         {"prefill": args.prefill, "decode": args.decode, "mixed": args.mixed},
@@ -105,7 +111,7 @@ def run_launch(args: argparse.Namespace, engine: EngineConfig, coord: Coordinato
     store = _connect(node)
     store.set(f"node/{node.node_rank}", json.dumps({**node.counts, "host": os.uname().nodename}))
     if node.node_rank == 0:
-        return run_async(_run_master(node, store, engine, coord, args))
+        return run_async(_run_master(node, store, engine, coord, args, http))
     return _run_member(node, store, engine, args.threads_per_worker)
 
 
@@ -135,7 +141,8 @@ def _wait_keys(store: Any, keys: list[str], timeout_s: float) -> list[str]:
 
 
 async def _run_master(
-    node: NodeArgs, store: Any, engine: EngineConfig, coord_config: CoordinatorConfig, args: argparse.Namespace
+    node: NodeArgs, store: Any, engine: EngineConfig, coord_config: CoordinatorConfig, args: argparse.Namespace,
+    http: HttpSpec | None = None,
 ) -> int:
     from ecoserve.coordinator.policies import make_policy
     from ecoserve.coordinator.policy import check_cluster
@@ -169,8 +176,11 @@ async def _run_master(
     procs = [_start(rank, roles, plan, engine, coord_config, threads) for rank in local]
     layout = "; ".join(f"node {i}: " + ", ".join(f"{r}={roles[r]}" for r in rs) for i, rs in enumerate(ranks))
     ready = Path(args.ready_file) if args.ready_file else None
+    if http is not None:
+        http = dataclasses.replace(http, model_folder=str(folder))
     # Node 0's ranks are 0 .. len(local)-1; the linger lets Shutdown reach the other nodes.
-    return await serve_until_stopped(coord, procs, coord_config, layout, ready, linger_s=0.5)
+    return await serve_until_stopped(coord, procs, coord_config, layout, ready, linger_s=0.5, http=http,
+                                     world_size=len(roles))
 
 
 def _start(

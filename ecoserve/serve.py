@@ -95,7 +95,8 @@ def _add_front_door_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_http_arguments(p: argparse.ArgumentParser) -> None:
-    """`serve` only: the OpenAI-compatible HTTP front door, in its own process (DESIGN §10)."""
+    """The OpenAI-compatible HTTP front door and Prometheus metrics, in a process of their own
+    (DESIGN §10): `serve`, and node 0 of `launch`."""
     p.add_argument(
         "--http-port", type=int, default=None, metavar="PORT",
         help="also serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) over HTTP on "
@@ -105,6 +106,11 @@ def add_http_arguments(p: argparse.ArgumentParser) -> None:
         "--api-key", default=None, metavar="KEY",
         help="--http-port: require 'Authorization: Bearer KEY' on /v1 (default: the ECOSERVE_API_KEY "
         "environment variable, else no key)",
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=None, metavar="PORT",
+        help="serve Prometheus /metrics alone on --host:PORT (with --http-port, /metrics is also there); "
+        "0 picks a free port",
     )
 
 
@@ -149,23 +155,28 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def http_spec(args: argparse.Namespace) -> HttpSpec | None:
-    """The HTTP front door `serve --http-port` asks for, its port checked free before anything
-    starts (ValueError, one line, exit 2, when it is not)."""
+    """The HTTP front door `--http-port` and `--metrics-port` ask for, their ports checked free
+    before anything starts (ValueError, one line, exit 2, when they are not)."""
     from ecoserve.openai_api.process import HttpSpec
     from ecoserve.openai_api.server import bind
 
-    if args.http_port is None:
-        if args.api_key is not None:
-            raise ValueError("--api-key protects the HTTP front door: give --http-port PORT with it")
+    if args.http_port is None and args.api_key is not None:
+        raise ValueError("--api-key protects the HTTP front door: give --http-port PORT with it")
+    if args.http_port is None and args.metrics_port is None:
         return None
-    if not 0 <= args.http_port <= 65535:
-        raise ValueError(f"--http-port must be a port number in [0, 65535] (0 picks a free one), got {args.http_port}")
-    if args.http_port:
-        try:
-            bind(args.host, args.http_port).close()  # the HTTP process binds it again once the cluster is up
-        except OSError as exc:
-            raise ValueError(str(exc)) from None
-    return HttpSpec(args.host, args.http_port, api_key=args.api_key or envs.api_key())
+    for option, port in (("--http-port", args.http_port), ("--metrics-port", args.metrics_port)):
+        if port is not None and not 0 <= port <= 65535:
+            raise ValueError(f"{option} must be a port number in [0, 65535] (0 picks a free one), got {port}")
+    if args.http_port and args.http_port == args.metrics_port:
+        raise ValueError(f"--metrics-port must differ from --http-port (both {args.http_port}); the OpenAI API's "
+                         "port serves /metrics too")
+    for option, port in (("--http-port", args.http_port), ("--metrics-port", args.metrics_port)):
+        if port:
+            try:
+                bind(args.host, port, option).close()  # the HTTP process binds it again once the cluster is up
+            except OSError as exc:
+                raise ValueError(str(exc)) from None
+    return HttpSpec(args.host, args.http_port, api_key=args.api_key or envs.api_key(), metrics_port=args.metrics_port)
 
 
 def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
@@ -181,7 +192,10 @@ def run_launch(args: argparse.Namespace) -> int:
 
     args.prefill, args.decode, args.mixed = (_count(v, 0) for v in (args.prefill, args.decode, args.mixed))
     engine, coord = engine_and_coordinator(args)
-    return run_launch(args, engine, coord)
+    if args.node_rank != 0 and (args.http_port is not None or args.metrics_port is not None):
+        raise ValueError(f"--http-port and --metrics-port are node 0's (it runs the coordinator); node {args.node_rank} "
+                         "takes neither")
+    return run_launch(args, engine, coord, http_spec(args))
 
 
 def _count(value: int | None, default: int) -> int:

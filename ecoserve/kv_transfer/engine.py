@@ -79,6 +79,7 @@ class _Transfer:
     state: TransferState = TransferState.QUEUED
     chunks: list[_Chunk] = field(default_factory=list)
     scan_from: int = 0  # chunks before this one are finished
+    posted_at: float | None = None  # on the worker's clock
 
     @property
     def peer(self) -> int:
@@ -158,6 +159,8 @@ class KVTransferWorker:
         self._pairs: dict[tuple[int, int], _Pair] = {}  # by (src_rank, dst_rank)
         self._pool = _BufferPool(kv_cache.dtype, kv_cache.device)
         self._unreported: list[TransferUpdate] = []  # from abort_peer and pump, reported by the next poll
+        # KV moved by transfers that ended DONE on this side: bytes, and seconds from posting to done.
+        self.moved = {"kv_sent_bytes": 0.0, "kv_sent_seconds": 0.0, "kv_received_bytes": 0.0, "kv_received_seconds": 0.0}
 
     @property
     def block_size(self) -> int:
@@ -319,6 +322,7 @@ class KVTransferWorker:
         header = torch.full((1,), -1 if not t.is_sender else 0 if hollow else 1, dtype=torch.int64,
                             device=self.kv_cache.device)
         t.chunks.append(_Chunk(-1, -1, 0, 0, header, None))
+        t.posted_at = self.clock()
         for layer in range(int(self.kv_cache.shape[0])):
             for kv in (0, 1):
                 for g0 in range(0, n, g):
@@ -374,12 +378,20 @@ class KVTransferWorker:
                 t.scan_from += 1
             if t.scan_from == len(t.chunks):
                 pair.posted.remove(t)
+                if t.state is TransferState.IN_FLIGHT:
+                    self._count_moved(t)
                 for chunk in t.chunks:
                     if chunk.flat is not None:
                         self._pool.give(chunk.flat)
                 t.chunks.clear()
                 if t.state is TransferState.IN_FLIGHT:
                     self._set(t, TransferState.DONE, updates)
+
+    def _count_moved(self, t: _Transfer) -> None:
+        side = "sent" if t.is_sender else "received"
+        self.moved[f"kv_{side}_bytes"] += sum(c.buffer.nbytes for c in t.chunks[1:])  # the header is no KV
+        if t.posted_at is not None:
+            self.moved[f"kv_{side}_seconds"] += max(0.0, self.clock() - t.posted_at)
 
     def _check_header(self, t: _Transfer, header: _Chunk, updates: list[TransferUpdate]) -> None:
         """Refuse a transfer its sender posted hollow: it gave up on it before sending any KV."""

@@ -1,5 +1,12 @@
 """The FastAPI app: OpenAI's /v1/models, /v1/completions and /v1/chat/completions (JSON or SSE
-streams), plus /health and /version, all answered through one `AsyncClient` to the coordinator.
+streams), plus /health, /version and Prometheus /metrics, all answered through one
+`AsyncClient` to the coordinator. On the metrics port (`serve --metrics-port`) only /metrics
+answers.
+
+Stop strings (`stop`) are applied here, on the text as it streams in: the output ends before the
+first one, nothing past it is sent, and the request is aborted on the coordinator at once so its
+KV is freed (the coordinator counts it as aborted; the reply says finish_reason "stop", and
+usage counts the tokens generated until the stop string was seen).
 
 Errors take OpenAI's shape and status: 400 for a bad field (ours, or the coordinator's
 bad_request reply), 401 for a missing or wrong API key, 404 for an unknown model or path, 413
@@ -9,6 +16,7 @@ mid-stream ends the SSE response, which aborts its request on the coordinator.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -19,15 +27,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ecoserve
 from ecoserve.client import AsyncClient, Completion, Delta, RequestError
 from ecoserve.openai_api import requests as api
+from ecoserve.openai_api.metrics import FrontDoorMetrics, RequestTimes
 from ecoserve.openai_api.requests import ApiError
+from ecoserve.openai_api.stop import StopScan
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}  # metric labels
 # The coordinator's error codes as HTTP statuses; anything else is a 500.
 STATUS = {"bad_request": 400, "over_limit": 429, "shutting_down": 503, "server_unreachable": 503, "failed": 500}
 
@@ -36,17 +48,20 @@ STATUS = {"bad_request": 400, "over_limit": 429, "shutting_down": 503, "server_u
 class Settings:
     """What the HTTP process serves: the coordinator's client address, the model's folder (its
     tokenizer's chat template), an optional API key, the largest body accepted, and the number
-    of worker ranks the cluster has (/health is 503 while fewer are alive; 0: those registered)."""
+    of worker ranks the cluster has (/health is 503 while fewer are alive; 0: those registered),
+    and the port that serves /metrics alone (None: none does)."""
 
     address: str
     model_folder: str | None = None
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     num_ranks: int = 0
+    metrics_port: int | None = None
 
 
 def create_app(settings: Settings, on_ready: Callable[[], object] | None = None) -> FastAPI:
     state: dict[str, Any] = {}
+    metrics = FrontDoorMetrics()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -68,8 +83,20 @@ def create_app(settings: Settings, on_ready: Callable[[], object] | None = None)
         info = client().server_info
         return info.model_id if info is not None else ""
 
+    @app.middleware("http")
+    async def _metrics_port_serves_metrics_only(request: Request, call_next: Any) -> Any:
+        server = request.scope.get("server")
+        on_metrics_port = settings.metrics_port is not None and server is not None and server[1] == settings.metrics_port
+        if on_metrics_port and request.url.path != "/metrics":
+            error = ApiError(404, "this port serves /metrics only", code="not_found")
+            return JSONResponse(error.body(), status_code=404)
+        return await call_next(request)
+
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        endpoint = ENDPOINTS.get(request.url.path)
+        if endpoint is not None:  # a completion request that never started (or failed before its reply)
+            metrics.served(endpoint, "failed" if exc.status == 500 else "refused")
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -90,6 +117,14 @@ def create_app(settings: Settings, on_ready: Callable[[], object] | None = None)
             return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ok", "workers_alive": alive})
 
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        try:
+            stats: dict[str, float] | None = await client().stats(timeout=5)
+        except (RequestError, ConnectionError, TimeoutError):
+            stats = None  # the families of this process still answer; ecoserve:coordinator_up says 0
+        return Response(metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": ecoserve.__version__}
@@ -97,14 +132,16 @@ def create_app(settings: Settings, on_ready: Callable[[], object] | None = None)
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         _authorize(request, settings.api_key)
-        card = {"id": model_id(), "object": "model", "created": 0, "owned_by": "ecoserve"}
+        info = client().server_info
+        card = {"id": model_id(), "object": "model", "created": 0, "owned_by": "ecoserve",
+                "max_model_len": info.max_model_len if info is not None else 0}  # vLLM's field: clients size prompts by it
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> JSONResponse | StreamingResponse:
         _authorize(request, settings.api_key)
         req = api.parse(await _read_json(request, settings.max_body_bytes), chat=False)
-        return await _serve(req, client(), model_id(), _Shape(chat=False))
+        return await _serve(req, client(), model_id(), _Shape(chat=False), metrics)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
@@ -114,8 +151,9 @@ def create_app(settings: Settings, on_ready: Callable[[], object] | None = None)
         if template is None:
             raise api.bad("messages", f"model {model_id()!r} has no chat template; use /v1/completions")
         assert isinstance(req.prompt, list)
-        req = api.Request(req.model, template(req.prompt), req.params, req.slo, req.stream, req.include_usage)  # type: ignore[arg-type]
-        return await _serve(req, client(), model_id(), _Shape(chat=True))
+        req = api.Request(req.model, template(req.prompt), req.params, req.slo, req.stream, req.include_usage,  # type: ignore[arg-type]
+                          req.stop)
+        return await _serve(req, client(), model_id(), _Shape(chat=True), metrics)
 
     return app
 
@@ -189,6 +227,10 @@ class _Shape:
     def prefix(self) -> str:
         return "chatcmpl-" if self.chat else "cmpl-"
 
+    @property
+    def endpoint(self) -> str:
+        return "chat_completions" if self.chat else "completions"
+
     def object(self, stream: bool) -> str:
         if self.chat:
             return "chat.completion.chunk" if stream else "chat.completion"
@@ -204,8 +246,8 @@ class _Shape:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
 
 
-def _usage(done: Completion) -> dict[str, int]:
-    n = len(done.token_ids)
+def _usage(done: Completion, num_tokens: int | None = None) -> dict[str, int]:
+    n = len(done.token_ids) if num_tokens is None else num_tokens
     return {"prompt_tokens": done.num_prompt_tokens, "completion_tokens": n, "total_tokens": done.num_prompt_tokens + n}
 
 
@@ -213,19 +255,72 @@ def _finish(done: Completion) -> str:
     return done.finish_reason if done.finish_reason in ("stop", "length") else "abort"
 
 
-async def _serve(req: api.Request, client: AsyncClient, model: str, shape: _Shape) -> JSONResponse | StreamingResponse:
+class _Tally:
+    """One request as this process sees it: its stop strings' scan, when its tokens came, how
+    many, and whether a stop string ended it."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.scan = StopScan(stops) if stops else None
+        self.times = RequestTimes()
+        self.num_tokens = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.scan is not None and self.scan.matched
+
+    def finish(self, done: Completion) -> str:
+        return "stop" if self.stopped else _finish(done)
+
+    def billed(self, done: Completion) -> int:
+        return self.num_tokens if self.stopped else len(done.token_ids)
+
+    def outcome(self, done: Completion) -> str:
+        return "finished" if self.finish(done) != "abort" else "aborted"
+
+
+async def _texts(client: AsyncClient, stream: Any, deltas: AsyncIterator[Delta], first: Delta | None,
+                 tally: _Tally) -> AsyncIterator[str]:
+    """The text pieces to send, one per delta; a matched stop string aborts the request, whose
+    stream then ends with its Completion (raises RequestError as the stream does)."""
+    loop = asyncio.get_running_loop()
+    delta = first
+    while delta is not None:
+        tally.times.add(loop.time(), len(delta.token_ids))
+        tally.num_tokens += len(delta.token_ids)
+        if tally.scan is None:
+            yield delta.text
+        else:
+            piece = tally.scan.feed(delta.text)
+            if tally.scan.matched:
+                if piece:
+                    yield piece
+                await client.abort(stream.request_id)  # frees its KV now; what it made since is dropped
+                async for _ in deltas:
+                    pass
+                return
+            yield piece
+        delta = await anext(deltas, None)
+    if tally.scan is not None and (rest := tally.scan.flush()):
+        yield rest
+
+
+async def _serve(req: api.Request, client: AsyncClient, model: str, shape: _Shape,
+                 metrics: FrontDoorMetrics | None = None) -> JSONResponse | StreamingResponse:
     if req.model != model:
         raise ApiError(404, f"the model {req.model!r} does not exist here; this server serves {model!r}",
                        param="model", code="model_not_found")
     prompt: str | list[int] = req.prompt  # type: ignore[assignment]
     head = {"id": shape.prefix + uuid.uuid4().hex, "object": shape.object(req.stream), "created": int(time.time()), "model": model}
-    if not req.stream:
+    tally = _Tally(req.stop)
+    if not req.stream and not req.stop:
         try:
             done = await client.generate(prompt, req.params, slo=req.slo)
         except RequestError as exc:
             raise _request_error(exc) from None
         except ValueError as exc:
             raise ApiError(400, str(exc), param="prompt") from None
+        if metrics is not None:
+            metrics.served(shape.endpoint, tally.outcome(done), done)
         choice = shape.choice(done.text, _finish(done), stream=False)
         return JSONResponse({**head, "choices": [choice], "usage": _usage(done)})
     try:
@@ -239,31 +334,51 @@ async def _serve(req: api.Request, client: AsyncClient, model: str, shape: _Shap
         first = None
     except RequestError as exc:
         raise _request_error(exc) from None
-    return StreamingResponse(_events(stream, deltas, first, head, shape, req.include_usage), media_type="text/event-stream")
+    if req.stream:
+        events = _events(client, stream, deltas, first, head, shape, req.include_usage, tally, metrics)
+        return StreamingResponse(events, media_type="text/event-stream")
+    try:  # not streamed, with stop strings: read the stream here
+        text = "".join([piece async for piece in _texts(client, stream, deltas, first, tally)])
+    except RequestError as exc:
+        raise _request_error(exc) from None
+    finally:
+        await stream.aclose()
+    ended = stream.completion
+    assert ended is not None
+    if metrics is not None:
+        metrics.served(shape.endpoint, tally.outcome(ended), ended, tally.times, tally.billed(ended))
+    choice = shape.choice(text, tally.finish(ended), stream=False)
+    return JSONResponse({**head, "choices": [choice], "usage": _usage(ended, tally.billed(ended))})
 
 
-async def _events(stream: Any, deltas: AsyncIterator[Delta], first: Delta | None, head: dict[str, Any], shape: _Shape,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _events(client: AsyncClient, stream: Any, deltas: AsyncIterator[Delta], first: Delta | None,
+                  head: dict[str, Any], shape: _Shape, include_usage: bool, tally: _Tally,
+                  metrics: FrontDoorMetrics | None) -> AsyncIterator[str]:
     """The SSE events of one stream; leaving early (the client went away) aborts the request."""
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
         return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
 
+    outcome = "aborted"  # unless it gets to its end: the client went away
+    done: Completion | None = None
     try:
         if shape.chat:
             yield event([shape.choice("", None, stream=True, first=True)])
-        if first is not None:
-            yield event([shape.choice(first.text, None, stream=True)])
-            try:
-                async for delta in deltas:
-                    yield event([shape.choice(delta.text, None, stream=True)])
-            except RequestError as exc:
-                yield f"data: {json.dumps(_request_error(exc).body())}\n\n"
-                return
-        done: Completion = stream.completion
-        yield event([shape.choice(None if shape.chat else "", _finish(done), stream=True)])
+        try:
+            async for piece in _texts(client, stream, deltas, first, tally):
+                yield event([shape.choice(piece, None, stream=True)])
+        except RequestError as exc:
+            outcome = "failed"
+            yield f"data: {json.dumps(_request_error(exc).body())}\n\n"
+            return
+        done = stream.completion
+        assert done is not None
+        outcome = tally.outcome(done)
+        yield event([shape.choice(None if shape.chat else "", tally.finish(done), stream=True)])
         if include_usage:
-            yield event([], usage=_usage(done))
+            yield event([], usage=_usage(done, tally.billed(done)))
         yield "data: [DONE]\n\n"
     finally:
         await stream.aclose()
+        if metrics is not None:
+            metrics.served(shape.endpoint, outcome, done, tally.times, tally.billed(done) if done else None)

@@ -27,6 +27,9 @@ UNSUPPORTED = {
 }
 
 
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+
+
 class ApiError(Exception):
     """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
@@ -53,6 +56,7 @@ class Request:
     slo: SLO | None
     stream: bool
     include_usage: bool
+    stop: tuple[str, ...] = ()  # stop strings: the output ends before the first one it contains
 
 
 def parse(body: object, chat: bool) -> Request:
@@ -65,8 +69,6 @@ def parse(body: object, chat: bool) -> Request:
     n = body.get("n", 1)
     if n not in (None, 1):
         raise bad("n", f"n must be 1 (one choice per request); got {n!r}")
-    if body.get("stop") not in (None, [], ""):
-        raise bad("stop", "stop strings are not supported by this server; give stop_token_ids (token ids) instead")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model", "model is required: a model id from GET /v1/models")
@@ -76,7 +78,19 @@ def parse(body: object, chat: bool) -> Request:
     if options is not None and (not isinstance(options, dict) or not stream):
         raise bad("stream_options", "stream_options is an object, allowed only with stream: true")
     include_usage = bool(options and options.get("include_usage"))
-    return Request(model, prompt, _params(body), _slo(body), stream, include_usage)
+    return Request(model, prompt, _params(body), _slo(body), stream, include_usage, _stop(body))
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    """OpenAI's `stop`: a string or a list of up to MAX_STOP strings ("" and [] mean none)."""
+    stop = body.get("stop")
+    if stop is None or stop == "":
+        return ()
+    strings = [stop] if isinstance(stop, str) else stop
+    if not isinstance(strings, list) or not all(isinstance(x, str) and x for x in strings) or len(strings) > MAX_STOP:
+        raise bad("stop", f"stop must be a non-empty string or a list of at most {MAX_STOP} non-empty strings; "
+                  f"got {stop!r}")
+    return tuple(dict.fromkeys(strings))
 
 
 def _prompt(body: dict[str, Any]) -> str | list[int]:

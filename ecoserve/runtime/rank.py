@@ -191,6 +191,7 @@ class Worker:
                 "quarantined_requests": float(len(self.quarantine)),
                 "loop_turns": float(self.num_turns),
                 "empty_steps": float(self.num_empty_steps),
+                **self.transfers.moved,  # KV bytes and seconds of transfers done, each direction
             }
             values.update({k: float(v) for k, v in self.stats().items()})
             self.channel.send(p.WorkerStats(rank=self.rank, values=values))

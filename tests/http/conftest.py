@@ -23,19 +23,25 @@ class Server:
     address: str
     base_url: str  # http://127.0.0.1:PORT/v1
     api_key: str | None
+    metrics_url: str | None = None  # http://127.0.0.1:PORT/metrics, with --metrics-port
 
 
 @contextlib.contextmanager
-def http_cluster(log_dir: Path, model: str, *extra: str, api_key: str | None = None) -> Iterator[Server]:
+def http_cluster(log_dir: Path, model: str, *extra: str, api_key: str | None = None,
+                 metrics_port: bool = False) -> Iterator[Server]:
     port = free_port()
     key = ("--api-key", api_key) if api_key else ()
-    with local_cluster(model, 1, 1, 0, "--threads-per-worker", "1", "--http-port", str(port), *key, *extra,
+    metrics = ("--metrics-port", str(free_port())) if metrics_port else ()
+    with local_cluster(model, 1, 1, 0, "--threads-per-worker", "1", "--http-port", str(port), *key, *metrics, *extra,
                        log_dir=log_dir) as address:
-        yield Server(address, f"http://127.0.0.1:{port}/v1", api_key)
+        metrics_url = f"http://127.0.0.1:{metrics[1]}/metrics" if metrics else None
+        yield Server(address, f"http://127.0.0.1:{port}/v1", api_key, metrics_url)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The sim engine (tokens are deterministic, not a model's) with an API key."""
-    with http_cluster(tmp_path_factory.mktemp("sim"), "tiny-llama", "--engine", "sim", api_key=API_KEY) as server:
+    """The sim engine (tokens are deterministic, not a model's) with an API key and a metrics
+    port; one cluster for every module that uses it (tests compare counters before and after)."""
+    with http_cluster(tmp_path_factory.mktemp("sim"), "tiny-llama", "--engine", "sim", api_key=API_KEY,
+                      metrics_port=True) as server:
         yield server

@@ -1,5 +1,6 @@
 """Through the OpenAI API, greedy answers equal the offline engine's (tiny-llama, float32): text
-and token-id prompts, chat through the model's template, streamed or not, and stop_token_ids."""
+and token-id prompts, chat through the model's template, streamed or not, stop_token_ids, and
+stop strings (the engine's text cut before the string)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,17 @@ def test_stop_token_ids_finish_with_stop(server: Server, llm: LLM) -> None:
     assert out.choices[0].finish_reason == ref.finish_reason == "stop"
     assert out.choices[0].text == ref.text
     assert out.usage is not None and out.usage.completion_tokens == len(ref.token_ids)
+
+
+def test_stop_strings_cut_the_offline_engines_text(server: Server, llm: LLM) -> None:
+    c = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    model = c.models.list().data[0].id
+    full = llm.generate([PROMPTS[0]], greedy(20), use_tqdm=False)[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    expected = full[:full.index(stop)]
+    out = c.completions.create(model=model, prompt=PROMPTS[0], max_tokens=20, temperature=0, stop=[stop],
+                               extra_body={"ignore_eos": True})
+    assert out.choices[0].text == expected and out.choices[0].finish_reason == "stop"
+    chunks = list(c.completions.create(model=model, prompt=PROMPTS[0], max_tokens=20, temperature=0, stop=stop,
+                                       stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(ch.choices[0].text for ch in chunks) == expected and chunks[-1].choices[0].finish_reason == "stop"

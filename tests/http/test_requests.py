@@ -19,6 +19,13 @@ def test_a_completion_body_becomes_params_and_slo() -> None:
     assert req.stream and req.include_usage
 
 
+def test_stop_is_a_string_or_up_to_four() -> None:
+    assert parse({"model": "m", "prompt": "hi", "stop": "\n"}, chat=False).stop == ("\n",)
+    assert parse({"model": "m", "prompt": "hi", "stop": ["a", "bc", "a"]}, chat=False).stop == ("a", "bc")
+    assert parse({"model": "m", "prompt": "hi", "stop": []}, chat=False).stop == ()
+    assert parse({"model": "m", "prompt": "hi", "stop": None}, chat=False).stop == ()
+
+
 def test_chat_messages_are_kept_for_the_template() -> None:
     req = parse({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, chat=True)
     assert req.prompt == [{"role": "user", "content": "hi"}]
@@ -29,7 +36,9 @@ def test_chat_messages_are_kept_for_the_template() -> None:
     ({"n": 2}, "n", "n must be 1"),
     ({"logprobs": 2}, "logprobs", "not supported"),
     ({"tools": [{"type": "function"}]}, "tools", "not supported"),
-    ({"stop": ["\n"]}, "stop", "stop_token_ids"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({"stop": ["a", ""]}, "stop", "non-empty strings"),
+    ({"stop": 7}, "stop", "a non-empty string or a list"),
     ({"max_tokens": 0}, "max_tokens", ">= 1"),
     ({"max_completion_tokens": -1}, "max_completion_tokens", "max_completion_tokens must be an integer >= 1"),
     ({"temperature": -1}, "temperature", ">= 0"),

@@ -85,7 +85,7 @@ def error_of(response: requests.Response) -> dict[str, object]:
 @pytest.mark.parametrize(("body", "param", "says"), [
     ({"n": 2}, "n", "n must be 1"),
     ({"logprobs": 1}, "logprobs", "not supported"),
-    ({"stop": "\n"}, "stop", "stop_token_ids"),
+    ({"stop": ["1", "2", "3", "4", "5"]}, "stop", "at most 4"),
     ({"max_tokens": 0}, "max_tokens", ">= 1"),
     ({"prompt": [1, 10**9]}, "prompt", "prompt token ids must be in"),  # the coordinator's bad_request
     ({"max_tokens": 10**7}, "max_tokens", "max_tokens"),  # the coordinator's bad_request

@@ -2,6 +2,7 @@
 
     ecoserve bench serve --addr tcp://127.0.0.1:5555 --workload azure-conv --num-requests 50 \\
         --replay-timestamps --time-scale 2 --slo-ttft-ms 5000 --slo-tpot-ms 500 --out r.json --plot r.png
+    ecoserve bench serve --backend openai --base-url http://127.0.0.1:8000/v1 --workload synthetic ...
 
 Each request is sent at its arrival time whatever the earlier ones are doing, streams its
 tokens (so ITL is measured here), generates exactly its workload's output length (greedy,
@@ -11,20 +12,24 @@ timeline. Library use (e.g. `ecoserve demo`):
     result = await run_benchmark(addr, requests, SLO(ttft_ms=5000, tpot_ms=500))
     print_report(result)
 
-Metric definitions: serve_metrics.py. Workloads and clipping: serve_workload.py.
+Metric definitions: metrics.py. Workloads and clipping: workload.py. Any OpenAI-compatible
+server instead (`--backend openai`): openai_backend.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from tqdm import tqdm
 
+from ecoserve import envs
 from ecoserve.client.aio import AsyncClient
+from ecoserve.bench.serve.openai_backend import OpenAITarget, fetch_openai_info, run_openai_benchmark
 from ecoserve.bench.serve.metrics import BenchResult, KVSample, RequestResult, kv_sample
 from ecoserve.bench.serve.report import plot_cdfs, print_report, write_result
 from ecoserve.bench.serve.workload import (
@@ -98,26 +103,22 @@ async def _drive(
     assert client.server_info is not None
     reqs = workload.requests
     prompts = prompts_for(reqs, client.server_info.vocab_size, seed)
-    order = sorted(range(len(reqs)), key=lambda i: reqs[i].arrival_s)
-    base = reqs[order[0]].arrival_s
     before = await client.stats(timeout=STATS_TIMEOUT_S)
-    loop = asyncio.get_running_loop()
     samples: list[KVSample] = []
-    with tqdm(total=len(reqs), unit="req", desc="requests done", disable=not progress, dynamic_ncols=True) as bar:
-        start = loop.time()
-        sampler = asyncio.create_task(_sample_kv(client, start, interval, samples))
-        tasks: list[asyncio.Task[RequestResult]] = []
-        for i in order:
-            delay = start + reqs[i].arrival_s - base - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            arrival = reqs[i].arrival_s - base
-            tasks.append(asyncio.create_task(_one(client, i, reqs[i], arrival, prompts[i], slo, start, timeout, bar)))
-        try:
-            results = await asyncio.gather(*tasks)
-        finally:
-            sampler.cancel()
-            await asyncio.gather(sampler, return_exceptions=True)
+    sampler: list[asyncio.Task[None]] = []
+
+    def started(start: float) -> None:
+        sampler.append(asyncio.create_task(_sample_kv(client, start, interval, samples)))
+
+    def send(i: int, arrival: float, start: float, bar: tqdm[Any]) -> Awaitable[RequestResult]:
+        return _one(client, i, reqs[i], arrival, prompts[i], slo, start, timeout, bar)
+
+    try:
+        results = await send_open_loop(reqs, send, progress, started)
+    finally:
+        for task in sampler:
+            task.cancel()
+        await asyncio.gather(*sampler, return_exceptions=True)
     try:
         after = await client.stats(timeout=STATS_TIMEOUT_S)
     except (TimeoutError, ConnectionError, RequestError):
@@ -126,6 +127,30 @@ async def _drive(
         sorted(results, key=lambda r: r.index), max(r.end_s for r in results), slo, client.server_info, samples,
         before, after, workload.clipped_prompts, workload.clipped_outputs, workload.dropped,
     )
+
+
+Send = Callable[[int, float, float, "tqdm[Any]"], Awaitable[RequestResult]]
+
+
+async def send_open_loop(
+    reqs: Sequence[WorkloadRequest], send: Send, progress: bool, started: Callable[[float], None] | None = None,
+) -> list[RequestResult]:
+    """Start `send(index, arrival_s, start, bar)` for every request at its arrival (relative to
+    the earliest, on the loop's clock from `start`), whatever the earlier ones are doing."""
+    loop = asyncio.get_running_loop()
+    order = sorted(range(len(reqs)), key=lambda i: reqs[i].arrival_s)
+    base = reqs[order[0]].arrival_s
+    with tqdm(total=len(reqs), unit="req", desc="requests done", disable=not progress, dynamic_ncols=True) as bar:
+        start = loop.time()
+        if started is not None:
+            started(start)
+        tasks: list[asyncio.Task[RequestResult]] = []
+        for i in order:
+            delay = start + reqs[i].arrival_s - base - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(send(i, reqs[i].arrival_s - base, start, bar)))
+        return list(await asyncio.gather(*tasks))
 
 
 async def _one(
@@ -189,8 +214,27 @@ async def _sample_kv(client: AsyncClient, start: float, interval: float, out: li
 # --- the command ---------------------------------------------------------------------------
 
 
+BACKENDS = ("zmq", "openai")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--addr", required=True, help="the server's client address, e.g. tcp://127.0.0.1:5555")
+    parser.add_argument(
+        "--backend", default="zmq",
+        help="zmq (default): an EcoServe server's client address (--addr); openai: any OpenAI-compatible server "
+        "(--base-url), through streamed /v1/completions",
+    )
+    parser.add_argument("--addr", default=None, help="--backend zmq: the server's client address, e.g. tcp://127.0.0.1:5555")
+    parser.add_argument("--base-url", default=None, help="--backend openai: the API root, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--model", default=None, help="--backend openai: the model to ask for (default: the only one served)")
+    parser.add_argument(
+        "--api-key", default=None,
+        help="--backend openai: sent as 'Authorization: Bearer KEY' (default: the ECOSERVE_API_KEY environment variable)",
+    )
+    parser.add_argument(
+        "--strict-openai", action="store_true",
+        help="--backend openai: send only fields OpenAI's API defines (no ignore_eos, no SLO fields), for servers "
+        "that refuse others; outputs may then end early",
+    )
     parser.add_argument("--workload", default="synthetic", help=f"one of {', '.join(WORKLOADS)}")
     parser.add_argument("--num-requests", type=int, default=100)
     parser.add_argument("--rate", type=float, default=1.0, help="mean requests per second (inf: all at once)")
@@ -229,11 +273,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve_benchmark(args: argparse.Namespace) -> int:
     """Exit code 0 when every request finished, 1 when some failed or were lost."""
     spec, slo = _check_args(args)
+    if args.backend == "openai":
+        return asyncio.run(_main_openai(args, spec, slo))
     return asyncio.run(_main(args, spec, slo))
+
+
+def _check_backend(args: argparse.Namespace) -> None:
+    """The options of the chosen backend, and none of the other's."""
+    if args.backend not in BACKENDS:
+        raise ValueError(f"unknown --backend {args.backend!r}; allowed: {', '.join(BACKENDS)}")
+    theirs = {"zmq": ("--base-url", "--model", "--api-key", "--strict-openai"), "openai": ("--addr", "--auth-keys")}
+    for option in theirs[args.backend]:
+        if getattr(args, option.lstrip("-").replace("-", "_")) not in (None, False):
+            other = next(b for b in BACKENDS if b != args.backend)
+            raise ValueError(f"{option} belongs to --backend {other}, not --backend {args.backend}")
+    needed = "--addr" if args.backend == "zmq" else "--base-url"
+    if getattr(args, needed.lstrip("-").replace("-", "_")) is None:
+        example = "tcp://127.0.0.1:5555" if args.backend == "zmq" else "http://127.0.0.1:8000/v1"
+        raise ValueError(f"--backend {args.backend} needs {needed} (e.g. {needed} {example})")
 
 
 def _check_args(args: argparse.Namespace) -> tuple[WorkloadSpec, SLO]:
     """Everything that can be wrong before the server is contacted, as ValueError."""
+    _check_backend(args)
     arrivals = ArrivalSpec(args.rate, args.arrival, args.cv, args.replay_timestamps, args.time_scale)
     spec = WorkloadSpec(
         args.workload, args.num_requests, arrivals, args.seed, args.trace_file, args.max_prompt_len,
@@ -264,6 +326,11 @@ async def _main(args: argparse.Namespace, spec: WorkloadSpec, slo: SLO) -> int:
         args.addr, workload, slo, seed=args.seed, connect_timeout=args.connect_timeout,
         request_timeout=args.request_timeout, progress=not args.no_progress, auth_keys=args.auth_keys,
     )
+    return _report(args, spec, result, info)
+
+
+def _report(args: argparse.Namespace, spec: WorkloadSpec, result: BenchResult, info: ServerInfo) -> int:
+    """Table, JSON and plot (as asked); the exit code."""
     title = f"Serving Benchmark Result: {spec.name}, {info.model_id}"
     print_report(result, title)
     if args.out:
@@ -272,6 +339,36 @@ async def _main(args: argparse.Namespace, spec: WorkloadSpec, slo: SLO) -> int:
     if args.plot:
         plot_cdfs(result, args.plot)
     return 0 if all(r.status == "ok" for r in result.requests) else 1
+
+
+async def _main_openai(args: argparse.Namespace, spec: WorkloadSpec, slo: SLO) -> int:
+    target = OpenAITarget(args.base_url, args.model, args.api_key or envs.api_key(), args.strict_openai)
+    named = await fetch_openai_info(target, args.connect_timeout, 0, _sum_or_none(args.max_prompt_len, args.max_output_len))
+    tokenizer = _openai_tokenizer(args.tokenizer or named.model_id)
+    info = dataclasses.replace(named, vocab_size=tokenizer.tokenizer.get_vocab_size())
+    workload = build_workload(spec, info, tokenizer if spec.name in TEXT_WORKLOADS else None)
+    print(
+        f"{len(workload.requests)} {spec.name} requests to {info.model_id} at {target.root} over "
+        f"{arrival_span_s(workload.requests):.1f} s; clipped {workload.clipped_prompts} prompts and "
+        f"{workload.clipped_outputs} outputs to the server's limits, dropped {workload.dropped}",
+        flush=True,
+    )
+    result = await run_openai_benchmark(target, info, workload, slo, seed=args.seed, request_timeout=args.request_timeout,
+                                        progress=not args.no_progress)
+    return _report(args, spec, result, info)
+
+
+def _sum_or_none(a: int | None, b: int | None) -> int | None:
+    return a + b if a is not None and b is not None else None
+
+
+def _openai_tokenizer(model: str) -> Any:
+    """The tokenizer that counts text prompts and bounds token-id ones, or ValueError naming --tokenizer."""
+    try:
+        return _load_tokenizer(model)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise ValueError(f"could not load a tokenizer for {model!r} ({str(exc).splitlines()[0] if str(exc) else exc}); "
+                         "give --tokenizer NAME|FOLDER (a model EcoServe knows, or a folder with tokenizer.json)") from None
 
 
 def _load_tokenizer(model: str) -> Any:
