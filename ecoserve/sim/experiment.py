@@ -288,14 +288,16 @@ def layouts(policy: str, model: str, max_gpus: int, max_instances: int = 16) -> 
 
 
 def min_gpus(search: Search, policy: str, rate: float, max_gpus: int = 64,
-             on_probe: Callable[[RunMetrics], None] | None = None,
+             on_probe: Callable[[RunMetrics], None] | None = None, failed: list[Layout] | None = None,
              ) -> tuple[Layout | None, RunMetrics | None, list[RunMetrics]]:
     """The first layout (fewest GPUs) whose attainment at `rate` is >= goal.
 
     A layout is skipped without simulating when a layout with fewer or equal GPUs in every pool
-    (same TP degrees) already failed: more of everything cannot be needed less.
+    (same TP degrees) already failed: more of everything cannot be needed less. `failed` carries
+    the layouts that failed a lower rate into a search at a higher one (a rate sweep), on the
+    same assumption that a higher rate is never served by less; the list grows in place.
     """
-    failed: list[Layout] = []
+    failed = [] if failed is None else failed
     probes: list[RunMetrics] = []
     for layout in layouts(policy, search.model, max_gpus):
         if any(_dominates(f, layout) for f in failed):

@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import math
 import platform
+import statistics
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ from ecoserve.config import ClusterShape
 from ecoserve.data.synthetic import with_arrivals
 from ecoserve.data.workload import WorkloadRequest
 from ecoserve.sim.compare import best_layout, gpu_row, sweep
-from ecoserve.sim.experiment import SLO, Layout, Search, goodput, hardware, layouts, min_gpus, model_tps, spec_policy
+from ecoserve.sim.experiment import SLO, Layout, RunMetrics, Search, goodput, hardware, layouts, min_gpus, model_tps, spec_policy
 from ecoserve.sim.specs import Spread, parse_policies, parse_policy, policy_label, seed_list, settings_line, settings_row, spread
 from ecoserve.sim.workloads import MAX_TOTAL_LEN
 
@@ -47,111 +51,195 @@ SETTINGS = [
     Setting("opt-66b", "summarization", SLO(15000, 150), 1.0, "DistServe (summarisation, OPT-66B)"),
 ]
 
-PAIRS = 4  # the GPU-count target: what this many of DistServe's smallest P+D pairs sustain
+# The GPU-count sweep's target rates, in units of the goodput of DistServe's smallest pair
+# (1 prefill + 1 decode instance at the profile's lowest TP degree, first seed).
+UNITS = (1, 2, 4, 8)
+QUICK_UNITS = (1, 2)
+# Each setting's search limit: this many times the GPUs of the largest target's units.
+GPU_HEADROOM = 1.5
+
+# Where KV binds: OPT-66B on its smallest TP degree, long chatbot outputs (DistServe's SLOs).
+KV_BOUND = Setting("opt-66b", "sharegpt", SLO(2500, 150), 1.0, "DistServe (chatbot, OPT-66B)")
+KV_BOUND_GPUS = 4
 
 ABLATIONS = {
     "ecoserve": {},
+    "fixed 512-token budget (no SLO-derived budget)": {"slo_budget": False},
+    "without exact allocation": {"exact_allocation": False},
     "without pipelining": {"pipelining": False},
     "without RL buckets": {"rl_buckets": False},
     "without ordering": {"ordering": False},
-    "without exact allocation": {"exact_allocation": False},
 }
+
+
+def _pmap(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], jobs: int, bar: Any) -> list[Any]:
+    """`[fn(*c) for c in calls]`, on `jobs` processes when more than one (each run is
+    deterministic, so the figures do not depend on `jobs`)."""
+    if jobs <= 1 or len(calls) <= 1:
+        out = []
+        for c in calls:
+            out.append(fn(*c))
+            bar.update(1)
+        return out
+    with ProcessPoolExecutor(max_workers=min(jobs, len(calls)), mp_context=get_context("spawn")) as ex:
+        futures = [ex.submit(fn, *c) for c in calls]
+        for _ in as_completed(futures):
+            bar.update(1)
+        return [f.result() for f in futures]
+
+
+def _unit_goodput(search: Search) -> float:
+    tp = model_tps(search.model)[0]
+    return goodput(search, Layout("distserve", ClusterShape(1, tp, 1, tp)), rel_tol=0.1)[0]
+
+
+def _gpu_sweep(search: Search, policy: str, rates: Sequence[float], max_gpus: int) -> list[tuple[Layout | None, RunMetrics | None]]:
+    """`min_gpus` at each rate, lowest first, a layout that failed a lower rate not tried again."""
+    failed: list[Layout] = []
+    return [min_gpus(search, policy, rate, max_gpus, failed=failed)[:2] for rate in rates]
+
+
+def _best(search: Search, seeds: Sequence[int], cands: Sequence[Layout], rel_tol: float) -> tuple[Layout, Spread, dict[str, Any]]:
+    return best_layout(search, seeds, cands, rel_tol)
+
+
+def _goodput_of(search: Search, layout: Layout, rel_tol: float) -> float:
+    return goodput(search, layout, rel_tol=rel_tol)[0]
+
+
+def _at(search: Search, layout: Layout, rate: float) -> RunMetrics | None:
+    return search.attainment(layout, rate) if 0 < rate < math.inf else None
 
 
 def run_results(args: Any) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     quick = args.quick
-    n, dur, max_gpus = (150, 15.0, 8) if quick else (args.num_requests, args.min_duration_s, args.max_gpus)
+    n, dur = (150, 15.0) if quick else (args.num_requests, args.min_duration_s)
     seeds = [args.seed] if quick else seed_list(args.seed, args.seeds)
+    jobs = args.jobs
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1 process, got {jobs}")
     hw = hardware(args.link_gbs)
     vllm_policies = parse_policies(args.vllm_policies)
     for pol in vllm_policies:
         spec_policy(pol)  # an option the policy refuses fails now, not after an hour of searches
     rel_tol = 0.1 if quick else 0.05
-    settings = SETTINGS[:2] if quick else SETTINGS
+    settings = SETTINGS[:1] if quick else SETTINGS
+    units = QUICK_UNITS if quick else UNITS
     data: dict[str, Any] = {
-        "settings": {**settings_row(n, dur, seeds, args.link_gbs, args.max_tokens), "max_gpus": max_gpus, "quick": quick},
-        "gpu_count": [], "vllm": {}, "ablations": {}, "predictors": {},
+        "settings": {**settings_row(n, dur, seeds, args.link_gbs, args.max_tokens), "units": list(units),
+                     "gpu_headroom": GPU_HEADROOM, "quick": quick, "jobs": jobs},
+        "gpu_count": [], "vllm": {}, "kv_bound": {}, "ablations": {}, "predictors": {},
     }
-    bar = tqdm(total=len(settings) * 2 + 3, desc="results", unit="part", disable=args.quiet)
+    policies = ("ecoserve", "distserve")
+    own_pols = [p for p in vllm_policies if parse_policy(p).name == "vllm"]
+    bar = tqdm(total=len(settings) * (1 + len(policies) * len(seeds)) + 2 * len(vllm_policies) + len(own_pols) + len(ABLATIONS)
+               + len(args.predictors.split(",")), desc="results", unit="search", disable=args.quiet)
 
-    # 1. GPU count per policy for each setting, once per seed.
-    for s in settings:
-        search = Search(s.model, s.workload, s.slo, n, dur, seeds[0], hw=hw, max_tokens=args.max_tokens)
-        # The target: what `PAIRS` of DistServe's smallest pair (1 prefill + 1 decode instance at
-        # the lowest TP) sustain on the first seed, so every setting asks for a cluster of several instances.
+    def search_of(s: Setting, **kw: Any) -> Search:
+        return Search(s.model, s.workload, s.slo, n, dur, seeds[0], hw=hw, max_tokens=args.max_tokens, **kw)
+
+    # 1. GPUs each policy needs across a sweep of target rates, per setting and seed.
+    unit_goodputs = _pmap(_unit_goodput, [(search_of(s),) for s in settings], jobs, bar)
+    plans = []
+    for s, unit in zip(settings, unit_goodputs):
         tp = model_tps(s.model)[0]
-        unit, _ = goodput(search, Layout("distserve", ClusterShape(1, tp, 1, tp)), rel_tol=0.1)
-        rate = round(PAIRS * unit, 2) if unit > 0 else s.rate
-        entry: dict[str, Any] = {"setting": {**asdict(s), "slo": asdict(s.slo), "rate": rate, "unit_goodput": unit}}
-        for pol in ("ecoserve", "distserve"):
-            runs = [min_gpus(search.with_seed(sd), pol, rate, max_gpus)[:2] for sd in seeds]
-            entry[pol] = gpu_row(runs, seeds)
-            bar.update(1)
+        base = unit if unit > 0 else s.rate
+        rates = [round(k * base, 2) for k in units]
+        plans.append((s, unit, rates, math.ceil(GPU_HEADROOM * max(units) * 2 * tp)))
+    calls = [(search_of(s).with_seed(sd), pol, rates, limit) for s, _, rates, limit in plans for pol in policies for sd in seeds]
+    found = iter(_pmap(_gpu_sweep, calls, jobs, bar))
+    for s, unit, rates, limit in plans:
+        entry: dict[str, Any] = {"setting": {**asdict(s), "slo": asdict(s.slo)}, "unit_goodput": unit, "rates": rates,
+                                 "units": list(units), "max_gpus": limit}
+        for pol in policies:
+            per_seed = [next(found) for _ in seeds]  # each: one (layout, metrics) per rate
+            entry[pol] = [gpu_row([runs[i] for runs in per_seed], seeds) for i in range(len(rates))]
         data["gpu_count"].append(entry)
 
-    # 2. vLLM-style serving on equal GPUs (OPT-13B, ShareGPT): each policy's best layout there.
+    # 2. Goodput on equal GPUs (OPT-13B, ShareGPT): each policy's best layout there, then a rate sweep.
     s = SETTINGS[0]
-    search = Search(s.model, s.workload, s.slo, n, dur, seeds[0], hw=hw, max_tokens=args.max_tokens)
+    search = search_of(s)
     gpus = 2 if quick else args.vllm_gpus
-    chosen: dict[str, Layout] = {}
-    goodputs: dict[str, Spread] = {}
-    for pol in vllm_policies:
-        cands = [x for x in layouts(pol, s.model, gpus) if x.shape.gpus == gpus]
-        if cands:
-            chosen[pol], goodputs[pol], _ = best_layout(search, seeds, cands, rel_tol)
+    chosen, goodputs = _equal_gpus(search, seeds, vllm_policies, gpus, rel_tol, jobs, bar)
     top = max((g.mean for g in goodputs.values() if math.isfinite(g.mean)), default=1.0)
     sweeps = sweep(search, seeds, dict(chosen), [round(top * f, 2) for f in (0.5, 0.75, 1.0, 1.25)], quiet=True)
     # The vllm baselines once more on vLLM's own engine fits (DistServe's `vllm-` profiles), as
     # DistServe's paper compares; the table above runs every policy on the same fits.
     own_search = replace(search, model=f"vllm-{s.model}")
     own: dict[str, dict[str, Any]] = {}
-    for pol in vllm_policies:
-        if parse_policy(pol).name != "vllm":
-            continue
-        cands = [x for x in layouts(pol, own_search.model, gpus) if x.shape.gpus == gpus]
-        if cands:
-            lay, g, _ = best_layout(own_search, seeds, cands, rel_tol)
-            own[pol] = {"layout": lay.row(), "goodput": g.row()}
+    own_chosen, own_goodputs = _equal_gpus(own_search, seeds, own_pols, gpus, rel_tol, jobs, bar)
+    for pol, lay in own_chosen.items():
+        own[pol] = {"layout": lay.row(), "goodput": own_goodputs[pol].row()}
     data["vllm"] = {"gpus": gpus, "layouts": {p: lay.row() for p, lay in chosen.items()},
                     "labels": {p: policy_label(p) for p in chosen},
                     "goodput": {p: g.row() for p, g in goodputs.items()}, "sweeps": sweeps,
                     "own_fits": own}
-    bar.update(1)
 
-    # 3. Ablations: goodput of EcoServe with one mechanism off, on one layout.
-    abl_layout = Layout("ecoserve", ClusterShape(1, 1, 1, 1) if quick else ClusterShape(2, 1, 2, 1))
-    for name, opts in ABLATIONS.items():
-        search = Search(s.model, s.workload, s.slo, n, dur, seeds[0], hw=hw, policy_options=opts, max_tokens=args.max_tokens)
-        g = spread([goodput(search.with_seed(sd), abl_layout, rel_tol=rel_tol)[0] for sd in seeds])
-        m = search.attainment(abl_layout, g.mean) if 0 < g.mean < math.inf else None
+    # 3. Where KV binds: each policy's best layout on the smallest OPT-66B GPUs, preemptions at its goodput.
+    kv_search = search_of(KV_BOUND)
+    kv_chosen, kv_goodputs = _equal_gpus(kv_search, seeds, vllm_policies, KV_BOUND_GPUS, rel_tol, jobs, bar)
+    kv_metrics = _pmap(_at, [(kv_search, lay, kv_goodputs[p].mean) for p, lay in kv_chosen.items()], jobs, _Null())
+    data["kv_bound"] = {
+        "setting": {**asdict(KV_BOUND), "slo": asdict(KV_BOUND.slo)}, "gpus": KV_BOUND_GPUS,
+        "rows": {p: {"layout": lay.row(), "goodput": kv_goodputs[p].row(), "metrics": m.row() if m else None}
+                 for (p, lay), m in zip(kv_chosen.items(), kv_metrics)},
+    }
+
+    # 4. Ablations: EcoServe with one mechanism off, on the layout it chose on these GPUs.
+    abl_layout = chosen.get("ecoserve") or Layout("ecoserve", ClusterShape(1, 1, 1, 1) if quick else ClusterShape(2, 1, 2, 1))
+    abl_searches = {name: search_of(s, policy_options=opts) for name, opts in ABLATIONS.items()}
+    gps = iter(_pmap(_goodput_of, [(se.with_seed(sd), abl_layout, rel_tol) for se in abl_searches.values() for sd in seeds],
+                     jobs, _Null()))
+    abl_g = {name: spread([next(gps) for _ in seeds]) for name in abl_searches}
+    abl_m = _pmap(_at, [(abl_searches[name], abl_layout, abl_g[name].mean) for name in abl_searches], jobs, bar)
+    for (name, g), m in zip(abl_g.items(), abl_m):
         data["ablations"][name] = {"layout": abl_layout.shape.label, "goodput": g.row(), "metrics": m.row() if m else None}
     data["ablations_layout"] = abl_layout.row()
-    bar.update(1)
 
-    # 4. Predictors, on held-out ShareGPT conversations with their prompts (the learned one reads them).
+    # 5. Predictors, on held-out ShareGPT conversations with their prompts (the learned one reads them).
     test = _sharegpt_test(args.quick)
     for pred in args.predictors.split(","):
-        tsearch = _TextSearch(s.model, "sharegpt", s.slo, n, dur, seeds[0], hw=hw, policy_options={"predictor": pred}, max_tokens=args.max_tokens,
-                              test=test)
+        tsearch = _TextSearch(s.model, "sharegpt", s.slo, n, dur, seeds[0], hw=hw, policy_options={"predictor": pred},
+                              max_tokens=args.max_tokens, test=test)
         try:
-            g = spread([goodput(tsearch.with_seed(sd), abl_layout, rel_tol=rel_tol)[0] for sd in seeds])
+            g = spread(_pmap(_goodput_of, [(tsearch.with_seed(sd), abl_layout, rel_tol) for sd in seeds], jobs, _Null()))
         except ValueError as exc:  # e.g. a predictor that needs prompt text the length files lack
             data["predictors"][pred] = {"layout": abl_layout.shape.label, "error": str(exc)}
+            bar.update(1)
             continue
         m = tsearch.attainment(abl_layout, g.mean * 0.9 if 0 < g.mean < math.inf else 1.0)
         data["predictors"][pred] = {"layout": abl_layout.shape.label, "goodput": g.row(), "metrics": m.row()}
-    bar.update(1)
+        bar.update(1)
     bar.close()
 
     data["wall_s"] = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=lambda x: None))
-    out.write_text(render(data, args))
-    print(render(data, args))
-    print(f"wrote {out} and {out.with_suffix('.json')} in {data['wall_s']:.0f} s")
+    plot = out.with_name(out.stem + "_gpus.png")
+    _plot_gpu_sweep(data["gpu_count"], plot)
+    out.write_text(render(data, args, plot.name))
+    print(render(data, args, plot.name))
+    print(f"wrote {out}, {out.with_suffix('.json')} and {plot} in {data['wall_s']:.0f} s")
     return 0
+
+
+class _Null:
+    def update(self, _: int) -> None:
+        pass
+
+
+def _equal_gpus(search: Search, seeds: Sequence[int], policies: Sequence[str], gpus: int, rel_tol: float, jobs: int,
+                bar: Any) -> tuple[dict[str, Layout], dict[str, Spread]]:
+    """Each policy's best layout on exactly `gpus` GPUs (highest mean goodput over the seeds)."""
+    cands = {pol: [x for x in layouts(pol, search.model, gpus) if x.shape.gpus == gpus] for pol in policies}
+    todo = [pol for pol in policies if cands[pol]]
+    for pol in policies:
+        if not cands[pol]:
+            bar.update(1)
+    res = _pmap(_best, [(search, seeds, cands[pol], rel_tol) for pol in todo], jobs, bar)
+    return {p: r[0] for p, r in zip(todo, res)}, {p: r[1] for p, r in zip(todo, res)}
 
 
 @dataclass
@@ -182,10 +270,10 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:+.0%}"
 
 
-def render(data: dict[str, Any], args: Any) -> str:
+def render(data: dict[str, Any], args: Any, plot: str = "results_gpus.png") -> str:
     st = data["settings"]
     cmd = f"ecoserve bench results --out {args.out}" + (" --quick" if args.quick else "")
-    defaults = {"num_requests": 1000, "min_duration_s": 120.0, "max_gpus": 16, "vllm_gpus": 4,
+    defaults = {"num_requests": 1000, "min_duration_s": 120.0, "vllm_gpus": 4,
                 "vllm_policies": "ecoserve,distserve,vllm,vllm:prefill-priority,orca",
                 "predictors": "oracle,histogram,learned", "seed": 0, "seeds": 3, "link_gbs": 25.0,
                 "max_tokens": "context"}
@@ -198,12 +286,13 @@ def render(data: dict[str, Any], args: Any) -> str:
         "# Results (simulated)",
         "",
         f"Generated by `{cmd}` ({platform.machine()}, Python {platform.python_version()}, "
-        f"{data['wall_s'] / 60:.0f} min). Every figure comes from the discrete-event simulator "
+        f"{data['wall_s'] / 60:.0f} min on {st.get('jobs', 1)} process(es)). Every figure comes from the discrete-event simulator "
         "(`ecoserve/sim/`), which runs the live coordinator and policies unchanged against simulated "
         "workers timed by DistServe's published A100-80GB latency fits (OPT-13B, OPT-66B; "
         "`ecoserve/data/profiles/`). EcoServe runs with the `oracle` predictor unless said otherwise. "
         "Attainment = share of requests meeting TTFT and TPOT SLOs together; goal 90%. "
-        "We report what we measured, whichever way it falls.",
+        "We report what we measured, whichever way it falls. What moved against the previous version "
+        "of this file, and why: [`results-changes.md`](results-changes.md).",
         "",
         "DistServe's fits measured no step that mixes prompt tokens with decodes, so a colocated "
         "worker's mixed step is costed as one fused forward pass (DESIGN §7): the prefill step plus "
@@ -214,7 +303,8 @@ def render(data: dict[str, Any], args: Any) -> str:
         f"Every run: {header}. Each search runs once per seed; a figure reads mean (min–max over the seeds).",
         "",
     ]
-    lines += _render_gpus(data, header) + _render_vllm(data["vllm"], header) + _render_ablations(data, header)
+    lines += _render_gpus(data, header, plot) + _render_vllm(data["vllm"], header) + _render_kv(data, header)
+    lines += _render_ablations(data, header)
     lines.append("")
     return "\n".join(lines)
 
@@ -222,37 +312,106 @@ def render(data: dict[str, Any], args: Any) -> str:
 def _gpu_cell(row: dict[str, Any]) -> str:
     per = ", ".join(r["label"] or "> limit" for r in row["per_seed"])
     if row["gpus"] is None:
-        return f"> search limit ({per})"
+        return f"> limit ({per})"
     g = Spread(tuple(row["gpus"]["values"]))
     missing = f"; {len(row['not_found'])} seeds > limit" if row["not_found"] else ""
-    return f"{g.fmt(1)} ({per}; attain {row['attainment']['mean']:.2f}{missing})"
+    return f"{g.fmt(1)} ({per}{missing})"
 
 
-def _render_gpus(data: dict[str, Any], header: str) -> list[str]:
+def _savings(eco: dict[str, Any], ds: dict[str, Any]) -> list[float]:
+    """1 - EcoServe's GPUs / DistServe's, per seed where both found a layout."""
+    return [1 - a["metrics"]["gpus"] / b["metrics"]["gpus"] for a, b in zip(eco["per_seed"], ds["per_seed"])
+            if a["metrics"] and b["metrics"]]
+
+
+def _render_gpus(data: dict[str, Any], header: str, plot: str) -> list[str]:
+    st = data["settings"]
+    units = st.get("units", list(UNITS))
     lines = [
-        "## GPUs needed for a target rate (paper: up to 78% fewer GPUs than DistServe)",
+        "## GPUs needed across target rates (paper: up to 78% fewer GPUs than DistServe)",
         "",
-        f"The target rate of each row is {PAIRS}x the goodput of DistServe's smallest pair (1 prefill + 1 decode "
-        "instance at the profile's lowest TP degree, first seed), so that each needs a cluster of several instances; "
-        "the search tries every layout each policy accepts (prefill+decode, and mixed replicas where the policy "
-        "runs them) up to the GPU limit, fewest GPUs first, and keeps the first at >= 90% attainment. "
+        "One *unit* is the goodput of DistServe's smallest pair (1 prefill + 1 decode instance at the profile's "
+        f"lowest TP degree, first seed); each setting is searched at {', '.join(map(str, units))} units. The search "
+        "tries every layout each policy accepts (prefill+decode, mixed replicas, prefill+mixed) fewest GPUs first and "
+        "keeps the first at >= 90% attainment, up to "
+        f"{st.get('gpu_headroom', GPU_HEADROOM)}x the GPUs of the largest target's units. Within a sweep, a layout "
+        "that failed a lower rate is not tried again at a higher one (assumed: a higher rate is never served by less). "
         "A cell reads GPUs mean (min–max) over the seeds, then the layout each seed found.",
         "",
         f"{header}.",
         "",
-        "| profile | workload | SLO TTFT / TPOT (ms) | SLO source | rate (req/s) | EcoServe GPUs (layouts) | DistServe GPUs (layouts) | EcoServe vs DistServe |",
-        "|---|---|---|---|---|---|---|---|",
+        f"![GPUs needed against target rate]({plot})",
+        "",
+        "| profile | workload | SLO TTFT / TPOT (ms) | SLO source | units | rate (req/s) | EcoServe GPUs (layouts) | DistServe GPUs (layouts) | EcoServe vs DistServe |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    cells: list[tuple[str, float]] = []
+    more: list[str] = []
     for e in data["gpu_count"]:
         s = e["setting"]
-        eco, ds = e["ecoserve"], e["distserve"]
-        saved = [1 - a["metrics"]["gpus"] / b["metrics"]["gpus"] for a, b in zip(eco["per_seed"], ds["per_seed"])
-                 if a["metrics"] and b["metrics"]]
-        sv = Spread(tuple(saved))
-        verdict = "n/a" if not saved else (f"{sv.mean:.0%} fewer" if sv.mean >= 0 else f"{-sv.mean:.0%} more") + (
-            f" ({sv.lo:+.0%} to {sv.hi:+.0%} saved)" if sv.lo != sv.hi else "")
-        lines.append(f"| {s['model']} | {s['workload']} | {s['slo']['ttft_ms']:.0f} / {s['slo']['tpot_ms']:.0f} | "
-                     f"{s['source']} | {s['rate']} | {_gpu_cell(eco)} | {_gpu_cell(ds)} | {verdict} |")
+        for k, rate, eco, ds in zip(e["units"], e["rates"], e["ecoserve"], e["distserve"]):
+            saved = _savings(eco, ds)
+            sv = Spread(tuple(saved))
+            where = f"{s['model']} {s['workload']} at {rate} req/s"
+            if saved:
+                cells.append((where, sv.mean))
+                if sv.mean < 0:
+                    more.append(f"{where} ({-sv.mean:.0%} more)")
+            verdict = "n/a" if not saved else (f"{sv.mean:.0%} fewer" if sv.mean >= 0 else f"{-sv.mean:.0%} more") + (
+                f" ({sv.lo:+.0%} to {sv.hi:+.0%} saved)" if sv.lo != sv.hi else "")
+            lines.append(f"| {s['model']} | {s['workload']} | {s['slo']['ttft_ms']:.0f} / {s['slo']['tpot_ms']:.0f} | "
+                         f"{s['source']} | {k} | {rate} | {_gpu_cell(eco)} | {_gpu_cell(ds)} | {verdict} |")
+    if cells:
+        vals = sorted(v for _, v in cells)
+        lo, hi = min(cells, key=lambda c: c[1]), max(cells, key=lambda c: c[1])
+        lines += ["", f"GPUs saved against DistServe over the {len(cells)} (setting, rate) cells where both found a layout: "
+                  f"minimum {lo[1]:+.0%} ({lo[0]}), median {statistics.median(vals):+.0%}, maximum {hi[1]:+.0%} ({hi[0]}). "
+                  + (f"EcoServe needs more GPUs at: {'; '.join(more)}." if more else "EcoServe never needs more.")]
+    return lines
+
+
+def _plot_gpu_sweep(entries: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, max(1, len(entries)))
+    rows = math.ceil(len(entries) / cols) if entries else 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, e in zip(axes.flat, entries):
+        s = e["setting"]
+        for pol in ("ecoserve", "distserve"):
+            pts = [(r, row["gpus"]["mean"]) for r, row in zip(e["rates"], e[pol]) if row["gpus"] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=pol)
+        ax.set_title(f"{s['model']} {s['workload']}", fontsize=8)
+        ax.set_xlabel("target rate (req/s)", fontsize=7)
+        ax.set_ylabel("GPUs", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(entries):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _render_kv(data: dict[str, Any], header: str) -> list[str]:
+    kv = data["kv_bound"]
+    if not kv:
+        return []
+    s = kv["setting"]
+    lines = ["", f"## Where KV binds ({s['model']} on {kv['gpus']} GPUs, its smallest TP degree; {s['workload']}, "
+             f"{s['slo']['ttft_ms']:.0f} ms / {s['slo']['tpot_ms']:.0f} ms)", "",
+             "Each policy's best layout on these GPUs; preemptions, KV used and KV reserved (shares of the pools, "
+             "time-averaged) from one run (first seed) at its mean goodput.", "", f"{header}.", "",
+             "| policy | layout | goodput (req/s) | preemptions | KV used | KV reserved |", "|---|---|---|---|---|---|"]
+    for pol, r in kv["rows"].items():
+        m = r["metrics"] or {}
+        lines.append(f"| {policy_label(pol)} | {Layout.from_row(r['layout']).shape.label} | "
+                     f"{Spread(tuple(r['goodput']['values'])).fmt()} | {m.get('preemptions', 'n/a')} | "
+                     f"{m.get('kvc_used', math.nan):.2f} | {m.get('kvc_reserved', math.nan):.2f} |")
     return lines
 
 
@@ -302,7 +461,7 @@ def _render_vllm(v: dict[str, Any], header: str) -> list[str]:
 
 def _render_ablations(data: dict[str, Any], header: str) -> list[str]:
     al = Layout.from_row(data["ablations_layout"])
-    lines = ["", f"## Ablations (OPT-13B, ShareGPT, {al.shape.label})", "", f"{header}.", "",
+    lines = ["", f"## Ablations (OPT-13B, ShareGPT, {al.shape.label}: EcoServe's best layout above)", "", f"{header}.", "",
              "| variant | goodput (req/s) | vs full EcoServe | preemptions at goodput | KV reserved / used |",
              "|---|---|---|---|---|"]
     full = data["ablations"].get("ecoserve", {}).get("goodput", {}).get("mean") or math.nan

@@ -341,3 +341,22 @@ def test_results_quick_names_its_settings_layouts_and_both_vllm_baselines(tmp_pa
     doc = json.loads(out.with_suffix(".json").read_text())
     assert doc["settings"]["max_tokens"] == "context" and doc["settings"]["seeds"] == [0]
     assert set(doc["vllm"]["own_fits"]) == {"vllm", "vllm:prefill-priority"}
+    # The GPU count across target rates: one row per (setting, units), a plot, the spread of the saving.
+    sweep = doc["gpu_count"][0]
+    assert sweep["units"] == [1, 2] and len(sweep["rates"]) == 2 and sweep["rates"][0] < sweep["rates"][1]
+    assert len(sweep["ecoserve"]) == len(sweep["distserve"]) == 2
+    assert "| units | rate (req/s) | EcoServe GPUs (layouts) |" in text and "![GPUs needed against target rate](results_gpus.png)" in text
+    assert (tmp_path / "results_gpus.png").stat().st_size > 0
+    assert "GPUs saved against DistServe over the" in text and "minimum" in text and "median" in text
+    # Where KV binds: every policy on OPT-66B's 4 GPUs, with its preemptions.
+    assert set(doc["kv_bound"]["rows"]) == {"ecoserve", "distserve", "vllm", "vllm:prefill-priority", "orca"}
+    assert "## Where KV binds (opt-66b on 4 GPUs" in text
+    # The ablations run on EcoServe's chosen layout and include the fixed 512-token budget.
+    assert doc["ablations_layout"] == doc["vllm"]["layouts"]["ecoserve"]
+    assert "| fixed 512-token budget (no SLO-derived budget) |" in text
+
+
+def test_results_refuses_a_process_count_below_one(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["bench", "results", "--quick", "--quiet", "--jobs", "0", "--out", str(tmp_path / "r.md")]) != 0
+    assert "--jobs must be >= 1 process, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
