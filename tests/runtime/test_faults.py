@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -165,13 +166,14 @@ def test_dead_prefill_and_decode_workers_requests_finish_elsewhere_with_the_same
     assert {k.split(".")[0] for k in stats if k.startswith("rank")} == {"rank1", "rank2"}, "survivors only"
 
 
-def test_a_stalled_worker_is_declared_lost_by_heartbeat_fenced_and_ignored(cluster) -> None:  # type: ignore[no-untyped-def]
-    """Under ecoserve, SIGSTOP a decode worker mid-stream: within the heartbeat timeout it is
-    declared lost and its requests resume on the other decode worker, under new reservations.
-    Woken up (SIGCONT), its late tokens are ignored and it obeys the Shutdown it was sent."""
+def test_a_stalled_worker_is_declared_lost_by_heartbeat_fenced_and_ignored(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Under ecoserve, SIGSTOP a decode worker mid-stream: once it has been silent for the
+    heartbeat timeout it is declared lost, and its requests resume on the other decode worker,
+    under new reservations. Woken up (SIGCONT), its late tokens are ignored and it obeys the
+    Shutdown it was sent (the launcher's fence never has to kill it)."""
     timeout_s = 1.5
 
-    async def run(addr: str) -> tuple[list[Outcome], dict[str, float], float]:
+    async def run(addr: str) -> tuple[list[Outcome], dict[str, float], dict[str, float], int]:
         async with await AsyncClient.connect(addr, timeout=30) as client:
             started = [asyncio.Event() for _ in range(8)]
             outs = [Outcome() for _ in range(8)]
@@ -180,26 +182,32 @@ def test_a_stalled_worker_is_declared_lost_by_heartbeat_fenced_and_ignored(clust
                 await asyncio.wait_for(ev.wait(), 60)
             # Stop the decode worker running more (ecoserve may use only one), once one runs something.
             stats = await until(client, lambda s: s["rank1.running"] + s["rank2.running"] > 0, "a decode worker running")
-            pid = pid_of(stats, max((1, 2), key=lambda r: stats[f"rank{r}.running"]))
+            rank = max((1, 2), key=lambda r: stats[f"rank{r}.running"])
+            pid = pid_of(stats, rank)
             os.kill(pid, signal.SIGSTOP)
-            t0 = time.monotonic()
-            await until(client, lambda s: s["workers_lost"], "the stopped worker declared lost", timeout=30)
-            detected = time.monotonic() - t0
+            lost = await until(client, lambda s: s["workers_lost"], "the stopped worker declared lost", timeout=60)
             os.kill(pid, signal.SIGCONT)
-            for _ in range(60):
-                if not is_running(pid):
-                    break
+            deadline = time.monotonic() + 60  # a hang guard only: whether it obeyed is read from the log below
+            while is_running(pid):
+                assert time.monotonic() < deadline, "the fenced worker never exited"
                 await asyncio.sleep(0.05)
-            assert not is_running(pid), "the fenced worker did not exit on its Shutdown within 3 s"
             await asyncio.gather(*tasks)
             stats = await settle(client)
             await still_serves(client)
-            return outs, stats, detected
+            return outs, lost, stats, rank
 
     with cluster("tiny-llama", 1, 2, 0, "--engine", "sim", "--sim-time-scale", "0.5", "--policy", "ecoserve",
                  "--heartbeat-timeout", str(timeout_s)) as addr:
-        outs, stats, detected = asyncio.run(run(addr))
-    assert detected < timeout_s + 1.0, f"declared lost {detected:.2f} s after it stopped"
+        outs, lost, stats, rank = asyncio.run(run(addr))
+    # Declared lost by the heartbeat monitor (it records each rank it finds silent), for the
+    # coordinator's own reasons, timed on its own clock rather than the test's: silent for longer
+    # than the timeout when declared, and not yet at the monitor's check before (so not a check
+    # late), whatever the load on the machine made of the monitor's period.
+    assert lost["workers_lost"] == 1 and f"lost.{rank}.silent_s" in lost, f"rank {rank} was not lost by heartbeat: {lost}"
+    assert lost[f"lost.{rank}.silent_s"] > timeout_s, lost
+    assert lost[f"lost.{rank}.silent_at_previous_check_s"] <= timeout_s, lost
+    (log,) = tmp_path.glob("serve-*.log")
+    assert "was declared lost and did not stop" not in log.read_text(), "the fence killed it: it ignored its Shutdown"
     for i, out in enumerate(outs):
         out.check(sim_reference(i, 150))
         assert out.completion is not None, out.error
