@@ -303,6 +303,10 @@ def test_transfer_faults_cancellations_and_a_vanished_client(cluster, monkeypatc
 # --- 4. graceful drain -------------------------------------------------------------------------
 
 
+DRAIN_S = 2.0  # --drain-timeout
+DELIVERY_S = 5.0
+
+
 def test_sigterm_to_every_process_drains_then_fails_what_is_left_at_the_deadline(cluster) -> None:  # type: ignore[no-untyped-def]
     """SIGTERM to the coordinator and every worker at once, as systemd stops a service: the
     workers keep serving, short requests finish, new ones are refused, and the long ones fail
@@ -318,18 +322,27 @@ def test_sigterm_to_every_process_drains_then_fails_what_is_left_at_the_deadline
             tasks = [asyncio.ensure_future(stream(client, *job(i, m), outs[i], started[i])) for i, m in enumerate(sizes)]
             for ev in started:
                 await asyncio.wait_for(ev.wait(), 60)
-            t0 = time.monotonic()
+            t0 = time.monotonic()  # before the drain begins: its deadline is less than DRAIN_S after this
             for pid in pids:
                 os.kill(pid, signal.SIGTERM)
             await until(client, lambda s: s["draining"], "the coordinator draining after SIGTERM", timeout=10)
             with pytest.raises(RequestError) as refused:
                 await client.generate(*job(5, 4))
             assert refused.value.code == "shutting_down"
-            await asyncio.wait_for(asyncio.gather(*tasks), 30)
-            assert time.monotonic() - t0 < 2 + 5, "every request ended soon after the drain deadline"
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)  # a hang guard; the bound is below
+            # The product's promise: what is left is failed at the drain deadline, not waited out
+            # (1800 decode steps of at least 20 ms x 0.5 each: 18 s). DELIVERY_S is the
+            # time to tell the client after the deadline: the coordinator's 50 ms poll, then one
+            # ErrorReply per request through ZeroMQ, on a loaded 2-core runner (kept at 5 s: a
+            # wall-clock bound by nature, the one this test exists for).
+            # Not before it either: the coordinator's deadline is DRAIN_S after it read the
+            # SIGTERM, which is after t0, so this lower bound holds however loaded the machine.
+            elapsed = time.monotonic() - t0
+            assert DRAIN_S <= elapsed, f"the drain ended {elapsed:.2f} s after SIGTERM, before its deadline"
+            assert elapsed < DRAIN_S + DELIVERY_S, "every request ended soon after the drain deadline"
             return outs
 
-    with cluster("tiny-llama", 1, 1, 0, "--engine", "sim", "--sim-time-scale", "0.5", "--drain-timeout", "2") as addr:
+    with cluster("tiny-llama", 1, 1, 0, "--engine", "sim", "--sim-time-scale", "0.5", "--drain-timeout", str(DRAIN_S)) as addr:
         outs = asyncio.run(run(addr))
     for i, out in enumerate(outs[:2]):
         out.check(sim_reference(i, 10))
