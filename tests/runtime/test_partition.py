@@ -127,7 +127,8 @@ def test_a_partitioned_decode_host_is_lost_and_its_requests_end_once(two_hosts, 
         # 1. Node 1's worker held requests when the link went down; the heartbeat monitor declares
         #    it lost (it records each rank it finds silent), on the coordinator's own clock: silent
         #    for longer than the heartbeat timeout when declared, and not yet at the monitor's
-        #    check before, so at the first check past it, however loaded the machine.
+        #    check before, so at the first check past it, however loaded the machine (the check
+        #    period itself is proven on a fake clock in tests/coordinator/test_control_channel.py).
         assert result["on_node1"] > 0 and lost["workers_lost"] == 1
         assert f"lost.{rank}.silent_s" in lost, f"rank {rank} was not declared lost by the heartbeat monitor: {lost}"
         assert lost[f"lost.{rank}.silent_at_previous_check_s"] <= HEARTBEAT_S < lost[f"lost.{rank}.silent_s"], lost
