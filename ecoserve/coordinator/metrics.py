@@ -68,6 +68,9 @@ def coordinator_stats(lc: Lifecycle) -> dict[str, float]:
         "queue_near_limit": float(len(lc.near_limit)),
         "queue_preempted": float(len(lc.preempted)),
     }
+    for rank, silence in lc.registry.silences.items():  # ranks lost for missing heartbeats
+        values[f"lost.{rank}.silent_s"] = silence.silent_s
+        values[f"lost.{rank}.silent_at_previous_check_s"] = silence.silent_at_previous_check_s
     done = lc.counters["predicted"]
     values["prediction_mean_abs_error"] = lc.prediction_abs_error / done if done else 0.0
     values.update({f"queue_bucket.{b}": float(n) for b, n in lc.waiting.lengths().items()})

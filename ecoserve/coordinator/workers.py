@@ -17,6 +17,15 @@ class ExpectedRank:
     role: str
 
 
+@dataclass(frozen=True)
+class Silence:
+    """How long a rank declared lost for its silence had not been heard from: when it was
+    declared, and at the check before (at most the timeout, or it would have been declared then)."""
+
+    silent_s: float
+    silent_at_previous_check_s: float
+
+
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 
 
@@ -33,6 +42,8 @@ class WorkerRegistry:
         self.views: dict[int, WorkerView] = {}
         self.info: dict[int, p.RegisterWorker] = {}
         self.last_seen: dict[int, float] = {}
+        self.silences: dict[int, Silence] = {}  # ranks `silent` found, for the stats
+        self._last_check = time.monotonic()
         self.compat: CompatRecord | None = None
 
     @property
@@ -86,8 +97,13 @@ class WorkerRegistry:
         return view
 
     def silent(self, now: float) -> list[int]:
-        """Live ranks that have not spoken within the heartbeat timeout."""
-        return [r for r, v in self.views.items() if v.alive and now - self.last_seen[r] > self.heartbeat_timeout_s]
+        """Live ranks that have not spoken within the heartbeat timeout; each one's `Silence` is
+        recorded in `silences` (this is the check the coordinator's monitor runs)."""
+        found = [r for r, v in self.views.items() if v.alive and now - self.last_seen[r] > self.heartbeat_timeout_s]
+        for r in found:
+            self.silences[r] = Silence(now - self.last_seen[r], self._last_check - self.last_seen[r])
+        self._last_check = now
+        return found
 
     def alive_ranks(self) -> list[int]:
         return [r for r, v in self.views.items() if v.alive]

@@ -19,12 +19,13 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import zmq
 
 from ecoserve import protocol as p
 from ecoserve.config import WorkerConfig
-from ecoserve.engine.llm_engine import LLMEngine
+from ecoserve.engine.llm_engine import LLMEngine, resolve_device
 from ecoserve.runtime.faults import Faults
 from ecoserve.engine.sequence import Sequence
 from ecoserve.engine.sim import SimRunner
@@ -84,6 +85,11 @@ class Worker:
         set_offline_hub()
         self.config = config
         self.rank = config.rank
+        if config.engine.model.engine == "model" and resolve_device(config.engine.model.device) == "cuda":
+            # One GPU per rank: NCCL refuses two ranks of one world on one device, and "cuda" means
+            # the current device (0 unless set). Ranks are numbered node by node, so a node with
+            # no more ranks than GPUs gives each of its ranks its own.
+            torch.cuda.set_device(config.rank % torch.cuda.device_count())
         self.engine = LLMEngine(config.engine)
         backend = "nccl" if self.engine.device == "cuda" else "gloo"
         dist.init_process_group(

@@ -50,7 +50,10 @@ def test_scenario_holds_running_requests_in_ledger_and_views() -> None:
     assert sum(w.num_running for w in sc.pd_workers.values() if w.role == "decode") == 20
     assert sum(w.num_running for w in sc.mixed_workers.values()) == 20
     assert all(w.free_blocks == w.num_blocks for w in sc.pd_workers.values() if w.role == "prefill")
-    assert all(w.reserved_blocks > 0 for w in sc.mixed_workers.values())  # orca's prompt + max_tokens
+    # orca's reservation: running request i sits on mixed rank i % 4 and reserves its prompt plus
+    # max_tokens (2,048), in whole 16-token blocks.
+    orca = {r: sum(-(-(q.num_prompt_tokens + 2048) // 16) for i, q in enumerate(sc.running) if i % 4 == r) for r in range(4)}
+    assert {r: w.reserved_blocks for r, w in sc.mixed_workers.items()} == orca
     # schedule() leaves the state as it was: two rounds decide the same
     state = state_for("ecoserve", sc)
     first = policy.schedule(state)

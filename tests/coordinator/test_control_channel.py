@@ -6,13 +6,17 @@ An in-process Coordinator on real sockets; the worker is a bare DEALER speaking 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
+from types import SimpleNamespace
 
+import pytest
 import zmq
 
 from ecoserve import protocol as p
 from ecoserve.config import CoordinatorConfig
+from ecoserve.coordinator import server, workers
 from ecoserve.coordinator.server import Coordinator
 from ecoserve.coordinator.workers import ExpectedRank, worker_identity
 from ecoserve.model.registry import prepare_model
@@ -63,3 +67,47 @@ def test_a_frame_to_a_vanished_worker_declares_it_lost() -> None:
 
     reason = asyncio.run(run())
     assert "control connection is gone" in reason, reason
+
+
+@pytest.mark.parametrize("timeout_s", [1.5, 3.0])  # tests/runtime's stalled-worker and partition tests
+def test_a_silent_worker_is_declared_lost_within_the_timeout_plus_one_monitor_period(
+    monkeypatch: pytest.MonkeyPatch, timeout_s: float
+) -> None:
+    """The heartbeat monitor on a fake clock: it checks every min(0.5 s, timeout / 4), and a rank
+    that stops speaking is declared lost at the first check past the timeout, so within
+    timeout + one period of the last frame it sent; the stats report that silence exactly."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(server, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    monkeypatch.setattr(workers, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    sleeps: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.now += seconds
+        await real_sleep(0)
+
+    async def run() -> Coordinator:
+        coord = Coordinator(CoordinatorConfig(port=0, heartbeat_timeout_s=timeout_s), envs.models_dir() / "tiny-llama",
+                            [ExpectedRank(0, "mixed")])
+        coord.bind()
+        monkeypatch.setattr(server, "asyncio", SimpleNamespace(sleep=fake_sleep))  # the monitor's sleep only
+        try:
+            assert coord.registry.register(register(0)) is None  # its last frame: at 1000.0
+            monitor = asyncio.ensure_future(coord._monitor_loop())
+            while not coord.is_lost(0):
+                await real_sleep(0)
+            monitor.cancel()
+            return coord
+        finally:
+            coord.close()
+
+    coord = asyncio.run(run())
+    period = min(0.5, timeout_s / 4)
+    assert set(sleeps) == {period}
+    # Checks at 1000 + k * period (exact in binary): lost at the first k with k * period > timeout.
+    silent = (math.floor(timeout_s / period) + 1) * period
+    assert timeout_s < silent <= timeout_s + period
+    assert coord.lifecycle.lost[0] == f"no heartbeat for {timeout_s:.1f} s"
+    stats = coord.lifecycle.stats()
+    assert stats["lost.0.silent_s"] == silent and stats["lost.0.silent_at_previous_check_s"] == silent - period

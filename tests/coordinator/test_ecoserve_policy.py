@@ -271,7 +271,16 @@ def test_stats_expose_buckets_reservations_and_prediction_error() -> None:
     cluster.step()
     stats = cluster.lifecycle.stats()
     assert any(k.startswith("queue_bucket.") for k in stats)
-    assert stats["worker.1.reserved_blocks"] + stats["worker.2.reserved_blocks"] > 0
+    # Each admitted request holds an exact reservation on its decode worker for its prompt plus its
+    # predicted output (the bucket its prediction falls in), rounded up to whole blocks; the
+    # prefill worker reserves nothing.
+    admitted = [r for r in cluster.lifecycle.requests.values() if r.status is not RequestStatus.WAITING_PREFILL]
+    assert {r.decode_rank for r in admitted} == {1, 2}, "both decode workers hold reservations"
+    assert all(r.predicted_tokens for r in admitted)
+    for rank in (1, 2):
+        expected = sum(_blocks(r.num_prompt_tokens + (r.predicted_tokens or 0)) for r in admitted if r.decode_rank == rank)
+        assert stats[f"worker.{rank}.reserved_blocks"] == expected, rank
+    assert stats["worker.0.reserved_blocks"] == 0
     cluster.run_until_idle()
     stats = cluster.lifecycle.stats()
     # The predictor's seeded draws, in arrival order, give each prediction: ceil(true x e^N(0, 0.25)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ecoserve import protocol as p
-from ecoserve.coordinator.workers import ExpectedRank, WorkerRegistry, worker_identity
+from ecoserve.coordinator.workers import ExpectedRank, Silence, WorkerRegistry, worker_identity
 
 
 def make_registration(rank: int = 0, role: str = "prefill", **overrides: object) -> p.RegisterWorker:
@@ -62,3 +62,20 @@ def test_only_the_ranks_own_socket_registers_and_speaks_for_it() -> None:
     assert reg.rank_of(b"rank-0") == 0
     for stranger in (b"rank-1", b"rank-00", b"rank-", b"rank-0 ", b"stray", b"rank-" + b"9" * 40, b"\xff" * 255):
         assert reg.rank_of(stranger) is None, stranger
+
+
+def test_a_rank_is_silent_only_past_the_timeout_and_its_silence_is_recorded() -> None:
+    """The monitor's check on a fake clock (`now` is the check's time; last_seen as the registry
+    noted it): silent at the first check past the timeout since the rank last spoke, never at
+    or before it, and what the stats report of it is exact."""
+    reg = make_registry()  # heartbeat timeout 30 s
+    assert reg.register(make_registration(0)) is None and reg.register(make_registration(1, "decode")) is None
+    reg.last_seen = {0: 100.0, 1: 100.0}
+    assert reg.silent(110.0) == []
+    reg.last_seen[0] = 125.0  # rank 0 spoke again: its silence starts over
+    assert reg.silent(130.0) == [] and reg.silences == {}, "exactly the timeout is not yet silent"
+    assert reg.silent(130.5) == [1] and reg.silences == {1: Silence(silent_s=30.5, silent_at_previous_check_s=30.0)}
+    reg.views[1].alive = False  # declared lost: the monitor's next checks leave it alone
+    assert reg.silent(155.0) == []
+    assert reg.silent(155.5) == [0] and reg.silences[0] == Silence(silent_s=30.5, silent_at_previous_check_s=30.0)
+    assert list(reg.silences) == [1, 0]

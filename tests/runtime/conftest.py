@@ -16,7 +16,9 @@ ClusterFactory = Callable[..., contextlib.AbstractContextManager[str]]
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> ClusterFactory:
-    def factory(model: str = "tiny-llama", prefill: int = 1, decode: int = 1, mixed: int = 0, *extra: str) -> contextlib.AbstractContextManager[str]:
-        return local_cluster(model, prefill, decode, mixed, "--threads-per-worker", "1", *extra, log_dir=tmp_path)
+    def factory(model: str = "tiny-llama", prefill: int = 1, decode: int = 1, mixed: int = 0, *extra: str,
+                dtype: str = "float32", device: str = "cpu") -> contextlib.AbstractContextManager[str]:
+        return local_cluster(model, prefill, decode, mixed, "--threads-per-worker", "1", *extra, log_dir=tmp_path,
+                             dtype=dtype, device=device)
 
     return factory

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -165,13 +166,14 @@ def test_dead_prefill_and_decode_workers_requests_finish_elsewhere_with_the_same
     assert {k.split(".")[0] for k in stats if k.startswith("rank")} == {"rank1", "rank2"}, "survivors only"
 
 
-def test_a_stalled_worker_is_declared_lost_by_heartbeat_fenced_and_ignored(cluster) -> None:  # type: ignore[no-untyped-def]
-    """Under ecoserve, SIGSTOP a decode worker mid-stream: within the heartbeat timeout it is
-    declared lost and its requests resume on the other decode worker, under new reservations.
-    Woken up (SIGCONT), its late tokens are ignored and it obeys the Shutdown it was sent."""
+def test_a_stalled_worker_is_declared_lost_by_heartbeat_fenced_and_ignored(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Under ecoserve, SIGSTOP a decode worker mid-stream: once it has been silent for the
+    heartbeat timeout it is declared lost, and its requests resume on the other decode worker,
+    under new reservations. Woken up (SIGCONT), its late tokens are ignored and it obeys the
+    Shutdown it was sent (the launcher's fence never has to kill it)."""
     timeout_s = 1.5
 
-    async def run(addr: str) -> tuple[list[Outcome], dict[str, float], float]:
+    async def run(addr: str) -> tuple[list[Outcome], dict[str, float], dict[str, float], int]:
         async with await AsyncClient.connect(addr, timeout=30) as client:
             started = [asyncio.Event() for _ in range(8)]
             outs = [Outcome() for _ in range(8)]
@@ -180,26 +182,34 @@ def test_a_stalled_worker_is_declared_lost_by_heartbeat_fenced_and_ignored(clust
                 await asyncio.wait_for(ev.wait(), 60)
             # Stop the decode worker running more (ecoserve may use only one), once one runs something.
             stats = await until(client, lambda s: s["rank1.running"] + s["rank2.running"] > 0, "a decode worker running")
-            pid = pid_of(stats, max((1, 2), key=lambda r: stats[f"rank{r}.running"]))
+            rank = max((1, 2), key=lambda r: stats[f"rank{r}.running"])
+            pid = pid_of(stats, rank)
             os.kill(pid, signal.SIGSTOP)
-            t0 = time.monotonic()
-            await until(client, lambda s: s["workers_lost"], "the stopped worker declared lost", timeout=30)
-            detected = time.monotonic() - t0
+            lost = await until(client, lambda s: s["workers_lost"], "the stopped worker declared lost", timeout=60)
             os.kill(pid, signal.SIGCONT)
-            for _ in range(60):
-                if not is_running(pid):
-                    break
+            deadline = time.monotonic() + 60  # a hang guard only: whether it obeyed is read from the log below
+            while is_running(pid):
+                assert time.monotonic() < deadline, "the fenced worker never exited"
                 await asyncio.sleep(0.05)
-            assert not is_running(pid), "the fenced worker did not exit on its Shutdown within 3 s"
             await asyncio.gather(*tasks)
             stats = await settle(client)
             await still_serves(client)
-            return outs, stats, detected
+            return outs, lost, stats, rank
 
     with cluster("tiny-llama", 1, 2, 0, "--engine", "sim", "--sim-time-scale", "0.5", "--policy", "ecoserve",
                  "--heartbeat-timeout", str(timeout_s)) as addr:
-        outs, stats, detected = asyncio.run(run(addr))
-    assert detected < timeout_s + 1.0, f"declared lost {detected:.2f} s after it stopped"
+        outs, lost, stats, rank = asyncio.run(run(addr))
+    # Declared lost by the heartbeat monitor (it records each rank it finds silent), timed on the
+    # coordinator's own clock rather than the test's: silent for longer than the timeout when
+    # declared, and not yet at the monitor's check before, so at the first check past it. How
+    # long a check period is under load is the machine's business; that the monitor checks every
+    # min(0.5 s, timeout / 4), so declares within timeout + that, is proven on a fake clock in
+    # tests/coordinator/test_control_channel.py.
+    assert lost["workers_lost"] == 1 and f"lost.{rank}.silent_s" in lost, f"rank {rank} was not lost by heartbeat: {lost}"
+    assert lost[f"lost.{rank}.silent_s"] > timeout_s, lost
+    assert lost[f"lost.{rank}.silent_at_previous_check_s"] <= timeout_s, lost
+    (log,) = tmp_path.glob("serve-*.log")
+    assert "was declared lost and did not stop" not in log.read_text(), "the fence killed it: it ignored its Shutdown"
     for i, out in enumerate(outs):
         out.check(sim_reference(i, 150))
         assert out.completion is not None, out.error
@@ -295,6 +305,10 @@ def test_transfer_faults_cancellations_and_a_vanished_client(cluster, monkeypatc
 # --- 4. graceful drain -------------------------------------------------------------------------
 
 
+DRAIN_S = 2.0  # --drain-timeout
+DELIVERY_S = 5.0
+
+
 def test_sigterm_to_every_process_drains_then_fails_what_is_left_at_the_deadline(cluster) -> None:  # type: ignore[no-untyped-def]
     """SIGTERM to the coordinator and every worker at once, as systemd stops a service: the
     workers keep serving, short requests finish, new ones are refused, and the long ones fail
@@ -310,18 +324,27 @@ def test_sigterm_to_every_process_drains_then_fails_what_is_left_at_the_deadline
             tasks = [asyncio.ensure_future(stream(client, *job(i, m), outs[i], started[i])) for i, m in enumerate(sizes)]
             for ev in started:
                 await asyncio.wait_for(ev.wait(), 60)
-            t0 = time.monotonic()
+            t0 = time.monotonic()  # before the drain begins: its deadline is less than DRAIN_S after this
             for pid in pids:
                 os.kill(pid, signal.SIGTERM)
             await until(client, lambda s: s["draining"], "the coordinator draining after SIGTERM", timeout=10)
             with pytest.raises(RequestError) as refused:
                 await client.generate(*job(5, 4))
             assert refused.value.code == "shutting_down"
-            await asyncio.wait_for(asyncio.gather(*tasks), 30)
-            assert time.monotonic() - t0 < 2 + 5, "every request ended soon after the drain deadline"
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)  # a hang guard; the bound is below
+            # The product's promise: what is left is failed at the drain deadline, not waited out
+            # (1800 decode steps of at least 20 ms x 0.5 each: 18 s). DELIVERY_S is the
+            # time to tell the client after the deadline: the coordinator's 50 ms poll, then one
+            # ErrorReply per request through ZeroMQ, on a loaded 2-core runner (kept at 5 s: a
+            # wall-clock bound by nature, the one this test exists for).
+            # Not before it either: the coordinator's deadline is DRAIN_S after it read the
+            # SIGTERM, which is after t0, so this lower bound holds however loaded the machine.
+            elapsed = time.monotonic() - t0
+            assert DRAIN_S <= elapsed, f"the drain ended {elapsed:.2f} s after SIGTERM, before its deadline"
+            assert elapsed < DRAIN_S + DELIVERY_S, "every request ended soon after the drain deadline"
             return outs
 
-    with cluster("tiny-llama", 1, 1, 0, "--engine", "sim", "--sim-time-scale", "0.5", "--drain-timeout", "2") as addr:
+    with cluster("tiny-llama", 1, 1, 0, "--engine", "sim", "--sim-time-scale", "0.5", "--drain-timeout", str(DRAIN_S)) as addr:
         outs = asyncio.run(run(addr))
     for i, out in enumerate(outs[:2]):
         out.check(sim_reference(i, 10))
