@@ -96,6 +96,10 @@ class EcoServePolicy(BasePolicy):
 
     def schedule(self, state: SchedulerState) -> Decisions:
         out = Decisions()
+        waiting = state.waiting
+        assert isinstance(waiting, BucketQueues)
+        if not (waiting.buckets or state.kv_waiting or state.near_limit or state.preempted):
+            return out  # nothing to place, extend or resume: most rounds of a lightly loaded cluster
         # Reservations live where requests decode (decode and mixed workers); prompts are
         # prefilled on prefill workers or, locally, on mixed ones.
         decoders = {w.rank: w for w in state.workers.values() if w.alive and w.role in ("decode", "mixed")}
