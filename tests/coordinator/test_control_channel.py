@@ -88,7 +88,7 @@ def test_a_silent_worker_is_declared_lost_within_the_timeout_plus_one_monitor_pe
         await real_sleep(0)
 
     async def run() -> Coordinator:
-        coord = Coordinator(CoordinatorConfig(port=0, heartbeat_timeout_s=timeout_s), envs.models_dir() / "tiny-llama",
+        coord = Coordinator(CoordinatorConfig(port=0, heartbeat_timeout_s=timeout_s), prepare_model("tiny-llama"),
                             [ExpectedRank(0, "mixed")])
         coord.bind()
         monkeypatch.setattr(server, "asyncio", SimpleNamespace(sleep=fake_sleep))  # the monitor's sleep only
