@@ -137,12 +137,16 @@ def run_live_vs_sim(args: argparse.Namespace) -> int:
         figures[s.policy] = {}
         live_detail[s.policy] = {"wall_s": time.perf_counter() - t0, "by_rate": {}}
         for rate, requests, run in zip(args.rates, lists, runs):
-            res, _ = run_sim(dataclasses.replace(s, rate=rate), requests)
+            res, sim = run_sim(dataclasses.replace(s, rate=rate), requests)
             live, sim = rk.live_figures(run.result), rk.sim_figures(res, len(requests), s.slo_ttft_ms or math.inf,
                                                                           s.slo_tpot_ms or math.inf)
             complete &= live.completed == sim.completed == len(requests)
             figures[s.policy][rate] = {"live": live, "sim": sim}
             live_detail[s.policy]["by_rate"][f"{rate:g}"] = {
+                # The layout each side ran: the live ranks that answered, the KV they moved between
+                # them (none on mixed workers alone), the simulated instances.
+                "live_ranks": sorted(k for k in run.cpu if " rank " in k), "kv_sent_bytes": _kv_sent_bytes(run.result),
+                "sim_roles": [w.role for w in sim.workers],
                 "replay_s": run.wall_s, "cpu_share": run.cpu_share, "load_before": run.load_before,
                 "load_after": run.load_after, "serve_summary": summarize(run.result),
                 "sim_duration_s": res.duration_s, "sim_counters": res.counters}
@@ -159,6 +163,13 @@ def run_live_vs_sim(args: argparse.Namespace) -> int:
         _write(args.out, settings, lists, c, live_detail, complete, run_s)
         print(f"wrote {args.out}")
     return 0 if complete else 1
+
+
+def _kv_sent_bytes(result: Any) -> float:
+    """KV bytes every worker sent over the replay (the server's stats before and after it)."""
+    before, after = result.stats_before, result.stats_after
+    keys = [k for k in after if k.startswith("rank") and k.endswith(".kv_sent_bytes")]
+    return sum(after[k] - before.get(k, 0.0) for k in keys)
 
 
 def _write(out: str, settings: list[Settings], lists: list[list[WorkloadRequest]], c: rk.Comparison,
