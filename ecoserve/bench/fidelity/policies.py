@@ -137,7 +137,7 @@ def run_live_vs_sim(args: argparse.Namespace) -> int:
         figures[s.policy] = {}
         live_detail[s.policy] = {"wall_s": time.perf_counter() - t0, "by_rate": {}}
         for rate, requests, run in zip(args.rates, lists, runs):
-            res, sim = run_sim(dataclasses.replace(s, rate=rate), requests)
+            res, simulator = run_sim(dataclasses.replace(s, rate=rate), requests)
             live, sim = rk.live_figures(run.result), rk.sim_figures(res, len(requests), s.slo_ttft_ms or math.inf,
                                                                           s.slo_tpot_ms or math.inf)
             complete &= live.completed == sim.completed == len(requests)
@@ -146,7 +146,7 @@ def run_live_vs_sim(args: argparse.Namespace) -> int:
                 # The layout each side ran: the live ranks that answered, the KV they moved between
                 # them (none on mixed workers alone), the simulated instances.
                 "live_ranks": sorted(k for k in run.cpu if " rank " in k), "kv_sent_bytes": _kv_sent_bytes(run.result),
-                "sim_roles": [w.role for w in sim.workers],
+                "sim_roles": [w.role for w in simulator.workers],
                 "replay_s": run.wall_s, "cpu_share": run.cpu_share, "load_before": run.load_before,
                 "load_after": run.load_after, "serve_summary": summarize(run.result),
                 "sim_duration_s": res.duration_s, "sim_counters": res.counters}
