@@ -145,7 +145,7 @@ def run_live_vs_sim(args: argparse.Namespace) -> int:
             live_detail[s.policy]["by_rate"][f"{rate:g}"] = {
                 # The layout each side ran: the live ranks that answered, the KV they moved between
                 # them (none on mixed workers alone), the simulated instances.
-                "live_ranks": sorted(k for k in run.cpu if " rank " in k), "kv_sent_bytes": _kv_sent_bytes(run.result),
+                "live_ranks": [k for k in run.cpu if " rank " in k], "kv_sent_bytes": _kv_sent_bytes(run.result),
                 "sim_roles": [w.role for w in simulator.workers],
                 "replay_s": run.wall_s, "cpu_share": run.cpu_share, "load_before": run.load_before,
                 "load_after": run.load_after, "serve_summary": summarize(run.result),
