@@ -11,6 +11,7 @@ none reaches it). Percentiles are numpy's linear ones, as `bench sim-fidelity` t
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -162,11 +163,12 @@ def plot(c: Comparison, path: str, title: str) -> None:
                     label=f"{p} ({c.layouts[p]}), {side}")
     ax.axhline(100 * c.goal, color="grey", linewidth=0.8)
     ax.set_xscale("log")
+    ax.minorticks_off()  # only the rates run are labelled
     ax.set_xticks(c.rates, [f"{r:g}" for r in c.rates])
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("SLO attainment (%)")
     ax.set_ylim(-2, 102)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 80), fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
