@@ -8,6 +8,7 @@
     ecoserve bench kv-transfer --prompt-lens 512 4096 --out FILE.json
     ecoserve bench scheduler --queued 1000,10000,100000 --running 1000 --out FILE.json
     ecoserve bench sim-fidelity --policy distserve --num-requests 40 --rate 0.25 --out FILE.json
+    ecoserve bench live-vs-sim --rates 0.5,1,2 --num-requests 30 --out FILE.json --plot FILE.png
     ecoserve bench serve --addr ADDR --workload azure-conv --num-requests N --rate R --out FILE.json
     ecoserve bench soak --duration S [--engine sim|model] [--kill-every S] [--out FILE.json]
     ecoserve demo
@@ -78,6 +79,9 @@ COMMANDS = (
             ("ecoserve.bench.scheduler:add_arguments",), "ecoserve.bench.scheduler:run_scheduler_benchmark"),
     Command("bench sim-fidelity", "the simulator's TTFT/TPOT against the real cluster on the same requests",
             ("ecoserve.bench.fidelity.run:add_arguments",), "ecoserve.bench.fidelity.run:run_fidelity"),
+    Command("bench live-vs-sim", "ecoserve, distserve and vllm on two workers each, live and simulated: attainment, "
+            "goodput, JCT, and whether the simulator ranks them alike",
+            ("ecoserve.bench.fidelity.policies:add_arguments",), "ecoserve.bench.fidelity.policies:run_live_vs_sim"),
     Command("serve", "serve with a coordinator and prefill/decode (or mixed) workers on this machine",
             ("ecoserve.serve:add_arguments", "ecoserve.serve:add_http_arguments"), "ecoserve.serve:run_serve"),
     Command("launch", "run this node's part of a cluster spread over several machines (start it once per node)",

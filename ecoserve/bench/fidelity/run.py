@@ -47,7 +47,7 @@ from typing import Any
 from ecoserve.bench.fidelity import report as rep
 from ecoserve.bench.fidelity.cpu_share import load_average
 from ecoserve.bench.fidelity.runs import (
-    LINK_GBS, LINK_LATENCY_MS, POLICIES, RealRun, Settings, build_requests, run_real, run_sim, settings_from,
+    LINK_GBS, LINK_LATENCY_MS, POLICIES, RealRun, Settings, build_requests, layout, run_real, run_sim, settings_from,
 )
 from ecoserve.latency.profile import LatencyProfile, load_profile
 from ecoserve.data.workload import WorkloadRequest
@@ -77,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-output-len", type=int, default=256, help="clip outputs to this")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers")
     p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--mixed", type=int, default=0,
+                   help="mixed (colocated) workers: --policy vllm takes only these (--prefill 0 --decode 0 --mixed N)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: the profile's pool)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per prefill step (default: the profile's token budget)")
@@ -127,7 +129,7 @@ def _real_steps(s: Settings, real: RealRun, cpu: dict[str, dict[str, Any]]) -> d
     """The profile as fitted on the steps the measured replay ran (one worker per role only):
     against their CPU time (model engine), and against the wall time of the decode steps run
     back to back (what the live loop adds per step, waiting for a CPU included)."""
-    if (s.prefill, s.decode) != (1, 1):
+    if (s.prefill, s.decode, s.mixed) != (1, 1, 0):
         return {}
     prof = load_profile(s.profile)
     prefill, decode = _steps(prof, real)
@@ -164,7 +166,7 @@ def diagnose(s: Settings, requests: list[WorkloadRequest], real: RealRun, res: A
     steps = _real_steps(s, real, cpu)
     if s.engine == "sim":  # sleeping workers: the CPU share says little about their steps
         return Diagnosis(cpu, steps, [], split)
-    shared, _ = run_sim(s, requests, {role: scale.get(role, 1.0) / real.cpu_share for role in ("prefill", "decode")})
+    shared, _ = run_sim(s, requests, {role: scale.get(role, 1.0) / real.cpu_share for role in ("prefill", "decode", "mixed")})
     split["simulated_cpu_share"] = rep.split_means(real.result, shared)["simulated"]
     return Diagnosis(cpu, steps, rep.compare(rep.measured(real.result), rep.simulated(shared)), split)
 
@@ -178,7 +180,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
     requests = build_requests(s)
     print(f"{len(requests)} {s.workload} requests (prompts <= {s.max_prompt_len} tokens, outputs clipped to "
           f"{s.max_output_len}), Poisson {s.rate:g} req/s over {arrival_span_s(requests):.0f} s; {s.policy}, "
-          f"{s.prefill} prefill + {s.decode} decode ({s.engine} engine), {s.num_blocks} KV blocks and {s.threads} "
+          f"{layout(s)} ({s.engine} engine), {s.num_blocks} KV blocks and {s.threads} "
           f"torch thread(s) per worker, token budget {s.token_budget}; profile {s.profile}; calibration replay "
           f"{s.calibrate} requests; load average {load_average()}", flush=True)
     real = run_real(s, requests, progress=not args.no_progress)
@@ -193,7 +195,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
            f"{s.calibrate} other requests)" if scale else "profile as fitted")
     if s.engine == "sim":
         how = "sim engine: workers sleep the profile's step times"
-    rep.print_comparison(f"Simulator fidelity: {s.model}, {s.policy}, {s.prefill}P+{s.decode}D, {len(requests)} "
+    rep.print_comparison(f"Simulator fidelity: {s.model}, {s.policy}, {layout(s)}, {len(requests)} "
                          f"{s.workload} requests at {s.rate:g} req/s; {how}", rows, s.tolerance)
     if scale:
         rep.print_comparison("The same with the profile as fitted (no calibration)", plain_rows, s.tolerance)

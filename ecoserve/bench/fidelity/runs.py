@@ -23,7 +23,7 @@ BUNDLED = {"smollm2-135m": "cpu-smollm2-135m.json"}  # --model -> bundled profil
 # for 23.6 MB (512 tokens of SmolLM2-135M KV), 65.7 ms for 188.7 MB (4,096): a line through
 # both gives 3.5 GB/s and 11.5 ms of fixed cost (60 messages, one per layer and K/V).
 LINK_GBS, LINK_LATENCY_MS = 3.5, 11.5
-POLICIES = ("distserve", "ecoserve")
+POLICIES = ("distserve", "ecoserve", "vllm")
 # `--engine sim` moves a real but tiny KV (engine/sim.py: 2 layers x K, V x 1 head x 8 float32 =
 # 128 bytes a token, 4 messages): the fixed cost alone, about a millisecond.
 SIM_ENGINE_KV_BYTES, SIM_ENGINE_LINK_LATENCY_MS = 128, 1.0
@@ -46,6 +46,7 @@ class Settings:
     max_output_len: int
     prefill: int
     decode: int
+    mixed: int  # colocated workers (vllm; ecoserve and distserve may run them too)
     block_size: int
     num_blocks: int
     token_budget: int
@@ -93,12 +94,18 @@ def _fit_profile(args: argparse.Namespace) -> str:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    for name in ("num_requests", "max_output_len", "prefill", "decode"):
+    from ecoserve.coordinator.policies import make_policy
+    from ecoserve.coordinator.policy import check_layout
+
+    for name in ("num_requests", "max_output_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.calibrate < 0 or (args.calibrate and args.engine == "model" and (args.prefill, args.decode) != (1, 1)):
+    counts = {"prefill": args.prefill, "decode": args.decode, "mixed": args.mixed}
+    if min(counts.values()) < 0:
+        raise ValueError(f"--prefill, --decode and --mixed must be >= 0, got {args.prefill}, {args.decode}, {args.mixed}")
+    if args.calibrate < 0 or (args.calibrate and args.engine == "model" and (args.prefill, args.decode, args.mixed) != (1, 1, 0)):
         raise ValueError(f"--calibrate takes 0 or a number of requests, with --prefill 1 --decode 1 (each worker's "
-                         f"steps are rebuilt from token times); got {args.calibrate} with {args.prefill}P+{args.decode}D")
+                         f"steps are rebuilt from token times); got {args.calibrate} with {_layout(counts)}")
     if not args.rate > 0 or args.rate == float("inf"):
         raise ValueError(f"--rate must be a finite number of requests/s > 0, got {args.rate}")
     if not (args.link_gbs > 0 and args.link_latency_ms >= 0 and 0 < args.tolerance < 1):
@@ -129,11 +136,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
                  "kv_bytes_per_token": prof.kv_bytes_per_token, "swap_bytes_per_s": 8e9}
         options = {"predictor": args.predictor, "costs": costs}
         server_args += ["--predictor", args.predictor, "--policy-option", "costs=" + json.dumps(costs)]
+        # Its mixed workers budget each step's prompt tokens by the profile (the slo schedule), as
+        # the simulated ones do with the same file.
+        server_args += ["--latency-profile", path]
+    check_layout(make_policy(args.policy, **options), counts)  # names the layouts the policy accepts
     return Settings(
         model=args.model, engine=args.engine, profile=path, dtype=str(doc.get("dtype", "float32")), policy=args.policy, options=options,
         workload=args.workload, num_requests=args.num_requests, rate=args.rate,
         max_prompt_len=args.max_prompt_len or budget, max_output_len=args.max_output_len,
-        prefill=args.prefill, decode=args.decode, block_size=int(doc.get("block_size", 16)), num_blocks=num_blocks,
+        prefill=args.prefill, decode=args.decode, mixed=args.mixed, block_size=int(doc.get("block_size", 16)), num_blocks=num_blocks,
         token_budget=budget, threads=args.threads_per_worker or int(measured.get("threads") or 1),
         kv_bytes_per_token=SIM_ENGINE_KV_BYTES if sim_engine else prof.kv_bytes_per_token,
         link_bytes_per_s=args.link_gbs * 1e9,
@@ -142,6 +153,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
         calibrate=args.calibrate if args.engine == "model" else 0,
         server_args=server_args,
     )
+
+
+def _layout(counts: dict[str, int]) -> str:
+    """`1P+1D`, `2 mixed`: a layout as tables print it."""
+    if counts.get("mixed"):
+        return (f"{counts['prefill']}P+" if counts.get("prefill") else "") + f"{counts['mixed']} mixed"
+    return f"{counts.get('prefill', 0)}P+{counts.get('decode', 0)}D"
+
+
+def layout(s: Settings) -> str:
+    return _layout({"prefill": s.prefill, "decode": s.decode, "mixed": s.mixed})
 
 
 def build_requests(s: Settings, offset: int = 0, count: int | None = None, seed: int | None = None,
@@ -188,33 +210,37 @@ class RealRun:
 
 def run_real(s: Settings, requests: list[WorkloadRequest], progress: bool) -> RealRun:
     """Start the cluster, warm it up, replay the calibration requests (if any), then `requests`."""
+    runs = run_real_many(s, [calibration_requests(s), requests] if s.calibrate else [requests], progress)
+    run = runs[-1]
+    run.calibration = runs[0] if s.calibrate else None
+    return run
+
+
+def run_real_many(s: Settings, replays: list[list[WorkloadRequest]], progress: bool) -> list[RealRun]:
+    """Start the cluster, warm it up, then time each list of `replays` in turn, one after the
+    other finished (each on its own clock: its first arrival at 0)."""
     from ecoserve.local_cluster import local_cluster
 
     extra = [*s.server_args, "--num-blocks", str(s.num_blocks), "--block-size", str(s.block_size),
              "--max-num-batched-tokens", str(s.token_budget), "--threads-per-worker", str(s.threads)]
-    with local_cluster(s.model, s.prefill, s.decode, 0, *extra, dtype=s.dtype, device="cpu") as addr:
-        return asyncio.run(_replay(addr, s, requests, progress))
+    with local_cluster(s.model, s.prefill, s.decode, s.mixed, *extra, dtype=s.dtype, device="cpu") as addr:
+        return asyncio.run(_replay(addr, s, replays, progress))
 
 
-async def _replay(addr: str, s: Settings, requests: list[WorkloadRequest], progress: bool) -> RealRun:
+async def _replay(addr: str, s: Settings, replays: list[list[WorkloadRequest]], progress: bool) -> list[RealRun]:
     from ecoserve.local_cluster import child_pids
     from ecoserve.bench.serve.run import connect, run_benchmark
 
     client = await connect(addr)
     stats = await client.stats(timeout=10.0)
     await client.close()
-    roles = ["prefill"] * s.prefill + ["decode"] * s.decode
+    roles = ["prefill"] * s.prefill + ["decode"] * s.decode + ["mixed"] * s.mixed  # rank order
     pids = {f"{role} rank {r}": int(stats[f"rank{r}.pid"]) for r, role in enumerate(roles) if f"rank{r}.pid" in stats}
     serve = [pid for pid in child_pids(os.getpid()) if b" serve " in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")]
     pids |= {"coordinator": pid for pid in serve[:1]}
     # Untimed: the first call of every path (allocator, thread pools), a short and a long prompt.
     await run_benchmark(addr, [WorkloadRequest(0.0, 16, 4), WorkloadRequest(0.0, s.max_prompt_len, 4)], progress=False)
-    calibration = None
-    if s.calibrate:
-        calibration = await _timed(addr, s, calibration_requests(s), pids, progress)
-    run = await _timed(addr, s, requests, pids, progress)
-    run.calibration = calibration
-    return run
+    return [await _timed(addr, s, requests, pids, progress) for requests in replays]
 
 
 async def _timed(addr: str, s: Settings, requests: list[WorkloadRequest], pids: dict[str, int], progress: bool) -> RealRun:
@@ -260,6 +286,7 @@ def run_sim(s: Settings, requests: list[WorkloadRequest], scale: dict[str, float
     )
     specs = [InstanceSpec("prefill", profile("prefill"), 1, s.num_blocks)] * s.prefill
     specs += [InstanceSpec("decode", profile("decode"), 1, s.num_blocks)] * s.decode
+    specs += [InstanceSpec("mixed", profile("mixed"), 1, s.num_blocks)] * s.mixed  # rank order, as serve numbers them
     # The live client (bench/serve) sends max_tokens = the trace length with ignore_eos: the same here.
     sim = Simulator(make_policy(s.policy, **s.options), specs, hw, max_tokens="trace")
     return sim.run(requests, s.slo_ttft_ms, s.slo_tpot_ms), sim
