@@ -38,7 +38,8 @@ from ecoserve.report import print_table, write_json
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--addr", default=None, help="a running cluster's ZeroMQ address (with --base-url)")
-    p.add_argument("--base-url", default=None, help="the same cluster's --http-port API root, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--base-url", default=None,
+                   help="the same cluster's --http-port API root, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key", default=None, help="the cluster's --api-key, if it has one")
     p.add_argument("--engine", default="sim", choices=("sim", "model"), help="when starting the cluster here")
     p.add_argument("--model", default="tiny-llama", help="when starting the cluster here")
@@ -107,11 +108,12 @@ async def _compare(args: argparse.Namespace, addr: str, base_url: str) -> int:
     summary = _summarize(runs)
     _print(summary)
     if args.out:
-        details = {side: [[dataclasses.asdict(q) for q in res.requests] for res in results] for side, results in runs.items()}
+        details = {side: [[dataclasses.asdict(q) for q in res.requests] for res in results]
+                   for side, results in runs.items()}
         settings = vars(args) | {"addr": addr, "base_url": base_url, "model_id": info.model_id}
         write_json(args.out, summary, settings, requests=details)
-    failed = sum(summary[f"{side}_not_ok"] for side in runs)
-    return 0 if failed == 0 else 1
+    failed = [res for results in runs.values() for res in results if any(q.status != "ok" for q in res.requests)]
+    return 0 if not failed else 1
 
 
 def _summarize(runs: dict[str, list[BenchResult]]) -> dict[str, float | int | None]:
