@@ -53,3 +53,17 @@ def test_refusals_name_the_field_and_what_is_allowed(body: dict[str, object], pa
         parse({"model": "m", "prompt": "hello", **body}, chat=False)
     assert (caught.value.status, caught.value.param) == (400, param)
     assert says in caught.value.message
+
+
+def test_guidellm_bodies_are_accepted() -> None:
+    """What guidellm 0.8 sends (its openai_http backend, chat and completions): vLLM's
+    `ignore_eos`, `stop: null` and `stream_options.continuous_usage_stats` beside OpenAI's fields.
+    continuous_usage_stats is vLLM's; usage comes once, at the end, as include_usage asks."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chat = parse({"model": "m", "stream": True, "stream_options": options, "max_completion_tokens": 32, "stop": None,
+                  "ignore_eos": True, "messages": [{"role": "user", "content": "hi"}]}, chat=True)
+    assert chat.params == SamplingParams(max_tokens=32, ignore_eos=True)
+    assert chat.stream and chat.include_usage and chat.stop == ()
+    text = parse({"model": "m", "stream": True, "stream_options": options, "max_tokens": 32, "stop": None,
+                  "ignore_eos": True, "prompt": "hello"}, chat=False)
+    assert text.params == SamplingParams(max_tokens=32, ignore_eos=True) and text.include_usage
