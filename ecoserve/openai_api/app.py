@@ -138,13 +138,13 @@ def create_app(settings: Settings, on_ready: Callable[[], object] | None = None)
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(request: Request) -> JSONResponse | StreamingResponse:
+    async def completions(request: Request) -> Response:
         _authorize(request, settings.api_key)
         req = api.parse(await _read_json(request, settings.max_body_bytes), chat=False)
-        return await _serve(req, client(), model_id(), _Shape(chat=False), metrics)
+        return await _serve(req, client(), model_id(), _Shape(chat=False), metrics, request)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
+    async def chat_completions(request: Request) -> Response:
         _authorize(request, settings.api_key)
         req = api.parse(await _read_json(request, settings.max_body_bytes), chat=True)
         template: Callable[[list[dict[str, str]]], list[int]] | None = state["template"]
@@ -153,7 +153,7 @@ def create_app(settings: Settings, on_ready: Callable[[], object] | None = None)
         assert isinstance(req.prompt, list)
         req = api.Request(req.model, template(req.prompt), req.params, req.slo, req.stream, req.include_usage,  # type: ignore[arg-type]
                           req.stop)
-        return await _serve(req, client(), model_id(), _Shape(chat=True), metrics)
+        return await _serve(req, client(), model_id(), _Shape(chat=True), metrics, request)
 
     return app
 
@@ -304,8 +304,52 @@ async def _texts(client: AsyncClient, stream: Any, deltas: AsyncIterator[Delta],
         yield rest
 
 
+class _ClientGone(Exception):
+    """The HTTP client disconnected while the reply was still being prepared."""
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the request's body is read: the next ASGI message is
+    the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(request: Request | None, work: Any) -> Any:
+    """`work`'s result, unless the client disconnects first: then `work` is cancelled (which
+    aborts its request on the coordinator, freeing its KV) and `_ClientGone` raised. Covers the
+    waits before a reply starts (a whole non-streamed completion, a stream's first token), where
+    the streaming response's own disconnect watch does not run yet."""
+    if request is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+    raise _ClientGone
+
+
 async def _serve(req: api.Request, client: AsyncClient, model: str, shape: _Shape,
-                 metrics: FrontDoorMetrics | None = None) -> JSONResponse | StreamingResponse:
+                 metrics: FrontDoorMetrics | None = None, http: Request | None = None) -> Response:
+    try:
+        return await _reply(req, client, model, shape, metrics, http)
+    except _ClientGone:
+        if metrics is not None:
+            metrics.served(shape.endpoint, "aborted")
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+
+
+async def _reply(req: api.Request, client: AsyncClient, model: str, shape: _Shape,
+                 metrics: FrontDoorMetrics | None, http: Request | None) -> JSONResponse | StreamingResponse:
     if req.model != model:
         raise ApiError(404, f"the model {req.model!r} does not exist here; this server serves {model!r}",
                        param="model", code="model_not_found")
@@ -314,7 +358,7 @@ async def _serve(req: api.Request, client: AsyncClient, model: str, shape: _Shap
     tally = _Tally(req.stop)
     if not req.stream and not req.stop:
         try:
-            done = await client.generate(prompt, req.params, slo=req.slo)
+            done = await _unless_gone(http, client.generate(prompt, req.params, slo=req.slo))
         except RequestError as exc:
             raise _request_error(exc) from None
         except ValueError as exc:
@@ -329,11 +373,14 @@ async def _serve(req: api.Request, client: AsyncClient, model: str, shape: _Shap
         raise ApiError(400, str(exc), param="prompt") from None
     deltas = aiter(stream)
     try:  # the first event before the 200: a refused request gets its own status, not a broken stream
-        first: Delta | None = await anext(deltas)
+        first: Delta | None = await _unless_gone(http, anext(deltas))
     except StopAsyncIteration:
         first = None
     except RequestError as exc:
         raise _request_error(exc) from None
+    except _ClientGone:
+        await stream.aclose()
+        raise
     if req.stream:
         events = _events(client, stream, deltas, first, head, shape, req.include_usage, tally, metrics)
         return StreamingResponse(events, media_type="text/event-stream")

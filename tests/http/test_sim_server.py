@@ -25,9 +25,10 @@ def model_of(server: Server) -> str:
     return client_for(server).models.list().data[0].id
 
 
-def post(server: Server, path: str, body: object, key: str | None = API_KEY, **kw: object) -> requests.Response:
+def post(server: Server, path: str, body: object, key: str | None = API_KEY, timeout: float = 60,
+         **kw: object) -> requests.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return requests.post(server.base_url + path, json=body, headers=headers, timeout=60, **kw)  # type: ignore[arg-type]
+    return requests.post(server.base_url + path, json=body, headers=headers, timeout=timeout, **kw)  # type: ignore[arg-type]
 
 
 def test_models_health_and_version(sim_server: Server) -> None:
@@ -140,3 +141,18 @@ def test_a_client_that_leaves_mid_stream_aborts_its_request(sim_server: Server) 
         while (stats := zmq_client.stats())["requests_in_flight"] > 0 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert stats["requests_in_flight"] == 0 and stats["aborted"] == aborted_before + 1, stats
+
+
+def test_a_client_that_leaves_before_its_reply_starts_aborts_its_request(sim_server: Server) -> None:
+    """Not streamed, the reply waits for the request's end: a client that gives up first must not
+    leave it running to that end (1,900 tokens) with its KV held."""
+    with Client(sim_server.address, timeout=30) as zmq_client:
+        before = zmq_client.stats()
+        body = {"model": model_of(sim_server), "prompt": [1, 2, 3], "max_tokens": 1900, "ignore_eos": True}
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            post(sim_server, "/completions", body, timeout=1.0)  # the client leaves, its connection closed
+        deadline = time.monotonic() + 60
+        while (stats := zmq_client.stats())["requests_in_flight"] > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stats["requests_in_flight"] == 0, stats
+        assert stats["aborted"] == before["aborted"] + 1 and stats["finished"] == before["finished"], stats
