@@ -57,7 +57,7 @@ COMMANDS = (
     Command("model list", "list built-in models", (), "ecoserve.model.commands:run_list"),
     Command("keys generate", "write the server's key pair (once) and a client's, and authorize the client",
             ("ecoserve.auth:add_keys_arguments",), "ecoserve.auth:run_keys_generate"),
-    Command("bench engine", "offline throughput: EcoServe's engine against transformers generate",
+    Command("bench engine", "offline throughput: EcoServe's engine against transformers generate or vLLM (--against vllm)",
             (MODEL, "ecoserve.bench.args:add_engine_arguments"), "ecoserve.bench.engine:run_engine_benchmark"),
     Command("sim", "one run on the discrete-event simulator: the DESIGN §8 metric table",
             (f"{SIM}:add_sim_arguments",), f"{SIM}:run_sim"),

@@ -27,6 +27,15 @@ def models_dir() -> Path:
     return ecoserve_home() / "models"
 
 
+def cpu_kernels() -> bool:
+    """Whether the CPU engine may build and use its C kernels (``ECOSERVE_CPU_KERNELS``, default
+    1; 0 keeps the pure-torch path). They are built with the system C compiler on first use."""
+    value = os.environ.get("ECOSERVE_CPU_KERNELS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"ECOSERVE_CPU_KERNELS must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def num_threads() -> int | None:
     """Torch intra-op threads for a process (``ECOSERVE_NUM_THREADS``); None keeps torch's default."""
     value = os.environ.get("ECOSERVE_NUM_THREADS")

@@ -12,7 +12,13 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-output-len", type=int, default=None, help="clip outputs further (default: the context only)")
     p.add_argument("--max-prompt-len", type=int, default=1024, help="drop pairs with longer prompts (vLLM's filter)")
     p.add_argument("--max-total-len", type=int, default=2048, help="drop pairs whose prompt + reply is longer (vLLM's filter)")
-    p.add_argument("--batch-size", type=int, default=32, help="static batch size of the baseline, max_num_seqs of ours")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="static batch size of the transformers baseline; max_num_seqs of ours (and of vLLM's)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="per-step token budget of ours (and of vLLM's)")
+    p.add_argument("--against", default="transformers", choices=["transformers", "vllm"],
+                   help="the baseline: transformers generate in this process, or vLLM's offline engine in --vllm-python "
+                   "(then every dtype of --dtype, or float32 and bfloat16 for auto)")
+    p.add_argument("--vllm-python", default=None, help="python of a virtual environment with vllm installed (--against vllm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-baseline", action="store_true", help="only run EcoServe's engine")
     p.add_argument("--out", default=None, help="write the results as JSON here")

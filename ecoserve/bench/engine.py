@@ -1,4 +1,5 @@
-"""`ecoserve bench engine`: offline throughput of EcoServe's engine against transformers.
+"""`ecoserve bench engine`: offline throughput of EcoServe's engine against transformers
+(`--against vllm`: against vLLM's offline engine, bench/against_vllm.py).
 
 Both sides get the same ShareGPT-shaped requests (prompt text from ShareGPT, output length =
 the length of ShareGPT's reply, clipped to `--max-output-len`), forced to that length with EOS
@@ -115,7 +116,7 @@ class FloorRound:
         return self.floor_ms / self.step_ms
 
 
-def _weight_bytes(llm: LLM) -> int:
+def model_weight_bytes(llm: LLM) -> int:
     runner = llm.engine.runner
     if not isinstance(runner, ModelRunner):
         raise ValueError("bench engine measures the model; the sim engine has none")
@@ -128,7 +129,7 @@ def floor_rounds(llm: LLM, rounds: int = 5) -> list[FloorRound]:
     On a shared machine the bandwidth a neighbour leaves us drifts by tens of percent within
     minutes; pairing keeps each floor / step ratio about one moment.
     """
-    weight_bytes = _weight_bytes(llm)
+    weight_bytes = model_weight_bytes(llm)
     out = []
     for _ in range(rounds):
         gbs = copy_bandwidth_gbs(repeats=3, device=llm.engine.device)
@@ -138,14 +139,19 @@ def floor_rounds(llm: LLM, rounds: int = 5) -> list[FloorRound]:
 
 def run_engine_benchmark(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch_size)
+    if args.against == "vllm":
+        from ecoserve.bench.against_vllm import run_against_vllm
+
+        return run_against_vllm(args)
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch_size,
+              max_num_batched_tokens=args.max_num_batched_tokens)
     work = load_workload(llm, args.num_requests, args.max_prompt_len, args.max_total_len, args.max_output_len, args.seed)
     # Warm up both code paths (allocator, thread pools) on a short request.
     llm.generate([work.prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     ours_s = run_ecoserve(llm, work)
     ours_tps = work.output_tokens / ours_s
     rounds = floor_rounds(llm)
-    weight_bytes = _weight_bytes(llm)
+    weight_bytes = model_weight_bytes(llm)
     median_round = sorted(rounds, key=lambda r: r.fraction)[len(rounds) // 2]
     step_ms, bandwidth, floor_ms = median_round.step_ms, median_round.copy_gbs, median_round.floor_ms
     hf_s = None

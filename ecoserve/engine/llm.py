@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 from typing import Sequence as Seq
 
@@ -15,6 +16,18 @@ from ecoserve.params import SamplingParams
 from ecoserve.envs import set_offline_hub
 
 Prompt = str | list[int]
+
+# A folder can load a tokenizer when it has one of these sets of files: a fast tokenizer, a
+# sentencepiece model, or a byte-level BPE vocabulary with its merges (GPT-2, Qwen2).
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any(all((folder / name).is_file() for name in names) for names in TOKENIZER_FILE_SETS)
+
+
+def _describe_tokenizer_files() -> str:
+    return ", or ".join(" + ".join(names) for names in TOKENIZER_FILE_SETS)
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,9 @@ class LLM:
 
     `model` is a built-in name (`smollm2-135m`, `tiny-llama`, `tiny-qwen2`) or a local Hugging
     Face folder of a Llama, Qwen2 or Mistral model.
+
+    With `skip_tokenizer_init` (as in vLLM), or when the folder holds no tokenizer files, no
+    tokenizer is loaded: prompts must be token ids, and outputs carry token ids with empty text.
     """
 
     def __init__(
@@ -47,6 +63,7 @@ class LLM:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 1024,
         seed: int = 0,
+        skip_tokenizer_init: bool = False,
     ) -> None:
         set_offline_hub()
         config = EngineConfig(
@@ -55,10 +72,28 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
         )
         self.engine = LLMEngine(config)
-        from transformers import AutoTokenizer
+        self._tokenizer: Any = None
+        folder = Path(self.engine.folder)
+        if skip_tokenizer_init:
+            self._no_tokenizer = "it was built with skip_tokenizer_init=True"
+        elif not has_tokenizer_files(folder):
+            self._no_tokenizer = f"{folder} has no tokenizer files (it needs {_describe_tokenizer_files()})"
+        else:
+            from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.engine.folder))
+            self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            self._no_tokenizer = ""
         self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer; ValueError saying why when this LLM has none."""
+        if self._tokenizer is None:
+            raise ValueError(
+                f"this LLM has no tokenizer: {self._no_tokenizer}; give prompts as lists of token ids, "
+                "or add the tokenizer files to the model folder"
+            )
+        return self._tokenizer
 
     def encode_prompt(self, prompt: Prompt, chat: bool = False) -> list[int]:
         """Token ids for a prompt: a string (optionally wrapped in the chat template) or ids as given."""
@@ -117,7 +152,8 @@ class LLM:
 
     def _output(self, rid: str, prompt: Prompt) -> RequestOutput:
         seq = self.engine.pop_finished(rid)
-        text = str(self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True))
+        tok = self._tokenizer
+        text = "" if tok is None else str(tok.decode(seq.output_token_ids, skip_special_tokens=True))
         assert seq.finish_reason is not None
         return RequestOutput(
             request_id=rid,

@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from ecoserve.engine.scheduler import ScheduledChunk
+from ecoserve.kernels import cpu as cpu_kernels
 from ecoserve.kernels import triton_available
 from ecoserve.model.attention import AttentionMetadata, PrefillSegment
 from ecoserve.model.hf_config import ModelSpec
@@ -52,6 +53,11 @@ class ModelRunner:
         self.layer_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         # Triton kernels on CUDA; the torch path everywhere else (and on CUDA without triton).
         self.use_kernels = self.device.type == "cuda" and triton_available()
+        # On the CPU, decode attention through the C kernel when it builds (float32 / bfloat16):
+        # it reads blocks in place, where the torch path gathers and pads them in every layer.
+        self.use_cpu_kernel = (
+            self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available()
+        )
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
@@ -92,6 +98,7 @@ class ModelRunner:
             num_decodes=len(decodes),
             **self._decode_tables(decodes),
             use_kernels=self.use_kernels,
+            use_cpu_kernel=self.use_cpu_kernel,
         )
         return StepInputs(
             self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows), prefills + decodes, sampled
@@ -117,7 +124,7 @@ class ModelRunner:
         tables = [c.seq.block_table.blocks + [0] * (width - len(c.seq.block_table.blocks)) for c in decodes]
         block_tables = torch.tensor(tables, dtype=torch.int32, device=self.device)  # [num_decodes, width]
         lens = torch.tensor(ctx, dtype=torch.int32, device=self.device)
-        if self.use_kernels:
+        if self.use_kernels or self.use_cpu_kernel:
             return dict(decode_blocks=None, decode_mask=None, decode_block_tables=block_tables, decode_context_lens=lens)
         # Additive float mask, built once per step: SDPA would convert a bool mask in every layer.
         # Keys past a sequence's context (the tail of its last block, padding blocks) get -inf.

@@ -1,4 +1,4 @@
-"""Triton kernels for paged KV attention and movement, each beside a pure-torch reference and a checked wrapper."""
+"""Paged KV attention and movement kernels (Triton on GPU; C on CPU, in cpu.py), each beside a pure-torch reference and a checked wrapper."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ecoserve.kernels import ops
+from ecoserve.kernels import cpu, ops
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,10 @@ class AttentionMetadata:
     # Torch path: every decode's blocks, padded to the same count with block 0 (masked out).
     decode_blocks: torch.Tensor | None  # [num_decodes * max_blocks] int64
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] additive: 0 or -inf
-    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int32 (kernel path)
-    decode_context_lens: torch.Tensor | None  # [num_decodes] int32 (kernel path)
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int32 (kernel paths)
+    decode_context_lens: torch.Tensor | None  # [num_decodes] int32 (kernel paths)
     use_kernels: bool = False  # paged decode attention through ecoserve.kernels (GPU)
+    use_cpu_kernel: bool = False  # paged decode attention through the C kernel (kernels/cpu.py)
 
 
 def paged_attention(
@@ -94,6 +95,12 @@ def _decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One query token per sequence; q [num_decodes, num_q_heads, head_dim]."""
+    if meta.use_cpu_kernel:
+        # Reads each sequence's blocks where they lie: no gather, no padding to the longest.
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        return cpu.paged_decode_attention(
+            q.contiguous(), k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+        )
     if meta.use_kernels:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         return ops.paged_decode_attention(

@@ -1,0 +1,111 @@
+"""C kernels for the CPU engine, built on first use with the system C compiler, called through ctypes.
+
+Built into `$ECOSERVE_HOME/kernels/<source hash>/` (seconds: one small C file, no torch headers),
+so a fresh machine builds its own and a changed source is never served from a stale build.
+`available()` is False when there is no compiler, the build fails, or ECOSERVE_CPU_KERNELS=0:
+the engine then keeps its pure-torch path. Each kernel has a pure-torch reference in
+kernels/reference.py and a test against it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ecoserve.envs import cpu_kernels, ecoserve_home
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_decode_attention.c"
+# -fopenmp-simd honours the `omp simd` pragmas without linking an OpenMP runtime (torch has its own).
+CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    cc = compiler()
+    if not cpu_kernels() or cc is None:
+        return None
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    lib = ecoserve_home() / "kernels" / tag / "libecoserve_cpu.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside it, then rename: a concurrent process never loads a half-written file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        os.close(fd)
+        done = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            return None
+        os.replace(tmp, lib)
+    dll = ctypes.CDLL(str(lib))
+    fn = dll.paged_decode_attention
+    p, i = ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, ctypes.c_float, i]
+    fn.restype = i
+    return dll
+
+
+def available() -> bool:
+    """True when the C kernels are built (or build now) and enabled."""
+    return _library() is not None
+
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def paged_decode_attention(
+    query: Tensor,  # [batch, num_q_heads, head_dim]
+    k_cache: Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: Tensor,
+    block_tables: Tensor,  # [batch, max_blocks] int32
+    context_lens: Tensor,  # [batch] int32, each >= 1
+    scale: float,
+) -> Tensor:
+    """Decode attention reading each sequence's blocks in place; equals
+    reference.paged_decode_attention_ref. Checks shapes, dtypes, devices and strides first
+    (index values are the caller's: the runner builds them from its own block tables)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available (no C compiler, a failed build, or ECOSERVE_CPU_KERNELS=0)")
+    batch, num_q_heads, head_dim = query.shape
+    num_blocks, block_size, num_kv_heads, kv_dim = k_cache.shape
+    problems = []
+    if query.dtype not in _DTYPES or k_cache.dtype != query.dtype or v_cache.dtype != query.dtype:
+        problems.append(f"query/k/v dtypes must be one of {_DTYPES} and equal, got {query.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if any(t.device.type != "cpu" for t in (query, k_cache, v_cache, block_tables, context_lens)):
+        problems.append("every tensor must be on the CPU")
+    if v_cache.shape != k_cache.shape or kv_dim != head_dim or num_q_heads % num_kv_heads:
+        problems.append(f"shapes disagree: query {tuple(query.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        problems.append("block_tables and context_lens must be int32")
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch or tuple(context_lens.shape) != (batch,):
+        problems.append(f"block_tables must be [{batch}, max_blocks] and context_lens [{batch}]")
+    if not all(t.is_contiguous() for t in (query, k_cache, v_cache, block_tables, context_lens)):
+        problems.append("query, caches, block_tables and context_lens must be contiguous")
+    if problems:
+        raise ValueError("paged_decode_attention (CPU kernel): " + "; ".join(problems))
+    out = torch.empty_like(query)
+    if batch == 0:
+        return out
+    rc = lib.paged_decode_attention(
+        query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
+        out.data_ptr(), batch, num_q_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1], scale,
+        int(query.dtype == torch.bfloat16),
+    )
+    if rc != 0:
+        raise ValueError(f"paged_decode_attention (CPU kernel): group {num_q_heads // num_kv_heads} or head_dim {head_dim} "
+                         "is beyond its limits (64 query heads per KV head, head_dim 512)")
+    return out
