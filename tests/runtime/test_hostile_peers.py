@@ -241,12 +241,14 @@ def test_per_client_limits_refuse_with_over_limit_and_change_nothing_else(served
     asyncio.run(run())
 
 
-def serve_pid() -> int:
+def serve_pid(client_port: int) -> int:
+    """The `ecoserve serve` child listening on `client_port` (other modules' clusters, such as a
+    session-wide one, may be running beside it)."""
     for pid in child_pids(os.getpid()):
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if b"ecoserve.cli" in cmd and b"serve" in cmd:
+        if b"ecoserve.cli" in cmd and b"serve" in cmd and client_port in listening_ports(pid):
             return pid
-    raise AssertionError("no `ecoserve serve` child process")
+    raise AssertionError(f"no `ecoserve serve` child process listening on port {client_port}")
 
 
 def listening_ports(pid: int) -> set[int]:
@@ -270,7 +272,7 @@ def test_a_stray_process_can_neither_register_nor_inject_control_messages(served
     a registration with a wrong secret and forged worker messages about a live request; the
     request ends with its own tokens, no worker is declared lost, and every frame is refused."""
     client_port = int(served.rsplit(":", 1)[1])
-    (control_port,) = listening_ports(serve_pid()) - {client_port}
+    (control_port,) = listening_ports(serve_pid(client_port)) - {client_port}
     control = f"tcp://127.0.0.1:{control_port}"
     registration = p.RegisterWorker(
         protocol_version=p.PROTOCOL_VERSION, secret="guess", rank=0, role="prefill", pid=os.getpid(), num_blocks=10**6,
