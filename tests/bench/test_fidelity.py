@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -112,7 +113,8 @@ def test_bad_settings_are_one_line_errors(argv: tuple[str, ...], message: str, c
 
 
 def test_a_profile_of_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bundled = json.loads(Path(settings_from(parse()).profile).read_text())
+    assert settings_from(parse()).profile == "cpu-smollm2-135m"  # the bundled one, by name
+    bundled = json.loads(resources.files("ecoserve.data").joinpath("profiles", "cpu-smollm2-135m.json").read_text())
     other = tmp_path / "p.json"
     other.write_text(json.dumps(bundled | {"model": "tiny-llama"}))
     assert main(["bench", "sim-fidelity", "--profile", str(other)]) == 2

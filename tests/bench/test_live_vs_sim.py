@@ -65,6 +65,7 @@ def test_pairs_share_every_setting_but_policy_and_layout() -> None:
     shared = {(s.num_blocks, s.token_budget, s.threads, s.block_size, s.max_prompt_len, s.max_output_len, s.profile,
                s.slo_ttft_ms, s.slo_tpot_ms, s.seed) for s in settings}
     assert len(shared) == 1
+    assert settings[0].profile == "cpu-smollm2-135m"  # the bundled profile by name: no install path in the JSON
     assert {tuple(build_requests(s)) for s in settings} == {tuple(build_requests(settings[0]))}
     ttft, tpot = default_slos(settings[0])
     assert settings[0].slo_ttft_ms == ttft and settings[0].slo_tpot_ms == tpot  # from the profile, before any run

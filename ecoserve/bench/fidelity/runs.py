@@ -73,6 +73,14 @@ def _profile_path(args: argparse.Namespace) -> str:
     return str(resources.files("ecoserve.data").joinpath("profiles", BUNDLED[args.model]))
 
 
+def _profile_ref(args: argparse.Namespace, path: str) -> str:
+    """How the cluster and the JSON name the profile: a bundled one by its name (which
+    `load_profile` and `serve --latency-profile` take), so no install path is recorded."""
+    if not args.fit and not args.profile:
+        return BUNDLED[args.model].removesuffix(".json")
+    return path
+
+
 def _fit_profile(args: argparse.Namespace) -> str:
     """`ecoserve profile` in this process, with the pool and threads the cluster will get."""
     from ecoserve.bench import profile
@@ -138,10 +146,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         server_args += ["--predictor", args.predictor, "--policy-option", "costs=" + json.dumps(costs)]
         # Its mixed workers budget each step's prompt tokens by the profile (the slo schedule), as
         # the simulated ones do with the same file.
-        server_args += ["--latency-profile", path]
+        server_args += ["--latency-profile", _profile_ref(args, path)]
     check_layout(make_policy(args.policy, **options), counts)  # names the layouts the policy accepts
     return Settings(
-        model=args.model, engine=args.engine, profile=path, dtype=str(doc.get("dtype", "float32")), policy=args.policy, options=options,
+        model=args.model, engine=args.engine, profile=_profile_ref(args, path), dtype=str(doc.get("dtype", "float32")), policy=args.policy, options=options,
         workload=args.workload, num_requests=args.num_requests, rate=args.rate,
         max_prompt_len=args.max_prompt_len or budget, max_output_len=args.max_output_len,
         prefill=args.prefill, decode=args.decode, mixed=args.mixed, block_size=int(doc.get("block_size", 16)), num_blocks=num_blocks,
