@@ -99,10 +99,6 @@ def _gpu_sweep(search: Search, policy: str, rates: Sequence[float], max_gpus: in
     return [min_gpus(search, policy, rate, max_gpus, failed=failed)[:2] for rate in rates]
 
 
-def _best(search: Search, seeds: Sequence[int], cands: Sequence[Layout], rel_tol: float) -> tuple[Layout, Spread, dict[str, Any]]:
-    return best_layout(search, seeds, cands, rel_tol)
-
-
 def _goodput_of(search: Search, layout: Layout, rel_tol: float) -> float:
     return goodput(search, layout, rel_tol=rel_tol)[0]
 
@@ -238,7 +234,7 @@ def _equal_gpus(search: Search, seeds: Sequence[int], policies: Sequence[str], g
     for pol in policies:
         if not cands[pol]:
             bar.update(1)
-    res = _pmap(_best, [(search, seeds, cands[pol], rel_tol) for pol in todo], jobs, bar)
+    res = _pmap(best_layout, [(search, seeds, cands[pol], rel_tol) for pol in todo], jobs, bar)
     return {p: r[0] for p, r in zip(todo, res)}, {p: r[1] for p, r in zip(todo, res)}
 
 
