@@ -289,27 +289,80 @@ def layouts(policy: str, model: str, max_gpus: int, max_instances: int = 16) -> 
 
 def min_gpus(search: Search, policy: str, rate: float, max_gpus: int = 64,
              on_probe: Callable[[RunMetrics], None] | None = None, failed: list[Layout] | None = None,
-             ) -> tuple[Layout | None, RunMetrics | None, list[RunMetrics]]:
-    """The first layout (fewest GPUs) whose attainment at `rate` is >= goal.
+             max_instances: int = 16) -> tuple[Layout | None, RunMetrics | None, list[RunMetrics]]:
+    """The layout `layouts()` lists first (fewest GPUs, then fewest instances, then label) whose
+    attainment at `rate` is >= goal, with its metrics and every run simulated on the way.
 
-    A layout is skipped without simulating when a layout with fewer or equal GPUs in every pool
-    (same TP degrees) already failed: more of everything cannot be needed less. `failed` carries
-    the layouts that failed a lower rate into a search at a higher one (a rate sweep), on the
-    same assumption that a higher rate is never served by less; the list grows in place.
+    Assumption (monotone serving): more instances of a role, same TP degrees, never serve a rate
+    worse, and a layout that fails a rate fails every higher one. Under it the answer is a minimal
+    passing layout of its family (kind and TP degrees; a layout with fewer or equal instances of
+    every role would otherwise pass with fewer GPUs), so the search walks each family's frontier
+    instead of simulating every layout below the answer: a family of one role is bisected on its
+    count; one of two roles is walked as a staircase (first role's count up, second's down: a pass
+    tries one fewer of the second, a failure one more of the first), and no layout with more GPUs
+    than the best found so far is simulated. That is tens of runs per family where trying every
+    layout fewest-first took hundreds at eight DistServe units; the answer is the same
+    (`tests/sim/test_simulator.py` checks it against that exhaustive search).
+
+    A layout is skipped without simulating when one with fewer or equal instances of every role
+    (same TP degrees) already failed. `failed` carries the layouts that failed a lower rate into a
+    search at a higher one (a rate sweep); the list grows in place.
     """
     failed = [] if failed is None else failed
     probes: list[RunMetrics] = []
-    for layout in layouts(policy, search.model, max_gpus):
+    best: list[tuple[Layout, RunMetrics]] = []
+
+    def key(lay: Layout) -> tuple[int, int, str]:
+        return (lay.shape.gpus, lay.shape.num_instances, lay.shape.label)
+
+    def bound() -> int:
+        return best[0][0].shape.gpus if best else max_gpus
+
+    def passes(shape: ClusterShape) -> bool:
+        layout = Layout(policy, shape)
         if any(_dominates(f, layout) for f in failed):
-            continue
+            return False
         m = search.attainment(layout, rate)
         probes.append(m)
         if on_probe:
             on_probe(m)
         if m.attainment >= search.goal:
-            return layout, m, probes
+            if not best or key(layout) < key(best[0][0]):
+                best[:] = [(layout, m)]
+            return True
         failed.append(layout)
-    return None, None, probes
+        return False
+
+    tps = model_tps(search.model)
+    for kind in sorted(layout_kinds(spec_policy(policy)), key=len):  # one-role kinds first: a tight bound cheaply
+        roles = [r for r in ROLES if r in kind]
+        for tp_combo in itertools.product(tps, repeat=len(roles)):
+            def shape(counts: Sequence[int]) -> ClusterShape:
+                return ClusterShape(**{k: v for r, n, tp in zip(roles, counts, tp_combo)
+                                       for k, v in ((r, n), (f"tp_{r}", tp))})
+            if len(roles) == 1:
+                (tp,) = tp_combo
+                hi = min(max_instances, bound() // tp)
+                if hi < 1 or not passes(shape([hi])):
+                    continue
+                lo = 0  # known to fail (no instances)
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if passes(shape([mid])) else (mid, hi)
+            elif len(roles) == 2:
+                ta, tb = tp_combo
+                i, j = 1, max_instances
+                while i <= max_instances:
+                    j = min(j, (bound() - ta * i) // tb)
+                    if j < 1:
+                        break
+                    if passes(shape([i, j])):
+                        j -= 1
+                    else:
+                        i += 1
+            else:
+                raise ValueError(f"layouts of {len(roles)} roles ({sorted(kind)}) are not searched; kinds of one or two roles are")
+    return (best[0][0], best[0][1], probes) if best else (None, None, probes)
 
 
 def _dominates(failed: Layout, candidate: Layout) -> bool:

@@ -114,13 +114,27 @@ def test_overload_stops_early_and_goodput_brackets_it() -> None:
     assert all(p.attainment < 0.9 for p in probes if p.rate > g * 1.1 + 1e-9)
 
 
-def test_min_gpus_returns_the_first_layout_that_meets_the_goal() -> None:
+@pytest.mark.parametrize(("policy", "rate", "cap"), [("vllm", 6.0, 8), ("distserve", 9.0, 6), ("ecoserve", 9.0, 4)])
+def test_min_gpus_finds_the_layout_that_trying_every_layout_fewest_first_finds(policy: str, rate: float, cap: int) -> None:
     search = Search("opt-13b", "sharegpt", SLO(250, 100), num_requests=200, min_duration_s=20)
-    lay, m, probes = min_gpus(search, "vllm", 6.0, max_gpus=8)
-    assert lay is not None and m is not None and m.attainment >= 0.9
-    assert all(p.attainment < 0.9 for p in probes[:-1])
-    assert all(p.gpus <= m.gpus for p in probes)
-    assert [x.shape.gpus for x in layouts("distserve", "opt-13b", 4)] == sorted(x.shape.gpus for x in layouts("distserve", "opt-13b", 4))
+    every = list(layouts(policy, "opt-13b", cap))
+    first = next((x for x in every if search.attainment(x, rate).attainment >= 0.9), None)
+    lay, m, probes = min_gpus(search, policy, rate, max_gpus=cap)
+    assert first is not None and lay == first
+    assert m is not None and m.attainment >= 0.9 and m.layout == first.shape.label
+    assert all(p.gpus <= cap for p in probes)
+    assert len(probes) < len(every)  # the frontier, not every layout
+    assert [x.shape.gpus for x in every] == sorted(x.shape.gpus for x in every)
+
+
+def test_min_gpus_skips_layouts_a_lower_rate_already_failed() -> None:
+    search = Search("opt-13b", "sharegpt", SLO(250, 100), num_requests=200, min_duration_s=20)
+    failed: list[Layout] = []
+    low, _, _ = min_gpus(search, "distserve", 14.0, max_gpus=6, failed=failed)
+    assert low is not None and failed  # something failed on the way
+    _, _, probes = min_gpus(search, "distserve", 30.0, max_gpus=6, failed=list(failed))
+    tried = {p.layout for p in probes}
+    assert not tried & {f.shape.label for f in failed}
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
