@@ -51,6 +51,11 @@ def add_results_arguments(p: argparse.ArgumentParser) -> None:
     _add_seed_count(p)
     _add_link(p)
     _add_max_tokens(p)
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where finished searches are kept so an interrupted run resumes (default "
+                   "$ECOSERVE_HOME/results-cache); an entry is reused only with equal arguments and unchanged "
+                   "simulator sources and data")
+    p.add_argument("--no-cache", action="store_true", help="compute every search afresh and keep nothing")
     p.add_argument("--quick", action="store_true", help="a small smoke version (tests)")
     p.add_argument("--quiet", action="store_true")
 

@@ -7,10 +7,13 @@ paper's claim. JSON of every run goes beside the Markdown (`<out>.json`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import pickle
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,6 +27,7 @@ from tqdm import tqdm
 from ecoserve.config import ClusterShape
 from ecoserve.data.synthetic import with_arrivals
 from ecoserve.data.workload import WorkloadRequest
+from ecoserve.envs import ecoserve_home
 from ecoserve.sim.compare import best_layout, gpu_row, sweep
 from ecoserve.sim.experiment import SLO, Layout, RunMetrics, Search, goodput, hardware, layouts, min_gpus, model_tps, spec_policy
 from ecoserve.sim.specs import Spread, parse_policies, parse_policy, policy_label, seed_list, settings_line, settings_row, spread
@@ -72,20 +76,121 @@ ABLATIONS = {
 }
 
 
-def _pmap(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], jobs: int, bar: Any) -> list[Any]:
+class SearchCache:
+    """Finished searches kept on disk, so an interrupted `bench results` resumes where it stopped.
+
+    An entry is keyed by the function and its arguments (their `repr`: dataclasses of plain
+    values), and records the content hash of every `ecoserve` source file that was loaded when it
+    was computed, and of the bundled data (profiles, traces, length tables). It is reused only
+    when the arguments are equal and every one of those files and the data are unchanged, so a
+    reused figure is one this code would compute again (every run is deterministic); anything
+    else is computed afresh and overwrites it. `None` disables it.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.reused_s = 0.0  # compute time the reused entries took when they were made
+        self.reused = 0
+
+    @staticmethod
+    def key(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
+        return f"{fn.__module__}.{fn.__qualname__}{args!r}"
+
+    def get(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+        key = self.key(fn, args)
+        path = self.root / f"{hashlib.sha256(key.encode()).hexdigest()}.pkl"
+        try:
+            entry = pickle.loads(path.read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+            return False, None
+        if entry.get("key") != key or entry.get("data") != _data_digest() or entry.get("sources") != _file_hashes(entry.get("sources", {})):
+            return False, None
+        self.reused += 1
+        self.reused_s += entry["seconds"]
+        return True, entry["result"]
+
+    def put(self, fn: Callable[..., Any], args: tuple[Any, ...], result: Any, sources: dict[str, str], seconds: float) -> None:
+        key = self.key(fn, args)
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{hashlib.sha256(key.encode()).hexdigest()}.pkl"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps({"key": key, "data": _data_digest(), "sources": sources, "seconds": seconds,
+                                      "result": result}))
+        tmp.replace(path)
+
+
+_PKG = Path(__file__).resolve().parent.parent
+
+
+def _file_hashes(names: Any) -> dict[str, str]:
+    """`{path relative to the package: sha256}` for these files as they are now ('' if gone)."""
+    out = {}
+    for rel in names:
+        try:
+            out[rel] = hashlib.sha256((_PKG / rel).read_bytes()).hexdigest()
+        except OSError:
+            out[rel] = ""
+    return out
+
+
+def _loaded_sources() -> dict[str, str]:
+    """The hashes of every `ecoserve` source file loaded in this process."""
+    files = set()
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None)
+        if name.split(".")[0] == "ecoserve" and f:
+            try:
+                files.add(str(Path(f).resolve().relative_to(_PKG)))
+            except ValueError:
+                continue
+    return _file_hashes(sorted(files))
+
+
+def _data_digest() -> str:
+    h = hashlib.sha256()
+    for f in sorted((_PKG / "data").rglob("*")):
+        if f.is_file() and f.suffix not in (".py", ".pyc"):
+            h.update(str(f.relative_to(_PKG)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, str], float]:
+    """`fn(*args)` with the sources loaded when it finished and its compute time (runs in a worker)."""
+    t0 = time.perf_counter()
+    res = fn(*args)
+    return res, _loaded_sources(), time.perf_counter() - t0
+
+
+def _pmap(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], jobs: int, bar: Any,
+          cache: SearchCache | None = None) -> list[Any]:
     """`[fn(*c) for c in calls]`, on `jobs` processes when more than one (each run is
-    deterministic, so the figures do not depend on `jobs`)."""
-    if jobs <= 1 or len(calls) <= 1:
-        out = []
-        for c in calls:
-            out.append(fn(*c))
+    deterministic, so the figures do not depend on `jobs`), each finished call kept in `cache`."""
+    out: list[Any] = [None] * len(calls)
+    todo = []
+    for i, c in enumerate(calls):
+        hit, res = cache.get(fn, c) if cache else (False, None)
+        if hit:
+            out[i] = res
             bar.update(1)
+        else:
+            todo.append(i)
+
+    def done(i: int, got: tuple[Any, dict[str, str], float]) -> None:
+        out[i] = got[0]
+        if cache:
+            cache.put(fn, calls[i], *got)
+        bar.update(1)
+
+    if jobs <= 1 or len(todo) <= 1:
+        for i in todo:
+            done(i, _timed(fn, *calls[i]))
         return out
-    with ProcessPoolExecutor(max_workers=min(jobs, len(calls)), mp_context=get_context("spawn")) as ex:
-        futures = [ex.submit(fn, *c) for c in calls]
-        for _ in as_completed(futures):
-            bar.update(1)
-        return [f.result() for f in futures]
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as ex:
+        futures = {ex.submit(_timed, fn, *calls[i]): i for i in todo}
+        for f in as_completed(futures):
+            done(futures[f], f.result())
+    return out
 
 
 def _unit_goodput(search: Search) -> float:
@@ -117,6 +222,7 @@ def run_results(args: Any) -> int:
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1 process, got {jobs}")
     hw = hardware(args.link_gbs)
+    cache = None if args.no_cache else SearchCache(Path(args.cache_dir) if args.cache_dir else ecoserve_home() / "results-cache")
     vllm_policies = parse_policies(args.vllm_policies)
     for pol in vllm_policies:
         spec_policy(pol)  # an option the policy refuses fails now, not after an hour of searches
@@ -137,7 +243,7 @@ def run_results(args: Any) -> int:
         return Search(s.model, s.workload, s.slo, n, dur, seeds[0], hw=hw, max_tokens=args.max_tokens, **kw)
 
     # 1. GPUs each policy needs across a sweep of target rates, per setting and seed.
-    unit_goodputs = _pmap(_unit_goodput, [(search_of(s),) for s in settings], jobs, bar)
+    unit_goodputs = _pmap(_unit_goodput, [(search_of(s),) for s in settings], jobs, bar, cache)
     plans = []
     for s, unit in zip(settings, unit_goodputs):
         tp = model_tps(s.model)[0]
@@ -145,7 +251,7 @@ def run_results(args: Any) -> int:
         rates = [round(k * base, 2) for k in units]
         plans.append((s, unit, rates, math.ceil(GPU_HEADROOM * max(units) * 2 * tp)))
     calls = [(search_of(s).with_seed(sd), pol, rates, limit) for s, _, rates, limit in plans for pol in policies for sd in seeds]
-    found = iter(_pmap(_gpu_sweep, calls, jobs, bar))
+    found = iter(_pmap(_gpu_sweep, calls, jobs, bar, cache))
     for s, unit, rates, limit in plans:
         entry: dict[str, Any] = {"setting": {**asdict(s), "slo": asdict(s.slo)}, "unit_goodput": unit, "rates": rates,
                                  "units": list(units), "max_gpus": limit}
@@ -158,14 +264,14 @@ def run_results(args: Any) -> int:
     s = SETTINGS[0]
     search = search_of(s)
     gpus = 2 if quick else args.vllm_gpus
-    chosen, goodputs = _equal_gpus(search, seeds, vllm_policies, gpus, rel_tol, jobs, bar)
+    chosen, goodputs = _equal_gpus(search, seeds, vllm_policies, gpus, rel_tol, jobs, bar, cache)
     top = max((g.mean for g in goodputs.values() if math.isfinite(g.mean)), default=1.0)
     sweeps = sweep(search, seeds, dict(chosen), [round(top * f, 2) for f in (0.5, 0.75, 1.0, 1.25)], quiet=True)
     # The vllm baselines once more on vLLM's own engine fits (DistServe's `vllm-` profiles), as
     # DistServe's paper compares; the table above runs every policy on the same fits.
     own_search = replace(search, model=f"vllm-{s.model}")
     own: dict[str, dict[str, Any]] = {}
-    own_chosen, own_goodputs = _equal_gpus(own_search, seeds, own_pols, gpus, rel_tol, jobs, bar)
+    own_chosen, own_goodputs = _equal_gpus(own_search, seeds, own_pols, gpus, rel_tol, jobs, bar, cache)
     for pol, lay in own_chosen.items():
         own[pol] = {"layout": lay.row(), "goodput": own_goodputs[pol].row()}
     data["vllm"] = {"gpus": gpus, "layouts": {p: lay.row() for p, lay in chosen.items()},
@@ -175,8 +281,8 @@ def run_results(args: Any) -> int:
 
     # 3. Where KV binds: each policy's best layout on the smallest OPT-66B GPUs, preemptions at its goodput.
     kv_search = search_of(KV_BOUND)
-    kv_chosen, kv_goodputs = _equal_gpus(kv_search, seeds, vllm_policies, KV_BOUND_GPUS, rel_tol, jobs, bar)
-    kv_metrics = _pmap(_at, [(kv_search, lay, kv_goodputs[p].mean) for p, lay in kv_chosen.items()], jobs, _Null())
+    kv_chosen, kv_goodputs = _equal_gpus(kv_search, seeds, vllm_policies, KV_BOUND_GPUS, rel_tol, jobs, bar, cache)
+    kv_metrics = _pmap(_at, [(kv_search, lay, kv_goodputs[p].mean) for p, lay in kv_chosen.items()], jobs, _Null(), cache)
     data["kv_bound"] = {
         "setting": {**asdict(KV_BOUND), "slo": asdict(KV_BOUND.slo)}, "gpus": KV_BOUND_GPUS,
         "rows": {p: {"layout": lay.row(), "goodput": kv_goodputs[p].row(), "metrics": m.row() if m else None}
@@ -187,9 +293,9 @@ def run_results(args: Any) -> int:
     abl_layout = chosen.get("ecoserve") or Layout("ecoserve", ClusterShape(1, 1, 1, 1) if quick else ClusterShape(2, 1, 2, 1))
     abl_searches = {name: search_of(s, policy_options=opts) for name, opts in ABLATIONS.items()}
     gps = iter(_pmap(_goodput_of, [(se.with_seed(sd), abl_layout, rel_tol) for se in abl_searches.values() for sd in seeds],
-                     jobs, _Null()))
+                     jobs, _Null(), cache))
     abl_g = {name: spread([next(gps) for _ in seeds]) for name in abl_searches}
-    abl_m = _pmap(_at, [(abl_searches[name], abl_layout, abl_g[name].mean) for name in abl_searches], jobs, bar)
+    abl_m = _pmap(_at, [(abl_searches[name], abl_layout, abl_g[name].mean) for name in abl_searches], jobs, bar, cache)
     for (name, g), m in zip(abl_g.items(), abl_m):
         data["ablations"][name] = {"layout": abl_layout.shape.label, "goodput": g.row(), "metrics": m.row() if m else None}
     data["ablations_layout"] = abl_layout.row()
@@ -200,7 +306,7 @@ def run_results(args: Any) -> int:
         tsearch = _TextSearch(s.model, "sharegpt", s.slo, n, dur, seeds[0], hw=hw, policy_options={"predictor": pred},
                               max_tokens=args.max_tokens, test=test)
         try:
-            g = spread(_pmap(_goodput_of, [(tsearch.with_seed(sd), abl_layout, rel_tol) for sd in seeds], jobs, _Null()))
+            g = spread(_pmap(_goodput_of, [(tsearch.with_seed(sd), abl_layout, rel_tol) for sd in seeds], jobs, _Null(), cache))
         except ValueError as exc:  # e.g. a predictor that needs prompt text the length files lack
             data["predictors"][pred] = {"layout": abl_layout.shape.label, "error": str(exc)}
             bar.update(1)
@@ -211,6 +317,7 @@ def run_results(args: Any) -> int:
     bar.close()
 
     data["wall_s"] = time.perf_counter() - t0
+    data["reused"] = {"searches": cache.reused, "compute_s": cache.reused_s} if cache else {"searches": 0, "compute_s": 0.0}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=lambda x: None))
     plot = out.with_name(out.stem + "_gpus.png")
@@ -227,14 +334,14 @@ class _Null:
 
 
 def _equal_gpus(search: Search, seeds: Sequence[int], policies: Sequence[str], gpus: int, rel_tol: float, jobs: int,
-                bar: Any) -> tuple[dict[str, Layout], dict[str, Spread]]:
+                bar: Any, cache: SearchCache | None) -> tuple[dict[str, Layout], dict[str, Spread]]:
     """Each policy's best layout on exactly `gpus` GPUs (highest mean goodput over the seeds)."""
     cands = {pol: [x for x in layouts(pol, search.model, gpus) if x.shape.gpus == gpus] for pol in policies}
     todo = [pol for pol in policies if cands[pol]]
     for pol in policies:
         if not cands[pol]:
             bar.update(1)
-    res = _pmap(best_layout, [(search, seeds, cands[pol], rel_tol) for pol in todo], jobs, bar)
+    res = _pmap(best_layout, [(search, seeds, cands[pol], rel_tol) for pol in todo], jobs, bar, cache)
     return {p: r[0] for p, r in zip(todo, res)}, {p: r[1] for p, r in zip(todo, res)}
 
 
@@ -262,6 +369,14 @@ def _sharegpt_test(quick: bool) -> Any:
     return load_length_data(["test"], smollm2_encoder(), limit=3000 if quick else None)["test"]
 
 
+def _reused(data: dict[str, Any]) -> str:
+    r = data.get("reused") or {}
+    if not r.get("searches"):
+        return ""
+    return (f"; {r['searches']} searches, {r['compute_s'] / 60:.0f} min of compute, reused from an interrupted "
+            "run of the same code and arguments")
+
+
 def _pct(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:+.0%}"
 
@@ -282,7 +397,7 @@ def render(data: dict[str, Any], args: Any, plot: str = "results_gpus.png") -> s
         "# Results (simulated)",
         "",
         f"Generated by `{cmd}` ({platform.machine()}, Python {platform.python_version()}, "
-        f"{data['wall_s'] / 60:.0f} min on {st.get('jobs', 1)} process(es)). Every figure comes from the discrete-event simulator "
+        f"{data['wall_s'] / 60:.0f} min on {st.get('jobs', 1)} process(es){_reused(data)}). Every figure comes from the discrete-event simulator "
         "(`ecoserve/sim/`), which runs the live coordinator and policies unchanged against simulated "
         "workers timed by DistServe's published A100-80GB latency fits (OPT-13B, OPT-66B; "
         "`ecoserve/data/profiles/`). EcoServe runs with the `oracle` predictor unless said otherwise. "

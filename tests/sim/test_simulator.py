@@ -344,7 +344,7 @@ def test_results_quick_names_its_settings_layouts_and_both_vllm_baselines(tmp_pa
     max_tokens; both vllm modes are rows, each also on vLLM's own fits; every row names a layout;
     the predictor table shows over-prediction (extensions, reserved-but-unused KV)."""
     out = tmp_path / "results.md"
-    assert main(["bench", "results", "--quick", "--quiet", "--predictors", "oracle,histogram", "--out", str(out)]) == 0
+    assert main(["bench", "results", "--quick", "--quiet", "--jobs", "2", "--cache-dir", str(tmp_path / "cache"), "--predictors", "oracle,histogram", "--out", str(out)]) == 0
     text = out.read_text()
     assert "N >= 150 requests per run, arrivals over >= 15 s" in text and "KV link 25 GB/s per GPU" in text
     assert "clients' max_tokens the context limit less the prompt" in text
