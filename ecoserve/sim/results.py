@@ -7,31 +7,24 @@ paper's claim. JSON of every run goes beside the Markdown (`<out>.json`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import pickle
 import platform
 import statistics
-import sys
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from ecoserve.config import ClusterShape
-from ecoserve.data.synthetic import with_arrivals
-from ecoserve.data.workload import WorkloadRequest
 from ecoserve.envs import ecoserve_home
 from ecoserve.sim.compare import best_layout, gpu_row, sweep
-from ecoserve.sim.experiment import SLO, Layout, RunMetrics, Search, goodput, hardware, layouts, min_gpus, model_tps, spec_policy
+from ecoserve.sim.results_tasks import NullBar, SearchCache, TextSearch, attainment_at, goodput_of, gpu_sweep, pmap, unit_goodput
+from ecoserve.sim.experiment import SLO, Layout, Search, hardware, layouts, model_tps, spec_policy
 from ecoserve.sim.specs import Spread, parse_policies, parse_policy, policy_label, seed_list, settings_line, settings_row, spread
-from ecoserve.sim.workloads import MAX_TOTAL_LEN
 
 
 @dataclass(frozen=True)
@@ -76,142 +69,6 @@ ABLATIONS = {
 }
 
 
-class SearchCache:
-    """Finished searches kept on disk, so an interrupted `bench results` resumes where it stopped.
-
-    An entry is keyed by the function and its arguments (their `repr`: dataclasses of plain
-    values), and records the content hash of every `ecoserve` source file that was loaded when it
-    was computed, and of the bundled data (profiles, traces, length tables). It is reused only
-    when the arguments are equal and every one of those files and the data are unchanged, so a
-    reused figure is one this code would compute again (every run is deterministic); anything
-    else is computed afresh and overwrites it. `None` disables it.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.reused_s = 0.0  # compute time the reused entries took when they were made
-        self.reused = 0
-
-    @staticmethod
-    def key(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
-        return f"{fn.__module__}.{fn.__qualname__}{args!r}"
-
-    def get(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
-        key = self.key(fn, args)
-        path = self.root / f"{hashlib.sha256(key.encode()).hexdigest()}.pkl"
-        try:
-            entry = pickle.loads(path.read_bytes())
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
-            return False, None
-        if entry.get("key") != key or entry.get("data") != _data_digest() or entry.get("sources") != _file_hashes(entry.get("sources", {})):
-            return False, None
-        self.reused += 1
-        self.reused_s += entry["seconds"]
-        return True, entry["result"]
-
-    def put(self, fn: Callable[..., Any], args: tuple[Any, ...], result: Any, sources: dict[str, str], seconds: float) -> None:
-        key = self.key(fn, args)
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{hashlib.sha256(key.encode()).hexdigest()}.pkl"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps({"key": key, "data": _data_digest(), "sources": sources, "seconds": seconds,
-                                      "result": result}))
-        tmp.replace(path)
-
-
-_PKG = Path(__file__).resolve().parent.parent
-
-
-def _file_hashes(names: Any) -> dict[str, str]:
-    """`{path relative to the package: sha256}` for these files as they are now ('' if gone)."""
-    out = {}
-    for rel in names:
-        try:
-            out[rel] = hashlib.sha256((_PKG / rel).read_bytes()).hexdigest()
-        except OSError:
-            out[rel] = ""
-    return out
-
-
-def _loaded_sources() -> dict[str, str]:
-    """The hashes of every `ecoserve` source file loaded in this process."""
-    files = set()
-    for name, mod in list(sys.modules.items()):
-        f = getattr(mod, "__file__", None)
-        if name.split(".")[0] == "ecoserve" and f:
-            try:
-                files.add(str(Path(f).resolve().relative_to(_PKG)))
-            except ValueError:
-                continue
-    return _file_hashes(sorted(files))
-
-
-def _data_digest() -> str:
-    h = hashlib.sha256()
-    for f in sorted((_PKG / "data").rglob("*")):
-        if f.is_file() and f.suffix not in (".py", ".pyc"):
-            h.update(str(f.relative_to(_PKG)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, str], float]:
-    """`fn(*args)` with the sources loaded when it finished and its compute time (runs in a worker)."""
-    t0 = time.perf_counter()
-    res = fn(*args)
-    return res, _loaded_sources(), time.perf_counter() - t0
-
-
-def _pmap(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], jobs: int, bar: Any,
-          cache: SearchCache | None = None) -> list[Any]:
-    """`[fn(*c) for c in calls]`, on `jobs` processes when more than one (each run is
-    deterministic, so the figures do not depend on `jobs`), each finished call kept in `cache`."""
-    out: list[Any] = [None] * len(calls)
-    todo = []
-    for i, c in enumerate(calls):
-        hit, res = cache.get(fn, c) if cache else (False, None)
-        if hit:
-            out[i] = res
-            bar.update(1)
-        else:
-            todo.append(i)
-
-    def done(i: int, got: tuple[Any, dict[str, str], float]) -> None:
-        out[i] = got[0]
-        if cache:
-            cache.put(fn, calls[i], *got)
-        bar.update(1)
-
-    if jobs <= 1 or len(todo) <= 1:
-        for i in todo:
-            done(i, _timed(fn, *calls[i]))
-        return out
-    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as ex:
-        futures = {ex.submit(_timed, fn, *calls[i]): i for i in todo}
-        for f in as_completed(futures):
-            done(futures[f], f.result())
-    return out
-
-
-def _unit_goodput(search: Search) -> float:
-    tp = model_tps(search.model)[0]
-    return goodput(search, Layout("distserve", ClusterShape(1, tp, 1, tp)), rel_tol=0.1)[0]
-
-
-def _gpu_sweep(search: Search, policy: str, rates: Sequence[float], max_gpus: int) -> list[tuple[Layout | None, RunMetrics | None]]:
-    """`min_gpus` at each rate, lowest first, a layout that failed a lower rate not tried again."""
-    failed: list[Layout] = []
-    return [min_gpus(search, policy, rate, max_gpus, failed=failed)[:2] for rate in rates]
-
-
-def _goodput_of(search: Search, layout: Layout, rel_tol: float) -> float:
-    return goodput(search, layout, rel_tol=rel_tol)[0]
-
-
-def _at(search: Search, layout: Layout, rate: float) -> RunMetrics | None:
-    return search.attainment(layout, rate) if 0 < rate < math.inf else None
-
-
 def run_results(args: Any) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -243,7 +100,7 @@ def run_results(args: Any) -> int:
         return Search(s.model, s.workload, s.slo, n, dur, seeds[0], hw=hw, max_tokens=args.max_tokens, **kw)
 
     # 1. GPUs each policy needs across a sweep of target rates, per setting and seed.
-    unit_goodputs = _pmap(_unit_goodput, [(search_of(s),) for s in settings], jobs, bar, cache)
+    unit_goodputs = pmap(unit_goodput, [(search_of(s),) for s in settings], jobs, bar, cache)
     plans = []
     for s, unit in zip(settings, unit_goodputs):
         tp = model_tps(s.model)[0]
@@ -251,7 +108,7 @@ def run_results(args: Any) -> int:
         rates = [round(k * base, 2) for k in units]
         plans.append((s, unit, rates, math.ceil(GPU_HEADROOM * max(units) * 2 * tp)))
     calls = [(search_of(s).with_seed(sd), pol, rates, limit) for s, _, rates, limit in plans for pol in policies for sd in seeds]
-    found = iter(_pmap(_gpu_sweep, calls, jobs, bar, cache))
+    found = iter(pmap(gpu_sweep, calls, jobs, bar, cache))
     for s, unit, rates, limit in plans:
         entry: dict[str, Any] = {"setting": {**asdict(s), "slo": asdict(s.slo)}, "unit_goodput": unit, "rates": rates,
                                  "units": list(units), "max_gpus": limit}
@@ -282,7 +139,7 @@ def run_results(args: Any) -> int:
     # 3. Where KV binds: each policy's best layout on the smallest OPT-66B GPUs, preemptions at its goodput.
     kv_search = search_of(KV_BOUND)
     kv_chosen, kv_goodputs = _equal_gpus(kv_search, seeds, vllm_policies, KV_BOUND_GPUS, rel_tol, jobs, bar, cache)
-    kv_metrics = _pmap(_at, [(kv_search, lay, kv_goodputs[p].mean) for p, lay in kv_chosen.items()], jobs, _Null(), cache)
+    kv_metrics = pmap(attainment_at, [(kv_search, lay, kv_goodputs[p].mean) for p, lay in kv_chosen.items()], jobs, NullBar(), cache)
     data["kv_bound"] = {
         "setting": {**asdict(KV_BOUND), "slo": asdict(KV_BOUND.slo)}, "gpus": KV_BOUND_GPUS,
         "rows": {p: {"layout": lay.row(), "goodput": kv_goodputs[p].row(), "metrics": m.row() if m else None}
@@ -292,10 +149,10 @@ def run_results(args: Any) -> int:
     # 4. Ablations: EcoServe with one mechanism off, on the layout it chose on these GPUs.
     abl_layout = chosen.get("ecoserve") or Layout("ecoserve", ClusterShape(1, 1, 1, 1) if quick else ClusterShape(2, 1, 2, 1))
     abl_searches = {name: search_of(s, policy_options=opts) for name, opts in ABLATIONS.items()}
-    gps = iter(_pmap(_goodput_of, [(se.with_seed(sd), abl_layout, rel_tol) for se in abl_searches.values() for sd in seeds],
-                     jobs, _Null(), cache))
+    gps = iter(pmap(goodput_of, [(se.with_seed(sd), abl_layout, rel_tol) for se in abl_searches.values() for sd in seeds],
+                     jobs, NullBar(), cache))
     abl_g = {name: spread([next(gps) for _ in seeds]) for name in abl_searches}
-    abl_m = _pmap(_at, [(abl_searches[name], abl_layout, abl_g[name].mean) for name in abl_searches], jobs, bar, cache)
+    abl_m = pmap(attainment_at, [(abl_searches[name], abl_layout, abl_g[name].mean) for name in abl_searches], jobs, bar, cache)
     for (name, g), m in zip(abl_g.items(), abl_m):
         data["ablations"][name] = {"layout": abl_layout.shape.label, "goodput": g.row(), "metrics": m.row() if m else None}
     data["ablations_layout"] = abl_layout.row()
@@ -303,10 +160,10 @@ def run_results(args: Any) -> int:
     # 5. Predictors, on held-out ShareGPT conversations with their prompts (the learned one reads them).
     test = _sharegpt_test(args.quick)
     for pred in args.predictors.split(","):
-        tsearch = _TextSearch(s.model, "sharegpt", s.slo, n, dur, seeds[0], hw=hw, policy_options={"predictor": pred},
-                              max_tokens=args.max_tokens, test=test)
+        tsearch = TextSearch(s.model, "sharegpt", s.slo, n, dur, seeds[0], hw=hw, policy_options={"predictor": pred},
+                             max_tokens=args.max_tokens, test=test, test_limit=_TEST_LIMIT if args.quick else None)
         try:
-            g = spread(_pmap(_goodput_of, [(tsearch.with_seed(sd), abl_layout, rel_tol) for sd in seeds], jobs, _Null(), cache))
+            g = spread(pmap(goodput_of, [(tsearch.with_seed(sd), abl_layout, rel_tol) for sd in seeds], jobs, NullBar(), cache))
         except ValueError as exc:  # e.g. a predictor that needs prompt text the length files lack
             data["predictors"][pred] = {"layout": abl_layout.shape.label, "error": str(exc)}
             bar.update(1)
@@ -328,11 +185,6 @@ def run_results(args: Any) -> int:
     return 0
 
 
-class _Null:
-    def update(self, _: int) -> None:
-        pass
-
-
 def _equal_gpus(search: Search, seeds: Sequence[int], policies: Sequence[str], gpus: int, rel_tol: float, jobs: int,
                 bar: Any, cache: SearchCache | None) -> tuple[dict[str, Layout], dict[str, Spread]]:
     """Each policy's best layout on exactly `gpus` GPUs (highest mean goodput over the seeds)."""
@@ -341,32 +193,17 @@ def _equal_gpus(search: Search, seeds: Sequence[int], policies: Sequence[str], g
     for pol in policies:
         if not cands[pol]:
             bar.update(1)
-    res = _pmap(best_layout, [(search, seeds, cands[pol], rel_tol) for pol in todo], jobs, bar, cache)
+    res = pmap(best_layout, [(search, seeds, cands[pol], rel_tol) for pol in todo], jobs, bar, cache)
     return {p: r[0] for p, r in zip(todo, res)}, {p: r[1] for p, r in zip(todo, res)}
 
 
-@dataclass
-class _TextSearch(Search):
-    """ShareGPT's held-out test conversations (never used to train or choose the predictor),
-    cycled to the workload's size, with their prompt token ids."""
-
-    test: Any = None
-
-    def requests(self, rate: float) -> list[WorkloadRequest]:
-        n = max(self.num_requests, math.ceil(rate * self.min_duration_s))
-        base = [WorkloadRequest(0.0, len(p), int(o)) for p, o in zip(self.test.prompts, self.test.output_lens)
-                if len(p) + int(o) <= MAX_TOTAL_LEN]
-        return with_arrivals([base[i % len(base)] for i in range(n)], rate, seed=self.seed)
-
-    def prompts(self, n: int) -> list[list[int]]:
-        base = [p.tolist() for p, o in zip(self.test.prompts, self.test.output_lens) if len(p) + int(o) <= MAX_TOTAL_LEN]
-        return [base[i % len(base)] for i in range(n)]
+_TEST_LIMIT = 3000  # conversations the quick run loads
 
 
 def _sharegpt_test(quick: bool) -> Any:
     from ecoserve.predictor.training.data import load_length_data, smollm2_encoder
 
-    return load_length_data(["test"], smollm2_encoder(), limit=3000 if quick else None)["test"]
+    return load_length_data(["test"], smollm2_encoder(), limit=_TEST_LIMIT if quick else None)["test"]
 
 
 def _reused(data: dict[str, Any]) -> str:

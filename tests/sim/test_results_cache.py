@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ecoserve.config import ClusterShape
 from ecoserve.sim.experiment import SLO, Layout, Search
-from ecoserve.sim.results import SearchCache, _at, _Null, _pmap
+from ecoserve.sim.results_tasks import NullBar, SearchCache, attainment_at, pmap
 
 
 def _calls() -> list[tuple[Search, Layout, float]]:
@@ -17,34 +17,34 @@ def _calls() -> list[tuple[Search, Layout, float]]:
 
 
 def test_a_second_run_reuses_every_search_and_gets_the_same_figures(tmp_path: Path) -> None:
-    first = _pmap(_at, _calls(), 1, _Null(), SearchCache(tmp_path))
+    first = pmap(attainment_at, _calls(), 1, NullBar(), SearchCache(tmp_path))
     assert len(list(tmp_path.glob("*.pkl"))) == 2
     again = SearchCache(tmp_path)
-    second = _pmap(_at, _calls(), 1, _Null(), again)
+    second = pmap(attainment_at, _calls(), 1, NullBar(), again)
     assert again.reused == 2 and again.reused_s > 0
     assert [m.row() for m in second] == [m.row() for m in first]
     other = SearchCache(tmp_path)  # different arguments: computed, not confused with the kept ones
-    _pmap(_at, [(s, lay, 3.0) for s, lay, _ in _calls()[:1]], 1, _Null(), other)
+    pmap(attainment_at, [(s, lay, 3.0) for s, lay, _ in _calls()[:1]], 1, NullBar(), other)
     assert other.reused == 0 and len(list(tmp_path.glob("*.pkl"))) == 3
 
 
 def test_an_entry_made_by_other_sources_is_computed_afresh(tmp_path: Path) -> None:
-    _pmap(_at, _calls(), 1, _Null(), SearchCache(tmp_path))
+    pmap(attainment_at, _calls(), 1, NullBar(), SearchCache(tmp_path))
     path = sorted(tmp_path.glob("*.pkl"))[0]
     entry = pickle.loads(path.read_bytes())
     assert "sim/simulator.py" in entry["sources"] and "coordinator/policies/ecoserve/policy.py" in entry["sources"]
     entry["sources"]["sim/simulator.py"] = "0" * 64  # as if the simulator had changed since
     path.write_bytes(pickle.dumps(entry))
     cache = SearchCache(tmp_path)
-    _pmap(_at, _calls(), 1, _Null(), cache)
+    pmap(attainment_at, _calls(), 1, NullBar(), cache)
     assert cache.reused == 1  # the other entry still holds
     assert pickle.loads(path.read_bytes())["sources"]["sim/simulator.py"] != "0" * 64  # recomputed and kept
 
 
 def test_a_damaged_entry_is_computed_afresh(tmp_path: Path) -> None:
-    _pmap(_at, _calls()[:1], 1, _Null(), SearchCache(tmp_path))
+    pmap(attainment_at, _calls()[:1], 1, NullBar(), SearchCache(tmp_path))
     (path,) = tmp_path.glob("*.pkl")
     path.write_bytes(b"not a pickle")
     cache = SearchCache(tmp_path)
-    (m,) = _pmap(_at, _calls()[:1], 1, _Null(), cache)
+    (m,) = pmap(attainment_at, _calls()[:1], 1, NullBar(), cache)
     assert cache.reused == 0 and m is not None
