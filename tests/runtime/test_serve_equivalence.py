@@ -46,14 +46,13 @@ def prompts(model: str) -> list[list[int]]:
 
 @lru_cache(maxsize=None)
 def reference(model: str) -> list[list[int]]:
-    """LLM.generate's greedy tokens, checked here against transformers' generate."""
+    """LLM.generate's greedy tokens (all sixteen in one call, as a user would), checked here
+    against transformers' generate one prompt at a time."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     llm = LLM(model=model, dtype="float32", device="cpu")
-    outs = [
-        llm.generate([p], SamplingParams(max_tokens=m, temperature=0, ignore_eos=True), use_tqdm=False)[0].token_ids
-        for p, m in zip(prompts(model), MAX_TOKENS)
-    ]
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in MAX_TOKENS]
+    outs = [o.token_ids for o in llm.generate(prompts(model), params, use_tqdm=False)]
     hf = AutoModelForCausalLM.from_pretrained(str(resolve_model(model)), dtype=torch.float32).eval()
     for prompt, m, ours in zip(prompts(model), MAX_TOKENS, outs):
         config = GenerationConfig(max_new_tokens=m, min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=0)
