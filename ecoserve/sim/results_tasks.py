@@ -93,7 +93,7 @@ def _loaded_sources() -> dict[str, str]:
     files = set()
     for name, mod in list(sys.modules.items()):
         f = getattr(mod, "__file__", None)
-        if name.split(".")[0] == "ecoserve" and f:
+        if name.split(".")[0] == "ecoserve" and f and name not in _PRESENTATION:
             try:
                 files.add(str(Path(f).resolve().relative_to(_PKG)))
             except ValueError:
@@ -111,10 +111,10 @@ def _data_digest() -> str:
 
 
 def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, str] | None, float]:
-    """`fn(*args)`, the sources loaded when it finished (None when a file that was loaded before
-    it started changed on disk while it ran: which version ran is then unknown, and the result is
-    not kept), and its compute time. Runs in a worker."""
-    before = _loaded_sources()
+    """`fn(*args)`, the sources loaded when it finished (None when a file this process had loaded
+    has changed on disk since: which version ran is then unknown, and the result is not kept), and
+    its compute time. Runs in a worker."""
+    before = {**_loaded_sources(), **_AT_IMPORT}  # what was on disk when this process loaded it
     t0 = time.perf_counter()
     res = fn(*args)
     seconds = time.perf_counter() - t0
@@ -195,3 +195,7 @@ class TextSearch(Search):
     def prompts(self, n: int) -> list[list[int]]:
         base = [p.tolist() for p, o in zip(self.test.prompts, self.test.output_lens) if len(p) + int(o) <= MAX_TOTAL_LEN]
         return [base[i % len(base)] for i in range(n)]
+
+
+# The simulator's sources as this process loaded them (importing this module loads them).
+_AT_IMPORT = _loaded_sources()

@@ -48,3 +48,21 @@ def test_a_damaged_entry_is_computed_afresh(tmp_path: Path) -> None:
     cache = SearchCache(tmp_path)
     (m,) = pmap(attainment_at, _calls()[:1], 1, NullBar(), cache)
     assert cache.reused == 0 and m is not None
+
+
+def test_the_command_s_own_modules_do_not_key_a_search_and_the_simulator_s_do(tmp_path: Path) -> None:
+    import ecoserve.cli  # noqa: F401  (loaded, as in every run of the command)
+    from ecoserve.sim import results_tasks
+
+    sources = results_tasks._loaded_sources()
+    assert "cli.py" not in sources and "sim/results.py" not in sources and "sim/commands.py" not in sources
+    assert {"sim/simulator.py", "sim/experiment.py", "sim/results_tasks.py", "latency/cost.py"} <= set(sources)
+
+
+def test_a_source_edited_after_the_process_loaded_it_keeps_nothing(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from ecoserve.sim import results_tasks
+
+    monkeypatch.setitem(results_tasks._AT_IMPORT, "sim/simulator.py", "0" * 64)  # loaded before an edit
+    cache = SearchCache(tmp_path)
+    (m,) = pmap(attainment_at, _calls()[:1], 1, NullBar(), cache)
+    assert m is not None and not list(tmp_path.glob("*.pkl"))
