@@ -36,6 +36,15 @@ def cpu_kernels() -> bool:
     return value == "1"
 
 
+def cpu_prepack() -> bool:
+    """Whether a bfloat16 model on the CPU gets its weights prepacked for oneDNN
+    (``ECOSERVE_CPU_PREPACK``, default 1; 0 keeps `F.linear` on the weights as loaded)."""
+    value = os.environ.get("ECOSERVE_CPU_PREPACK", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"ECOSERVE_CPU_PREPACK must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def num_threads() -> int | None:
     """Torch intra-op threads for a process (``ECOSERVE_NUM_THREADS``); None keeps torch's default."""
     value = os.environ.get("ECOSERVE_NUM_THREADS")

@@ -12,7 +12,8 @@ from ecoserve.kernels import cpu as cpu_kernels
 from ecoserve.kernels import triton_available
 from ecoserve.model.attention import AttentionMetadata, PrefillSegment
 from ecoserve.model.hf_config import ModelSpec
-from ecoserve.model.llama import LlamaForCausalLM
+from ecoserve import envs
+from ecoserve.model.llama import LlamaForCausalLM, can_prepack_cpu_bf16, prepack_cpu_weights
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,12 @@ class ModelRunner:
         # it reads blocks in place, where the torch path gathers and pads them in every layer.
         self.use_cpu_kernel = (
             self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available()
+        )
+        # bfloat16 on the CPU: weights prepacked for oneDNN once, not reordered in every matmul.
+        self.prepacked = (
+            prepack_cpu_weights(model)
+            if self.device.type == "cpu" and dtype == torch.bfloat16 and envs.cpu_prepack() and can_prepack_cpu_bf16()
+            else 0
         )
 
     @torch.inference_mode()
