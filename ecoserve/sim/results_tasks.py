@@ -9,13 +9,13 @@ kept searches.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-import pickle
 import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from ecoserve.config import ClusterShape
 from ecoserve.data.synthetic import with_arrivals
 from ecoserve.data.workload import WorkloadRequest
 from ecoserve.sim.experiment import Layout, RunMetrics, Search, goodput, min_gpus, model_tps
+from ecoserve.sim.specs import Spread
 from ecoserve.sim.workloads import MAX_TOTAL_LEN
 
 # The command's own modules (arguments, orchestration, tables): a search's figures depend on them
@@ -53,25 +54,61 @@ class SearchCache:
 
     def get(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
         key = self.key(fn, args)
-        path = self.root / f"{hashlib.sha256(key.encode()).hexdigest()}.pkl"
+        path = self.root / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
         try:
-            entry = pickle.loads(path.read_bytes())
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
-            return False, None
-        if entry.get("key") != key or entry.get("data") != _data_digest() or entry.get("sources") != _file_hashes(entry.get("sources", {})):
+            entry = json.loads(path.read_text())
+            if entry["key"] != key or entry["data"] != _data_digest() or entry["sources"] != _file_hashes(entry["sources"]):
+                return False, None
+            result = _from_json(entry["result"])
+        except (OSError, ValueError, KeyError, TypeError):
             return False, None
         self.reused += 1
         self.reused_s += entry["seconds"]
-        return True, entry["result"]
+        return True, result
 
     def put(self, fn: Callable[..., Any], args: tuple[Any, ...], result: Any, sources: dict[str, str], seconds: float) -> None:
         key = self.key(fn, args)
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{hashlib.sha256(key.encode()).hexdigest()}.pkl"
+        path = self.root / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps({"key": key, "data": _data_digest(), "sources": sources, "seconds": seconds,
-                                      "result": result}))
+        tmp.write_text(json.dumps({"key": key, "data": _data_digest(), "sources": sources, "seconds": seconds,
+                                   "result": _to_json(result)}))
         tmp.replace(path)
+
+
+# What a kept result may hold: plain values and these dataclasses, as JSON (nothing is unpickled).
+_KEPT_TYPES: dict[str, type] = {cls.__name__: cls for cls in (Layout, ClusterShape, RunMetrics, Spread)}
+
+
+def _to_json(x: Any) -> Any:
+    if is_dataclass(x) and not isinstance(x, type):
+        if type(x).__name__ not in _KEPT_TYPES:
+            raise TypeError(f"the results cache cannot keep a {type(x).__name__}")
+        return {"__type__": type(x).__name__, **{f.name: _to_json(getattr(x, f.name)) for f in fields(x)}}
+    if isinstance(x, tuple):
+        return {"__tuple__": [_to_json(v) for v in x]}
+    if isinstance(x, list):
+        return [_to_json(v) for v in x]
+    if isinstance(x, dict):
+        if not all(isinstance(k, str) for k in x):
+            raise TypeError("the results cache keeps dicts with string keys only")
+        return {"__dict__": {k: _to_json(v) for k, v in x.items()}}
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise TypeError(f"the results cache cannot keep a {type(x).__name__}")
+
+
+def _from_json(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_from_json(v) for v in x]
+    if isinstance(x, dict):
+        if "__tuple__" in x:
+            return tuple(_from_json(v) for v in x["__tuple__"])
+        if "__dict__" in x:
+            return {k: _from_json(v) for k, v in x["__dict__"].items()}
+        cls = _KEPT_TYPES[x["__type__"]]
+        return cls(**{k: _from_json(v) for k, v in x.items() if k != "__type__"})
+    return x
 
 
 _PKG = Path(__file__).resolve().parent.parent
