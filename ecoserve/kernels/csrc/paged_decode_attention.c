@@ -148,6 +148,16 @@ static void softmax_rows(float *scores, int len, int nq, float *inv) {
     }
 }
 
+/* Ask for the next block while this one is computed: a block's tokens are one contiguous run,
+ * but blocks lie anywhere in the pool, where the hardware prefetcher cannot follow. */
+static inline void prefetch_block(const void *cache, const int32_t *table, int j, int nblocks, int64_t block_stride,
+                                  int bf16) {
+    if (j >= nblocks) return;
+    const size_t bytes = (size_t)block_stride * (bf16 ? 2 : 4);
+    const char *p = (const char *)cache + (size_t)table[j] * bytes;
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
 /* One sequence, head_dim = 16 * nc: all `nq` query rows `q` (already scaled) against `len` cached
  * tokens. Always inlined, so a constant nc gives fully unrolled loops whose accumulators stay
  * in registers. `blk` is scratch for one block widened to float32, `acc` [nq, d] the result. */
@@ -160,6 +170,7 @@ static inline __attribute__((always_inline)) void attend_vec(const float *q, con
     const int nblocks = (len + block_size - 1) / block_size;
     for (int j = 0, t0 = 0; j < nblocks; j++, t0 += block_size) { /* scores: K read once */
         const int n = len - t0 < block_size ? len - t0 : block_size;
+        prefetch_block(k_cache, table, j + 1, nblocks, block_stride, bf16);
         const float *k = as_f32(k_cache, (int64_t)table[j] * block_stride, bf16, n * token_stride, blk);
         for (int h = 0, r = 0; h < nkv; h++) {
             for (int g = 0; g < group; g++, r++) {
@@ -189,6 +200,7 @@ static inline __attribute__((always_inline)) void attend_vec(const float *q, con
     memset(acc, 0, (size_t)nq * d * sizeof(float));
     for (int j = 0, t0 = 0; j < nblocks; j++, t0 += block_size) { /* values: V read once */
         const int n = len - t0 < block_size ? len - t0 : block_size;
+        prefetch_block(v_cache, table, j + 1, nblocks, block_stride, bf16);
         const float *v = as_f32(v_cache, (int64_t)table[j] * block_stride, bf16, n * token_stride, blk);
         for (int h = 0, r = 0; h < nkv; h++) {
             for (int g = 0; g < group; g++, r++) {
