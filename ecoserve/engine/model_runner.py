@@ -59,6 +59,8 @@ class ModelRunner:
         self.use_cpu_kernel = (
             self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available()
         )
+        # bfloat16 on the CPU: the layer's elementwise steps in C, one pass each.
+        self.fused_elementwise = self.use_cpu_kernel and dtype == torch.bfloat16 and model.use_cpu_bf16_kernels()
         # bfloat16 on the CPU: weights prepacked for oneDNN once, not reordered in every matmul.
         self.prepacked = (
             prepack_cpu_weights(model)

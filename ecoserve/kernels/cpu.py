@@ -24,7 +24,9 @@ from torch import Tensor
 
 from ecoserve.envs import cpu_kernels, ecoserve_home
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode_attention.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "paged_decode_attention.c", CSRC / "elementwise_bf16.c")
+HEADERS = (CSRC / "cpu_common.h",)
 # -fopenmp-simd honours the `omp simd` pragmas without linking an OpenMP runtime (torch has its own).
 # gnu11: the kernel uses GNU vector extensions, and lets multiply-adds fuse (FMA). On x86, 512-bit
 # vectors where the CPU has them (GCC otherwise prefers 256-bit ones on AVX-512 machines).
@@ -42,24 +44,32 @@ def _library() -> ctypes.CDLL | None:
     cc = compiler()
     if not cpu_kernels() or cc is None:
         return None
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    lib = ecoserve_home() / "kernels" / tag / "libecoserve_cpu.so"
+    digest = hashlib.sha256(" ".join(CFLAGS).encode())
+    for f in SOURCES + HEADERS:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    lib = ecoserve_home() / "kernels" / digest.hexdigest()[:16] / "libecoserve_cpu.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         # Build beside it, then rename: a concurrent process never loads a half-written file.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
-        done = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, check=False)
+        done = subprocess.run([cc, *CFLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             os.unlink(tmp)
             return None
         os.replace(tmp, lib)
     dll = ctypes.CDLL(str(lib))
-    fn = dll.paged_decode_attention
-    p, i = ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, ctypes.c_float, i]
-    fn.restype = i
+    p, i, fl, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
+    signatures = {
+        "paged_decode_attention": [p, p, p, p, p, p, i, i, i, i, i, i, fl, i],
+        "rms_norm_bf16": [p, p, p, i, i, fl],
+        "silu_mul_bf16": [p, p, i, i],
+        "rope_bf16": [p, p, p, i, i, i, i64],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(dll, name)
+        fn.argtypes = argtypes
+        fn.restype = i if name in ("paged_decode_attention", "rope_bf16") else None
     return dll
 
 
@@ -82,9 +92,7 @@ def paged_decode_attention(
     """Decode attention reading each sequence's blocks in place; equals
     reference.paged_decode_attention_ref. Checks shapes, dtypes, devices and strides first
     (index values are the caller's: the runner builds them from its own block tables)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the CPU kernels are not available (no C compiler, a failed build, or ECOSERVE_CPU_KERNELS=0)")
+    lib = _lib_or_raise()
     batch, num_q_heads, head_dim = query.shape
     num_blocks, block_size, num_kv_heads, kv_dim = k_cache.shape
     problems = []
@@ -114,3 +122,56 @@ def paged_decode_attention(
         raise ValueError(f"paged_decode_attention (CPU kernel): head_dim {head_dim} is beyond its limit of 512, "
                          "or scratch memory could not be allocated")
     return out
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available (no C compiler, a failed build, or ECOSERVE_CPU_KERNELS=0)")
+    return lib
+
+
+def _check_bf16(name: str, **tensors: Tensor) -> None:
+    bad = [f"{k} is {t.dtype} on {t.device.type}{'' if t.is_contiguous() else ', not contiguous'}"
+           for k, t in tensors.items() if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous()]
+    if bad:
+        raise ValueError(f"{name} (CPU kernel) takes contiguous bfloat16 CPU tensors: " + "; ".join(bad))
+
+
+def rms_norm_bf16(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of x [rows, dim] with weight [dim], as model.llama.RMSNorm computes it in bfloat16, in one pass."""
+    _check_bf16("rms_norm_bf16", x=x, weight=weight)
+    if x.dim() != 2 or tuple(weight.shape) != (x.shape[1],):
+        raise ValueError(f"rms_norm_bf16: x must be [rows, dim] and weight [dim], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    out = torch.empty_like(x)
+    _lib_or_raise().rms_norm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+    return out
+
+
+def silu_mul_bf16(gate_up: Tensor) -> Tensor:
+    """F.silu(gate) * up for gate_up [rows, 2 * inter] (gate first), in bfloat16, in one pass."""
+    _check_bf16("silu_mul_bf16", gate_up=gate_up)
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"silu_mul_bf16: gate_up must be [rows, 2 * inter], got {tuple(gate_up.shape)}")
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(rows, inter)
+    _lib_or_raise().silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), rows, inter)
+    return out
+
+
+def rope_bf16_(x: Tensor, heads: int, head_dim: int, cos: Tensor, signed_sin: Tensor) -> None:
+    """Rotate, in place, the first `heads` heads of each row of x [tokens, width] (heads of head_dim
+    side by side from column 0; the row may hold more, e.g. the fused qkv projection's v), as
+    model.rope.apply_rope computes it in bfloat16. cos/signed_sin [tokens, head_dim]."""
+    _check_bf16("rope_bf16_", cos=cos, signed_sin=signed_sin)
+    problems = []
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1:
+        problems.append(f"x must be a bfloat16 CPU [tokens, width] tensor with unit column stride, got {x.dtype} {tuple(x.shape)}")
+    elif heads * head_dim > x.shape[1] or head_dim % 2 or head_dim > 512:
+        problems.append(f"{heads} heads of {head_dim} do not fit a row of {x.shape[1]} (head_dim even, at most 512)")
+    if tuple(cos.shape) != (x.shape[0], head_dim) or cos.shape != signed_sin.shape:
+        problems.append(f"cos and signed_sin must be [{x.shape[0]}, {head_dim}], got {tuple(cos.shape)} and {tuple(signed_sin.shape)}")
+    if problems:
+        raise ValueError("rope_bf16_ (CPU kernel): " + "; ".join(problems))
+    if _lib_or_raise().rope_bf16(x.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), x.shape[0], heads, head_dim, x.stride(0)):
+        raise ValueError(f"rope_bf16_ (CPU kernel): head_dim {head_dim} refused (even, at most 512)")

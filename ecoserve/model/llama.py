@@ -7,10 +7,13 @@ which matters most for small decode batches on a CPU where per-op overhead domin
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ecoserve.kernels import cpu as cpu_kernels
 from ecoserve.model.attention import AttentionMetadata, paged_attention
 from ecoserve.model.hf_config import ModelSpec
 from ecoserve.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -78,7 +81,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused_cpu_bf16: bool = False) -> torch.Tensor:
+        if fused_cpu_bf16:  # the same steps in one C pass (kernels/csrc/elementwise_bf16.c)
+            return cpu_kernels.rms_norm_bf16(x, self.weight, self.eps)
         # Normalise in float32 and cast back before the weight, exactly as transformers does.
         # (F.rms_norm is no faster on CPU: it decomposes into more ops than these.)
         h = x if x.dtype == torch.float32 else x.float()
@@ -101,6 +106,7 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.fused_cpu_bf16: bool = False  # set by LlamaForCausalLM.use_cpu_bf16_kernels
 
     def forward(
         self,
@@ -113,14 +119,21 @@ class DecoderLayer(nn.Module):
         # Submodules are called through .forward: nn.Module.__call__'s hook handling costs
         # microseconds a call, which adds up over ~100 calls per decode step.
         num_tokens = x.shape[0]
-        qkv = linear(self.input_layernorm.forward(x), self.qkv_proj)
-        # Rotate q and k in one pass: [num_tokens, num_q_heads + num_kv_heads, head_dim]
-        qk = apply_rope(qkv[:, : self.split[0] + self.split[1]].view(num_tokens, -1, self.head_dim), cos, sin)
+        fused = self.fused_cpu_bf16
+        qkv = linear(self.input_layernorm.forward(x, fused), self.qkv_proj)
+        if fused:  # rotate q and k in place inside qkv, one C pass
+            cpu_kernels.rope_bf16_(qkv, self.num_q_heads + self.num_kv_heads, self.head_dim, cos, sin)
+            qk = qkv[:, : self.split[0] + self.split[1]].view(num_tokens, -1, self.head_dim)
+        else:  # rotate q and k in one pass: [num_tokens, num_q_heads + num_kv_heads, head_dim]
+            qk = apply_rope(qkv[:, : self.split[0] + self.split[1]].view(num_tokens, -1, self.head_dim), cos, sin)
         q, k = qk.split((self.num_q_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.split[0] + self.split[1] :].view(num_tokens, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         x = x + linear(attn.view(num_tokens, -1), self.o_proj)
-        gate, up = linear(self.post_attention_layernorm.forward(x), self.gate_up_proj).chunk(2, dim=-1)
+        gate_up = linear(self.post_attention_layernorm.forward(x, fused), self.gate_up_proj)
+        if fused:
+            return x + linear(cpu_kernels.silu_mul_bf16(gate_up), self.down_proj)
+        gate, up = gate_up.chunk(2, dim=-1)
         return x + linear(F.silu(gate) * up, self.down_proj)
 
 
@@ -139,6 +152,19 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(inv_freq, spec.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_positions, head_dim]
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.fused_cpu_bf16 = False
+
+    def use_cpu_bf16_kernels(self) -> bool:
+        """Run RMSNorm, RoPE and SiLU-times-up through the bfloat16 C kernels
+        (kernels/csrc/elementwise_bf16.c): one pass each instead of 3-8 torch ops. Only for a
+        bfloat16 model on the CPU with the kernels built; float32 keeps torch's ops, and with them
+        transformers' exact tokens. Returns whether it is on."""
+        p = self.embed_tokens.weight
+        on = p.dtype == torch.bfloat16 and p.device.type == "cpu" and cpu_kernels.available()
+        self.fused_cpu_bf16 = on
+        for layer in self.layers:
+            cast(DecoderLayer, layer).fused_cpu_bf16 = on
+        return on
 
     def forward(
         self,
@@ -155,6 +181,6 @@ class LlamaForCausalLM(nn.Module):
         sin = self.rope_sin[positions].to(x.dtype)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer.forward(x, cos, sin, cache, meta)
-        x = self.norm.forward(x[logits_indices])
+        x = self.norm.forward(x[logits_indices], self.fused_cpu_bf16)
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return linear(x, head).float()

@@ -14,83 +14,11 @@
  * tables [batch, max_blocks] int32; lens [batch] int32, each >= 1
  * out    [batch, num_q_heads, head_dim], the query's dtype
  */
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "cpu_common.h"
 
 #define MAX_HEAD_DIM 512 /* 32 vectors of 16 lanes */
-
-static inline float bf16_to_f32(uint16_t x) {
-    union { uint32_t u; float f; } v = {.u = (uint32_t)x << 16};
-    return v.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    union { float f; uint32_t u; } v = {.f = f};
-    uint32_t u = v.u;
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-/* GCC/Clang vector extensions: 16 float lanes, compiled to whatever vector unit -march names
- * (one AVX-512 register, two AVX2 ones, four SSE or NEON ones); casts between the two types
- * reinterpret bits. */
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-/* exp(x) for x <= 0 (scores less their max), 16 at a time: 2^n * p(r), r = x - n ln2 in
- * [-ln2/2, ln2/2], p the degree-6 Taylor polynomial (truncation error below 3e-8 relative).
- * Inputs below -87 are clamped there: their weights (under 2e-38) vanish beside the max's 1. */
-static inline f32x16 exp_nonpositive(f32x16 x) {
-    const f32x16 lo = x - x - 87.0f; /* -87 in every lane (NaN where x is NaN) */
-    const i32x16 keep = x > lo;
-    x = (f32x16)(((i32x16)x & keep) | ((i32x16)lo & ~keep));
-    const i32x16 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x16); /* truncation: nearest */
-    const f32x16 n = __builtin_convertvector(ni, f32x16);
-    const f32x16 r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-    f32x16 p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    return p * (f32x16)((ni + 127) << 23); /* 2^n, built in the exponent field */
-}
-
-/* sr[t] = exp(sr[t] - m) for t < len; returns their sum. */
-static float exp_shifted(float *sr, int len, float m) {
-    f32x16 sum = {0};
-    int t = 0;
-    for (; t + 16 <= len; t += 16) {
-        f32x16 x;
-        memcpy(&x, sr + t, sizeof x);
-        x = exp_nonpositive(x - m);
-        memcpy(sr + t, &x, sizeof x);
-        sum += x;
-    }
-    float total = 0.0f;
-    for (int i = 0; i < 16; i++) total += sum[i];
-    if (t < len) { /* the last partial vector, through a padded copy */
-        f32x16 x = {0};
-        memcpy(&x, sr + t, (size_t)(len - t) * sizeof(float));
-        x = exp_nonpositive(x - m);
-        memcpy(sr + t, &x, (size_t)(len - t) * sizeof(float));
-        for (int i = 0; i < len - t; i++) total += x[i];
-    }
-    return total;
-}
-
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-
-static inline f32x16 load16(const float *p) {
-    f32x16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
 
 /* Sixteen dot products at once: `p[s]` holds the 16 partial sums of token REV4[s]'s dot
  * product; four rounds of pairwise folds (each lane of one vector added to another) leave one
@@ -122,14 +50,30 @@ static inline const float *as_f32(const void *base, int64_t index, int bf16, int
     if (!bf16) return (const float *)base + index;
     const uint16_t *p = (const uint16_t *)base + index;
     int64_t i = 0;
-    for (; i + 16 <= count; i += 16) {
-        u16x16 h;
-        memcpy(&h, p + i, sizeof h);
-        const f32x16 f = (f32x16)(__builtin_convertvector(h, i32x16) << 16);
-        store16(tmp + i, f);
-    }
+    for (; i + 16 <= count; i += 16) store16(tmp + i, load16_bf16(p + i));
     for (; i < count; i++) tmp[i] = bf16_to_f32(p[i]);
     return tmp;
+}
+
+/* sr[t] = exp(sr[t] - m) for t < len; returns their sum. */
+static float exp_shifted(float *sr, int len, float m) {
+    f32x16 sum = {0};
+    int t = 0;
+    for (; t + 16 <= len; t += 16) {
+        const f32x16 x = exp16(load16(sr + t) - m);
+        store16(sr + t, x);
+        sum += x;
+    }
+    float total = 0.0f;
+    for (int i = 0; i < 16; i++) total += sum[i];
+    if (t < len) { /* the last partial vector, through a padded copy */
+        f32x16 x = {0};
+        memcpy(&x, sr + t, (size_t)(len - t) * sizeof(float));
+        x = exp16(x - m);
+        memcpy(sr + t, &x, (size_t)(len - t) * sizeof(float));
+        for (int i = 0; i < len - t; i++) total += x[i];
+    }
+    return total;
 }
 
 /* Softmax of each query row's scores in place; returns nothing, writes 1 / sum (NaN when a score
