@@ -41,10 +41,19 @@ def compiler() -> str | None:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    cc = compiler()
-    if not cpu_kernels() or cc is None:
+    if not cpu_kernels():
         return None
-    digest = hashlib.sha256(" ".join(CFLAGS).encode())
+    return build(CFLAGS)
+
+
+def build(cflags: tuple[str, ...]) -> ctypes.CDLL | None:
+    """Build (or reuse) the kernels with these flags and load them; None without a compiler or
+    when the build fails. The engine uses CFLAGS; the tests also build variants (e.g. without a
+    CPU feature the kernel has a faster path for) to check the portable paths on this machine."""
+    cc = compiler()
+    if cc is None:
+        return None
+    digest = hashlib.sha256(" ".join(cflags).encode())
     for f in SOURCES + HEADERS:
         digest.update(f.name.encode() + b"\0" + f.read_bytes())
     lib = ecoserve_home() / "kernels" / digest.hexdigest()[:16] / "libecoserve_cpu.so"
@@ -53,7 +62,7 @@ def _library() -> ctypes.CDLL | None:
         # Build beside it, then rename: a concurrent process never loads a half-written file.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
-        done = subprocess.run([cc, *CFLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True, check=False)
+        done = subprocess.run([cc, *cflags, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             os.unlink(tmp)
             return None

@@ -54,6 +54,28 @@ def test_every_head_size_and_block_size(dtype: torch.dtype, head_dim: int, block
     torch.testing.assert_close(got.float(), want.float(), atol=2e-6 if dtype == torch.float32 else 1e-2, rtol=0)
 
 
+def has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not has_avx512_bf16(), reason="this CPU has no AVX512-BF16: the portable path is the one built")
+@pytest.mark.parametrize(("head_dim", "block_size"), [(64, 16), (128, 32)])
+def test_the_portable_bf16_path_where_the_cpu_has_a_bf16_dot_product(head_dim: int, block_size: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Where the CPU has AVX512-BF16 the engine's build scores bf16 with its dot-product
+    instruction; the path every other CPU takes (K widened to float32) is built here without it."""
+    portable = cpu.build(cpu.CFLAGS + ("-mno-avx512bf16",))
+    assert portable is not None
+    monkeypatch.setattr(cpu, "_library", lambda: portable)
+    lens = [1, 15, 16, 17, 130, 333]
+    q, k, v, tables, lens_t = make_case(torch.bfloat16, 8, 2, lens, block_size=block_size, head_dim=head_dim)
+    got = cpu.paged_decode_attention(q, k, v, tables, lens_t, head_dim**-0.5)
+    want = paged_decode_attention_ref(q, k, v, tables, lens_t, head_dim**-0.5)
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=0)
+
+
 def test_a_long_context_with_one_dominant_token() -> None:
     """Scores far apart (the softmax's exponential clamps below exp(-87)): the weight goes to the
     one token that dominates, as in the reference."""

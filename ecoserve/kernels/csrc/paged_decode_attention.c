@@ -102,17 +102,65 @@ static inline void prefetch_block(const void *cache, const int32_t *table, int j
     for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+/* bf16 scores with the CPU's bf16 dot-product instruction (AVX512-BF16): 32 products of bf16
+ * pairs summed into 16 float32 lanes per instruction, K never widened. Each product of two bf16
+ * values is exact in float32, as in the widened path; the sums are float32, in another order.
+ * `qb` is the raw bf16 query row (unscaled: `scale` multiplies the sums). */
+static inline __attribute__((always_inline)) void scores_dpbf16(const uint16_t *qb, const uint16_t *k_cache, int64_t k0,
+                                                                 int n, int h, const int nc, int64_t token_stride,
+                                                                 float scale, float *out) {
+    const int d = nc * 16;
+    __m512bh qv[16];
+    for (int c = 0; c < nc / 2; c++) memcpy(&qv[c], qb + c * 32, 64);
+    for (int i0 = 0; i0 < n; i0 += 16) {
+        const int m = n - i0 < 16 ? n - i0 : 16;
+        f32x16 p[16];
+        for (int s = 0; s < 16; s++) {
+            if (REV4[s] >= m) {
+                p[s] = (f32x16){0};
+                continue;
+            }
+            const uint16_t *kh = k_cache + k0 + (i0 + REV4[s]) * token_stride + h * d;
+            __m512 acc_s = _mm512_setzero_ps();
+            for (int c = 0; c < nc / 2; c++) {
+                __m512bh kv;
+                memcpy(&kv, kh + c * 32, 64);
+                acc_s = _mm512_dpbf16_ps(acc_s, qv[c], kv);
+            }
+            p[s] = (f32x16)acc_s;
+        }
+        const f32x16 sums = transpose_sum16(p) * scale;
+        memcpy(out + i0, &sums, (size_t)m * sizeof(float));
+    }
+}
+#endif
+
 /* One sequence, head_dim = 16 * nc: all `nq` query rows `q` (already scaled) against `len` cached
  * tokens. Always inlined, so a constant nc gives fully unrolled loops whose accumulators stay
  * in registers. `blk` is scratch for one block widened to float32, `acc` [nq, d] the result. */
 static inline __attribute__((always_inline)) void attend_vec(const float *q, const void *k_cache, const void *v_cache,
                                                               const int32_t *table, int len, int nq, int group,
                                                               const int nc, int block_size, int64_t block_stride,
-                                                              int64_t token_stride, int bf16, float *scores,
-                                                              float *inv, float *acc, float *blk) {
+                                                              int64_t token_stride, int bf16, const uint16_t *qb,
+                                                              float scale, float *scores, float *inv, float *acc,
+                                                              float *blk) {
     const int d = nc * 16, nkv = nq / group;
     const int nblocks = (len + block_size - 1) / block_size;
-    for (int j = 0, t0 = 0; j < nblocks; j++, t0 += block_size) { /* scores: K read once */
+#ifdef __AVX512BF16__
+    for (int j = 0, t0 = 0; bf16 && nc % 2 == 0 && j < nblocks; j++, t0 += block_size) { /* scores (bf16): K read once */
+        const int n = len - t0 < block_size ? len - t0 : block_size;
+        prefetch_block(k_cache, table, j + 1, nblocks, block_stride, bf16);
+        for (int r = 0; r < nq; r++)
+            scores_dpbf16(qb + (int64_t)r * d, (const uint16_t *)k_cache, (int64_t)table[j] * block_stride, n, r / group, nc,
+                          token_stride, scale, scores + (int64_t)r * len + t0);
+    }
+    const int widen_k = !(bf16 && nc % 2 == 0);
+#else
+    const int widen_k = 1;
+#endif
+    for (int j = 0, t0 = 0; widen_k && j < nblocks; j++, t0 += block_size) { /* scores: K read once */
         const int n = len - t0 < block_size ? len - t0 : block_size;
         prefetch_block(k_cache, table, j + 1, nblocks, block_stride, bf16);
         const float *k = as_f32(k_cache, (int64_t)table[j] * block_stride, bf16, n * token_stride, blk);
@@ -142,7 +190,32 @@ static inline __attribute__((always_inline)) void attend_vec(const float *q, con
     }
     softmax_rows(scores, len, nq, inv);
     memset(acc, 0, (size_t)nq * d * sizeof(float));
-    for (int j = 0, t0 = 0; j < nblocks; j++, t0 += block_size) { /* values: V read once */
+    for (int j = 0, t0 = 0; bf16 && j < nblocks; j++, t0 += block_size) { /* values (bf16): V read once */
+        /* Head by head, each V row widened once in registers and added into the accumulators of
+         * up to 16 / nc query heads of its group at a time, which stay in registers for the block. */
+        const int n = len - t0 < block_size ? len - t0 : block_size;
+        prefetch_block(v_cache, table, j + 1, nblocks, block_stride, bf16);
+        const int64_t v0 = (int64_t)table[j] * block_stride;
+        const int gc = nc >= 16 ? 1 : 16 / nc;
+        for (int h = 0; h < nkv; h++) {
+            for (int g0 = 0; g0 < group; g0 += gc) {
+                const int gn = group - g0 < gc ? group - g0 : gc, r0 = h * group + g0;
+                f32x16 a[32]; /* gn * nc <= max(16, nc) <= 32 */
+                for (int x = 0; x < gn * nc; x++) a[x] = load16(acc + (int64_t)r0 * d + x * 16);
+                for (int i = 0; i < n; i++) {
+                    const uint16_t *vh = (const uint16_t *)v_cache + v0 + i * token_stride + h * d;
+                    f32x16 vv[32];
+                    for (int c = 0; c < nc; c++) vv[c] = load16_bf16(vh + c * 16);
+                    for (int gg = 0; gg < gn; gg++) {
+                        const float pw = scores[(int64_t)(r0 + gg) * len + t0 + i];
+                        for (int c = 0; c < nc; c++) a[gg * nc + c] += pw * vv[c];
+                    }
+                }
+                for (int x = 0; x < gn * nc; x++) store16(acc + (int64_t)r0 * d + x * 16, a[x]);
+            }
+        }
+    }
+    for (int j = 0, t0 = 0; !bf16 && j < nblocks; j++, t0 += block_size) { /* values (float32): V read once */
         const int n = len - t0 < block_size ? len - t0 : block_size;
         prefetch_block(v_cache, table, j + 1, nblocks, block_stride, bf16);
         const float *v = as_f32(v_cache, (int64_t)table[j] * block_stride, bf16, n * token_stride, blk);
@@ -240,7 +313,7 @@ int paged_decode_attention(const void *query, const void *k_cache, const void *v
         const float *src = as_f32(query, q_base, bf16, width, acc);
         for (int e = 0; e < width; e++) q[e] = src[e] * scale;
 #define ATTEND(NC) attend_vec(q, k_cache, v_cache, table, len, num_q_heads, group, NC, block_size, block_stride, \
-                              token_stride, bf16, scores, inv, acc, blk)
+                              token_stride, bf16, (const uint16_t *)query + q_base, scale, scores, inv, acc, blk)
         if (head_dim == 64) ATTEND(4);
         else if (head_dim == 128) ATTEND(8);
         else if (head_dim % 16 == 0) ATTEND(head_dim / 16);
