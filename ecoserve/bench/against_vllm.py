@@ -4,9 +4,12 @@ The request list (ShareGPT prompts as token ids, vLLM's filter, each output forc
 length with EOS ignored) is written once; then, per dtype, vLLM's offline `LLM.generate` runs
 on it in the user's vLLM interpreter (`--vllm-python`, a subprocess running
 `vllm_offline.py`, which imports nothing of ours), then ours in this process, each after one
-warm-up request. Reported per dtype: output tokens/s of both, their ratio, and the share of
-requests whose greedy outputs are identical token for token; then the batch-1 decode step
-against the memory-bandwidth floor. vLLM is never imported here.
+warm-up request. With `--rounds N` each side runs N times per dtype, in turns (vLLM first in
+even rounds, ours first in odd ones), so the machine's drift falls on both sides alike; the
+ratio is taken pair by pair. Reported per dtype: median output tokens/s of both, the median
+ratio and its range, and the share of requests whose greedy outputs are identical token for
+token (the fewest over the rounds); then the batch-1 decode step against the memory-bandwidth
+floor. vLLM is never imported here.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -58,6 +62,42 @@ class SideBySide:
     @property
     def identical_share(self) -> float:
         return self.num_identical / self.num_requests
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """One dtype's rounds, summarised: medians over the rounds, the ratio pair by pair."""
+
+    dtype: str
+    rounds: list[SideBySide]
+
+    def __post_init__(self) -> None:
+        if not self.rounds or any(r.dtype != self.dtype for r in self.rounds):
+            raise ValueError(f"Rounds({self.dtype!r}) needs at least one round, all of that dtype")
+
+    @property
+    def vllm_tok_s(self) -> float:
+        return statistics.median(r.vllm_tok_s for r in self.rounds)
+
+    @property
+    def ecoserve_tok_s(self) -> float:
+        return statistics.median(r.ecoserve_tok_s for r in self.rounds)
+
+    @property
+    def ratios(self) -> list[float]:
+        return [r.ratio for r in self.rounds]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def num_identical(self) -> int:
+        return min(r.num_identical for r in self.rounds)
+
+    @property
+    def num_requests(self) -> int:
+        return self.rounds[0].num_requests
 
 
 def check_vllm_python(path: str | None) -> str:
@@ -127,33 +167,43 @@ def run_against_vllm(args: argparse.Namespace) -> int:
     write_requests(requests, work)
     print(f"wrote {requests}: {len(work.prompts)} requests, {sum(map(len, work.prompts))} prompt and "
           f"{work.output_tokens} output tokens", flush=True)
-    results: list[SideBySide] = []
+    results: list[Rounds] = []
     floors: dict[str, list[FloorRound]] = {}
     for dtype in dtypes:
-        theirs = run_vllm(python, requests, llm.engine.folder, dtype, args, llm.engine.max_model_len,
-                          out_dir / f"bench_engine_vllm_{dtype}.json")
         if llm.engine.dtype != getattr(torch, dtype):
             del llm
             llm = _ecoserve_llm(args, dtype)
-        ours_s, ours_ids = run_ours(llm, work)
-        their_ids = [list(map(int, ids)) for ids in theirs["output_token_ids"]]  # type: ignore[attr-defined]
-        info = {k: v for k, v in theirs.items() if k != "output_token_ids"}
-        results.append(SideBySide(dtype, float(theirs["seconds"]), ours_s, work.output_tokens,  # type: ignore[arg-type]
-                                  identical_outputs(ours_ids, their_ids), len(work.prompts), info))
+        rounds = []
+        for k in range(args.rounds):
+            if args.rounds > 1:
+                print(f"{dtype}: round {k + 1} of {args.rounds}, {'vLLM' if k % 2 == 0 else 'EcoServe'} first", flush=True)
+            if k % 2 == 1:
+                ours_s, ours_ids = run_ours(llm, work)
+            theirs = run_vllm(python, requests, llm.engine.folder, dtype, args, llm.engine.max_model_len,
+                              out_dir / f"bench_engine_vllm_{dtype}.json")
+            if k % 2 == 0:
+                ours_s, ours_ids = run_ours(llm, work)
+            their_ids = [list(map(int, ids)) for ids in theirs["output_token_ids"]]  # type: ignore[attr-defined]
+            info = {key: v for key, v in theirs.items() if key != "output_token_ids"}
+            rounds.append(SideBySide(dtype, float(theirs["seconds"]), ours_s, work.output_tokens,  # type: ignore[arg-type]
+                                     identical_outputs(ours_ids, their_ids), len(work.prompts), info))
+        results.append(Rounds(dtype, rounds))
         floors[dtype] = floor_rounds(llm)
     report(args, work, results, floors, model_weight_bytes(llm))
     return 0
 
 
-def report(args: argparse.Namespace, work: Workload, results: list[SideBySide], floors: dict[str, list[FloorRound]],
+def report(args: argparse.Namespace, work: Workload, results: list[Rounds], floors: dict[str, list[FloorRound]],
            weights: int) -> None:
     n = len(work.prompts)
+    rounds = f"; medians of {args.rounds} rounds in turns" if args.rounds > 1 else ""
     print_table(
         f"Offline throughput, EcoServe vs vLLM: {args.model}, {n} ShareGPT requests, {sum(map(len, work.prompts))} "
-        f"prompt and {work.output_tokens} output tokens (EOS ignored, greedy), max_num_seqs {args.batch_size}",
-        ["dtype", "vLLM tok/s", "EcoServe tok/s", "ratio EcoServe / vLLM", "identical greedy outputs"],
+        f"prompt and {work.output_tokens} output tokens (EOS ignored, greedy), max_num_seqs {args.batch_size}"
+        f"{rounds}",
+        ["dtype", "vLLM tok/s", "EcoServe tok/s", "ratio EcoServe / vLLM", "ratio range", "identical greedy outputs"],
         [(r.dtype, f"{r.vllm_tok_s:.1f}", f"{r.ecoserve_tok_s:.1f}", f"{r.ratio:.2f}x",
-          f"{r.num_identical}/{n} ({r.identical_share:.0%})") for r in results],
+          f"{min(r.ratios):.2f}-{max(r.ratios):.2f}x", f"{r.num_identical}/{n} ({r.num_identical / n:.0%})") for r in results],
     )
     rows = []
     summary: dict[str, Any] = {}
@@ -164,7 +214,10 @@ def report(args: argparse.Namespace, work: Workload, results: list[SideBySide], 
             f"{r.dtype}_vllm_output_tok_s": r.vllm_tok_s,
             f"{r.dtype}_ecoserve_output_tok_s": r.ecoserve_tok_s,
             f"{r.dtype}_ratio": r.ratio,
-            f"{r.dtype}_identical_share": r.identical_share,
+            f"{r.dtype}_ratio_min": min(r.ratios),
+            f"{r.dtype}_ratio_max": max(r.ratios),
+            f"{r.dtype}_rounds": len(r.rounds),
+            f"{r.dtype}_identical_share": r.num_identical / r.num_requests,
             f"{r.dtype}_decode_step_ms_batch1": median.step_ms,
             f"{r.dtype}_bandwidth_floor_ms": median.floor_ms,
             f"{r.dtype}_floor_fraction": median.fraction,
@@ -178,7 +231,8 @@ def report(args: argparse.Namespace, work: Workload, results: list[SideBySide], 
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k != "func"}
         details = {
-            "per_dtype": {r.dtype: {"vllm": r.vllm_info, "vllm_seconds": r.vllm_s, "ecoserve_seconds": r.ecoserve_s,
+            "per_dtype": {r.dtype: {"rounds": [{"vllm": x.vllm_info, "vllm_seconds": x.vllm_s, "ecoserve_seconds": x.ecoserve_s,
+                                                "ratio": x.ratio, "num_identical": x.num_identical} for x in r.rounds],
                                     "floor_rounds": [asdict(f) for f in floors[r.dtype]]} for r in results},
             "workload": {"prompt_lens": [len(p) for p in work.prompts], "output_lens": work.output_lens},
         }
@@ -186,4 +240,4 @@ def report(args: argparse.Namespace, work: Workload, results: list[SideBySide], 
         print(f"wrote {args.out}")
 
 
-__all__ = ["run_against_vllm", "identical_outputs", "check_vllm_python", "SideBySide"]
+__all__ = ["run_against_vllm", "identical_outputs", "check_vllm_python", "SideBySide", "Rounds"]

@@ -19,6 +19,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="the baseline: transformers generate in this process, or vLLM's offline engine in --vllm-python "
                    "(then every dtype of --dtype, or float32 and bfloat16 for auto)")
     p.add_argument("--vllm-python", default=None, help="python of a virtual environment with vllm installed (--against vllm)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="--against vllm: runs of each side per dtype, in turns (vLLM first, then ours first, ...); "
+                   "the table gives medians and the ratio's range over the pairs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-baseline", action="store_true", help="only run EcoServe's engine")
     p.add_argument("--out", default=None, help="write the results as JSON here")

@@ -139,6 +139,9 @@ def floor_rounds(llm: LLM, rounds: int = 5) -> list[FloorRound]:
 
 def run_engine_benchmark(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
+    if args.rounds < 1 or (args.rounds != 1 and args.against != "vllm"):
+        raise ValueError(f"--rounds {args.rounds}: a whole number >= 1, and only with --against vllm "
+                         "(the transformers baseline runs once)")
     if args.against == "vllm":
         from ecoserve.bench.against_vllm import run_against_vllm
 

@@ -34,3 +34,30 @@ def test_request_file_and_ratio(tmp_path: Path) -> None:
     assert json.loads(path.read_text()) == {"prompts": [[1, 2, 3], [4]], "output_lens": [5, 7]}
     r = SideBySide("float32", vllm_s=2.0, ecoserve_s=4.0, output_tokens=12, num_identical=1, num_requests=2, vllm_info={})
     assert (r.vllm_tok_s, r.ecoserve_tok_s, r.ratio, r.identical_share) == (6.0, 3.0, 0.5, 0.5)
+
+
+def test_rounds_take_medians_and_the_ratio_pair_by_pair() -> None:
+    from ecoserve.bench.against_vllm import Rounds
+
+    def side(vllm_s: float, ours_s: float, identical: int) -> SideBySide:
+        return SideBySide("bfloat16", vllm_s=vllm_s, ecoserve_s=ours_s, output_tokens=120, num_identical=identical,
+                          num_requests=4, vllm_info={})
+
+    # The machine slows down between rounds: each pair is 1.0x, the medians of each side are not.
+    r = Rounds("bfloat16", [side(1.0, 1.0, 3), side(2.0, 2.0, 2), side(4.0, 4.0, 3)])
+    assert r.ratios == [1.0, 1.0, 1.0] and r.ratio == 1.0
+    assert (r.vllm_tok_s, r.ecoserve_tok_s) == (60.0, 60.0)
+    assert (r.num_identical, r.num_requests) == (2, 4)  # the fewest identical over the rounds
+    with pytest.raises(ValueError, match="at least one round"):
+        Rounds("float32", [])
+    with pytest.raises(ValueError, match="all of that dtype"):
+        Rounds("float32", [side(1.0, 1.0, 1)])
+
+
+def test_rounds_are_refused_where_they_cannot_apply(capsys) -> None:  # type: ignore[no-untyped-def]
+    from ecoserve.cli import main
+
+    assert main(["bench", "engine", "--model", "tiny-llama", "--rounds", "3"]) != 0
+    assert "--rounds 3: a whole number >= 1, and only with --against vllm" in capsys.readouterr().err
+    assert main(["bench", "engine", "--model", "tiny-llama", "--against", "vllm", "--rounds", "0"]) != 0
+    assert "--rounds 0: a whole number >= 1" in capsys.readouterr().err
