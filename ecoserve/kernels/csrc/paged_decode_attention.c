@@ -2,12 +2,15 @@
  *
  * One query token per sequence. Each sequence walks its block table once for the scores (K) and
  * once for the values (V), block by block; a block holds every KV head of its tokens in one
- * contiguous run, so it is read in order and, in bfloat16, widened to float32 once. Math in
- * float32, softmax with the max subtracted, as paged_decode_attention_ref in
- * kernels/reference.py specifies. head_dim a multiple of 16 (64, 128, ...) runs on 16-lane
- * vectors (GCC/Clang vector extensions, so no intrinsics: the compiler maps them to the unit
- * -march names); other head sizes take a plain loop with the same arithmetic. The exponential
- * is a vectorised polynomial (relative error about 2e-7, the order of float32 rounding).
+ * contiguous run, read in order, and the next block is prefetched. Math in float32 (bf16 data
+ * widened; products of two bf16 values are exact in float32), softmax with the max subtracted,
+ * as paged_decode_attention_ref in kernels/reference.py specifies. head_dim a multiple of 16
+ * (64, 128, ...) runs on 16-lane vectors (GCC/Clang vector extensions: the compiler maps them to
+ * the unit -march names); where the CPU has AVX512-BF16, bf16 scores use its dot-product
+ * instruction instead of widening K (the one intrinsic, behind #ifdef; a test builds and checks
+ * the portable path too); other head sizes take a plain loop with the same arithmetic. The
+ * exponential is a vectorised polynomial (relative error about 2e-7, the order of float32
+ * rounding).
  *
  * query  [batch, num_q_heads, head_dim]; q head h reads KV head h / (num_q_heads / num_kv_heads)
  * k/v    [num_blocks, block_size, num_kv_heads, head_dim], contiguous
@@ -137,9 +140,10 @@ static inline __attribute__((always_inline)) void scores_dpbf16(const uint16_t *
 }
 #endif
 
-/* One sequence, head_dim = 16 * nc: all `nq` query rows `q` (already scaled) against `len` cached
- * tokens. Always inlined, so a constant nc gives fully unrolled loops whose accumulators stay
- * in registers. `blk` is scratch for one block widened to float32, `acc` [nq, d] the result. */
+/* One sequence, head_dim = 16 * nc: all `nq` query rows `q` (already scaled; `qb` the raw bf16
+ * rows, for the dot-product path) against `len` cached tokens. Always inlined, so a constant nc
+ * gives fully unrolled loops whose accumulators stay in registers. `blk` is scratch for one
+ * block widened to float32 (float32 K is read in place), `acc` [nq, d] the result. */
 static inline __attribute__((always_inline)) void attend_vec(const float *q, const void *k_cache, const void *v_cache,
                                                               const int32_t *table, int len, int nq, int group,
                                                               const int nc, int block_size, int64_t block_stride,
