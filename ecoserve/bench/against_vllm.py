@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ecoserve.bench.engine import FloorRound, Workload, floor_rounds, load_workload, model_weight_bytes
+from ecoserve.bench.engine import FloorRound, Workload, floor_rounds, load_workload
 from ecoserve.engine.llm import LLM
 from ecoserve.params import SamplingParams
 from ecoserve.report import print_table, write_json
@@ -189,12 +189,13 @@ def run_against_vllm(args: argparse.Namespace) -> int:
                                      identical_outputs(ours_ids, their_ids), len(work.prompts), info))
         results.append(Rounds(dtype, rounds))
         floors[dtype] = floor_rounds(llm)
-    report(args, work, results, floors, model_weight_bytes(llm))
+        if args.out and len(results) < len(dtypes):  # a run stopped later keeps the dtypes it finished
+            write_report(args, work, results, floors, complete=False)
+    report(args, work, results, floors)
     return 0
 
 
-def report(args: argparse.Namespace, work: Workload, results: list[Rounds], floors: dict[str, list[FloorRound]],
-           weights: int) -> None:
+def report(args: argparse.Namespace, work: Workload, results: list[Rounds], floors: dict[str, list[FloorRound]]) -> None:
     n = len(work.prompts)
     rounds = f"; medians of {args.rounds} rounds in turns" if args.rounds > 1 else ""
     print_table(
@@ -206,10 +207,31 @@ def report(args: argparse.Namespace, work: Workload, results: list[Rounds], floo
           f"{min(r.ratios):.2f}-{max(r.ratios):.2f}x", f"{r.num_identical}/{n} ({r.num_identical / n:.0%})") for r in results],
     )
     rows = []
-    summary: dict[str, Any] = {}
     for r in results:
-        median = sorted(floors[r.dtype], key=lambda f: f.fraction)[len(floors[r.dtype]) // 2]
+        median = _median_floor(floors[r.dtype])
         rows.append((r.dtype, f"{median.copy_gbs:.1f}", f"{median.floor_ms:.2f}", f"{median.step_ms:.2f}", f"{median.fraction:.0%}"))
+    print_table(
+        "EcoServe's decode step at batch 1 against the memory-bandwidth floor (median of 5 paired rounds; "
+        "copy GB/s counts bytes read + written)",
+        ["dtype", "copy GB/s", "floor ms", "step ms", "floor / step"],
+        rows,
+    )
+    if args.out:
+        write_report(args, work, results, floors, complete=True)
+        print(f"wrote {args.out}")
+
+
+def _median_floor(rounds: list[FloorRound]) -> FloorRound:
+    return sorted(rounds, key=lambda f: f.fraction)[len(rounds) // 2]
+
+
+def write_report(args: argparse.Namespace, work: Workload, results: list[Rounds], floors: dict[str, list[FloorRound]],
+                 complete: bool) -> None:
+    """`args.out`'s JSON for the dtypes in `results`; `complete` False while later dtypes are still to run
+    (written after each dtype, so a run stopped midway keeps what it measured)."""
+    summary: dict[str, Any] = {"complete": complete}
+    for r in results:
+        median = _median_floor(floors[r.dtype])
         summary.update({
             f"{r.dtype}_vllm_output_tok_s": r.vllm_tok_s,
             f"{r.dtype}_ecoserve_output_tok_s": r.ecoserve_tok_s,
@@ -222,22 +244,14 @@ def report(args: argparse.Namespace, work: Workload, results: list[Rounds], floo
             f"{r.dtype}_bandwidth_floor_ms": median.floor_ms,
             f"{r.dtype}_floor_fraction": median.fraction,
         })
-    print_table(
-        "EcoServe's decode step at batch 1 against the memory-bandwidth floor (median of 5 paired rounds; "
-        "copy GB/s counts bytes read + written)",
-        ["dtype", "copy GB/s", "floor ms", "step ms", "floor / step"],
-        rows,
-    )
-    if args.out:
-        settings = {k: v for k, v in vars(args).items() if k != "func"}
-        details = {
-            "per_dtype": {r.dtype: {"rounds": [{"vllm": x.vllm_info, "vllm_seconds": x.vllm_s, "ecoserve_seconds": x.ecoserve_s,
-                                                "ratio": x.ratio, "num_identical": x.num_identical} for x in r.rounds],
-                                    "floor_rounds": [asdict(f) for f in floors[r.dtype]]} for r in results},
-            "workload": {"prompt_lens": [len(p) for p in work.prompts], "output_lens": work.output_lens},
-        }
-        write_json(args.out, summary, settings, **details)
-        print(f"wrote {args.out}")
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    details = {
+        "per_dtype": {r.dtype: {"rounds": [{"vllm": x.vllm_info, "vllm_seconds": x.vllm_s, "ecoserve_seconds": x.ecoserve_s,
+                                            "ratio": x.ratio, "num_identical": x.num_identical} for x in r.rounds],
+                                "floor_rounds": [asdict(f) for f in floors[r.dtype]]} for r in results},
+        "workload": {"prompt_lens": [len(p) for p in work.prompts], "output_lens": work.output_lens},
+    }
+    write_json(args.out, summary, settings, **details)
 
 
 __all__ = ["run_against_vllm", "identical_outputs", "check_vllm_python", "SideBySide", "Rounds"]

@@ -61,3 +61,22 @@ def test_rounds_are_refused_where_they_cannot_apply(capsys) -> None:  # type: ig
     assert "--rounds 3: a whole number >= 1, and only with --against vllm" in capsys.readouterr().err
     assert main(["bench", "engine", "--model", "tiny-llama", "--against", "vllm", "--rounds", "0"]) != 0
     assert "--rounds 0: a whole number >= 1" in capsys.readouterr().err
+
+
+def test_each_finished_dtype_is_written_before_the_next_runs(tmp_path: Path) -> None:
+    import argparse
+
+    from ecoserve.bench.against_vllm import Rounds, write_report
+    from ecoserve.bench.engine import FloorRound
+
+    out = tmp_path / "vs.json"
+    args = argparse.Namespace(out=str(out), rounds=1, model="tiny-llama")
+    work = Workload(prompts=[[1, 2, 3], [4]], output_lens=[5, 7])
+    done = [Rounds("float32", [SideBySide("float32", 2.0, 4.0, 12, 1, 2, {"seconds": 2.0})])]
+    floors = {"float32": [FloorRound(10.0, 4.0, 1.0), FloorRound(10.0, 2.0, 1.0), FloorRound(10.0, 5.0, 1.0)]}
+    write_report(args, work, done, floors, complete=False)
+    doc = json.loads(out.read_text())
+    assert doc["summary"]["complete"] is False
+    assert doc["summary"]["float32_ratio"] == 0.5 and "bfloat16_ratio" not in doc["summary"]
+    assert doc["summary"]["float32_decode_step_ms_batch1"] == 4.0  # the median round by floor share
+    assert doc["per_dtype"]["float32"]["rounds"][0]["ecoserve_seconds"] == 4.0
